@@ -1,0 +1,283 @@
+"""The run configuration: one pydantic schema, the single source of truth for a run.
+
+Defaults follow the CLUE benchmark's BERT-base baseline for these tasks (max length 128, batch 32,
+AdamW lr 2e-5, 3 epochs, 10% warmup). The study's own protocol (Adam eps 1e-6, no warmup, no decay,
+50 epochs, best dev epoch) lives in the `study` configs under configs/.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from clue_adv.errors import ConfigError
+from clue_adv.regularizers import config_classes
+from clue_adv.regularizers.none import NoneConfig
+from clue_adv.schema import StrictModel
+
+TASKS: dict[str, int] = {"tnews": 15, "iflytek": 119}  # task -> number of labels
+
+# A discriminated union over every registered strategy: `strategy.name` selects the block's schema.
+StrategyBlock = Annotated[Union[config_classes()], Field(discriminator="name")]  # noqa: UP007 - dynamic members
+
+
+class DataConfig(StrictModel):
+    """Where the CLUE data comes from: a local directory of JSON-lines files, or the hub's `clue` dataset."""
+
+    path: str | None = Field(
+        None,
+        description="Local directory with CLUE JSON-lines files (train.json, dev.json, labels.json). "
+        "When set, the hub is not used.",
+    )
+    hub_name: str = Field("clue", description="Hub dataset name, used when `path` is not set.")
+    hub_config: str | None = Field(None, description="Hub dataset config; default: the task name.")
+    train_file: str = Field("train.json", description="Training file name inside `path`.")
+    dev_file: str = Field("dev.json", description="Dev (evaluation) file name inside `path`.")
+    max_train_samples: int | None = Field(None, gt=0, description="Keep only the first N training records.")
+    max_eval_samples: int | None = Field(None, gt=0, description="Keep only the first N dev records.")
+    length_grouped: bool = Field(
+        False,
+        description="Shuffle, then sort by length inside windows of 50 batches: less padding per batch "
+        "(faster, like HF's group_by_length) at the price of slightly less random batches.",
+    )
+
+    @property
+    def is_local(self) -> bool:
+        return self.path is not None
+
+
+class ArchitectureConfig(StrictModel):
+    """Overrides of the model's config.json, to build a tiny BERT with the same vocabulary."""
+
+    num_hidden_layers: int | None = Field(None, gt=0, description="Transformer layers (bert-base: 12).")
+    hidden_size: int | None = Field(None, gt=0, description="Hidden size (bert-base: 768).")
+    num_attention_heads: int | None = Field(None, gt=0, description="Attention heads (bert-base: 12).")
+    intermediate_size: int | None = Field(None, gt=0, description="Feed-forward size (bert-base: 3072).")
+    hidden_dropout_prob: float | None = Field(None, ge=0, lt=1, description="Dropout on hidden states (0.1).")
+    attention_probs_dropout_prob: float | None = Field(None, ge=0, lt=1, description="Dropout on attention (0.1).")
+
+    def overrides(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class ModelConfig(StrictModel):
+    name_or_path: str = Field(
+        "bert-base-chinese", description="Hub model name or local directory (config.json, weights, tokenizer)."
+    )
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained",
+        description="`pretrained`: load the weights; `random`: build from config.json (+ `architecture`) with "
+        "random init, which needs no weights (tests, benchmarks, offline smoke runs).",
+    )
+    architecture: ArchitectureConfig = Field(
+        default_factory=ArchitectureConfig, description="Overrides for a smaller model; only with init=random."
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer name or directory; default: `name_or_path`.")
+    attn_implementation: Literal["auto", "eager", "sdpa"] = Field(
+        "auto",
+        description="`auto`: SDPA, or eager attention when the strategy needs a double backward "
+        "(fused SDPA kernels have none).",
+    )
+
+    @model_validator(mode="after")
+    def _architecture_needs_random_init(self) -> ModelConfig:
+        if self.init == "pretrained" and self.architecture.overrides():
+            raise ValueError("model.architecture overrides need model.init: random (pretrained weights fix the shape)")
+        return self
+
+
+class OptimConfig(StrictModel):
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate (CLUE BERT-base baseline and the study: 2e-5).")
+    weight_decay: float = Field(
+        0.01, ge=0, description="AdamW decoupled weight decay; never applied to biases and LayerNorm weights."
+    )
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon (the study's bert4keras code: 1e-6).")
+    schedule: Literal["linear", "constant"] = Field(
+        "linear", description="`linear`: warmup then linear decay to 0 (CLUE baseline); `constant`: after warmup."
+    )
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Fraction of optimizer steps spent warming up.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+
+class EvalConfig(StrictModel):
+    every_n_steps: int | None = Field(None, gt=0, description="Also evaluate every N optimizer steps.")
+    batch_size: int = Field(128, gt=0, description="Dev batch size (no gradients, so larger than training).")
+
+
+class RunConfig(StrictModel):
+    """One training run: a task, a model, a strategy, a seed."""
+
+    experiment: str = Field("default", description="Experiment name: the first level under the output directory.")
+    task: Literal["tnews", "iflytek"] = Field(description="CLUE task.")
+    seed: int = Field(1, ge=0, description="Seed for init, dropout and data order (paired across strategies).")
+    data: DataConfig = Field(default_factory=DataConfig, description="Data source.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model and tokenizer.")
+    strategy: StrategyBlock = Field(default_factory=NoneConfig, description="Training strategy (regularizer).")
+    max_length: int = Field(128, gt=0, description="Truncate inputs to this many tokens (the study: 128).")
+    batch_size: int = Field(32, gt=0, description="Training micro-batch size (the study and CLUE: 32).")
+    epochs: int = Field(3, gt=0, description="Training epochs (CLUE baseline: 3; the study: 50, best epoch).")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and schedule.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing in the cross-entropy.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="`auto`: bf16 autocast on a GPU that supports it, fp32 otherwise."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when available.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation on dev.")
+    log_every_n_steps: int = Field(10, gt=0, description="Write a metrics.jsonl line every N optimizer steps.")
+    save_model: bool = Field(False, description="Save the best-dev model (safetensors) in the run directory.")
+    output_dir: str = Field("results", description="Root of the run directories.")
+
+    @field_validator("experiment")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        # Names become directories: keep a run inside its output directory.
+        if not v or v in {".", ".."} or "/" in v or "\\" in v or v.startswith("."):
+            raise ValueError("must be a plain name (no '/', no leading '.')")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        from clue_adv.regularizers import build_strategy
+
+        if build_strategy(self.strategy).needs_double_backward and self.model.attn_implementation == "sdpa":
+            raise ValueError(
+                f"strategy '{self.strategy.name}' differentiates a gradient (double backward), which fused SDPA "
+                "attention kernels cannot do: set model.attn_implementation to auto or eager"
+            )
+        return self
+
+    @property
+    def num_labels(self) -> int:
+        return TASKS[self.task]
+
+    def resolved(self) -> dict[str, Any]:
+        """Every field with its value, as written to config.yaml (the identity of a run)."""
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _yaml_load(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise ConfigError(f"config file is not a readable file: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {e.problem}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: YAML error: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `--set a.b.c=value` (value parsed as YAML, so 3e-5, true, [1, 2] work)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set optim.lr=3e-5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: '{part}' is not a block of fields")
+        node = child
+    node[parts[-1]] = value
+
+
+def _field_names(root: type[StrictModel], loc: tuple[Any, ...]) -> list[str]:
+    """Names valid at `loc`'s parent, for 'did you mean' hints."""
+    from clue_adv.regularizers import registry
+
+    model: type[StrictModel] | None = root
+    for i, part in enumerate(loc[:-1]):
+        if i > 0 and loc[i - 1] == "strategy" and part in registry():
+            # Inside the strategy union pydantic puts the tag in the path: ('strategy', 'fgm', 'epsilon').
+            model = registry()[part].config_class
+            continue
+        field = model.model_fields.get(str(part)) if model is not None else None
+        ann = field.annotation if field is not None else None
+        model = ann if isinstance(ann, type) and issubclass(ann, StrictModel) else None
+    return list(model.model_fields) if model is not None else []
+
+
+def format_validation_errors(err: ValidationError, root: type[StrictModel] = RunConfig) -> list[str]:
+    """One readable line per problem: dotted field path, message, the offending value, a hint."""
+    from clue_adv.regularizers import registry
+
+    problems = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        # pydantic puts the union tag into the path; drop it so users see the YAML path they wrote.
+        shown = [str(p) for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] == "strategy" and p in registry())]
+        path = ".".join(shown) or "(top level)"
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            names = _field_names(root, loc)
+            close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else (f" (valid: {', '.join(names)})" if names else "")
+            problems.append(f"{path}: unknown field{hint}")
+        elif kind == "union_tag_invalid":
+            tag = e.get("ctx", {}).get("tag")
+            problems.append(f"{path}.name: unknown strategy {tag!r}; valid: {', '.join(registry())}")
+        elif kind == "union_tag_not_found":
+            problems.append(f"{path}.name: missing; valid: {', '.join(registry())}")
+        elif kind == "literal_error":
+            problems.append(f"{path}: {e['msg']} (got {e.get('input')!r})")
+        elif kind == "missing":
+            problems.append(f"{path}: required field is missing")
+        else:
+            got = e.get("input")
+            shown_input = "" if isinstance(got, dict) else f" (got {got!r})"
+            problems.append(f"{path}: {e['msg']}{shown_input}")
+    return problems
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        problems = format_validation_errors(e)
+        raise ConfigError(f"{source}: {len(problems)} problem(s)", problems) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply `--set` overrides, validate. Raises ConfigError naming every problem."""
+    path = Path(path)
+    data = _yaml_load(path)
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    return parse_config(data, source=str(path))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.resolved(), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,249 @@
+"""CLUE TNEWS/IFLYTEK: read (local JSON lines or the hub), map labels, tokenize once, batch by seed.
+
+Labels: TNEWS ids are the strings "100".."116" with gaps (no "105", "111"), IFLYTEK "0".."118". Both
+sources map them through labels.json, in file order, to 0..n-1; the original strings are kept for
+reports and submission files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from clue_adv.errors import DataError
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
+    from clue_adv.config import RunConfig
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """The task's labels in labels.json order: index i <-> `ids[i]` (the CLUE string) and its description."""
+
+    ids: tuple[str, ...]
+    descriptions: tuple[str, ...]
+
+    def index(self) -> dict[str, int]:
+        return {label: i for i, label in enumerate(self.ids)}
+
+
+@dataclass
+class TaskData:
+    train: Dataset
+    dev: Dataset
+    labels: LabelSet
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each non-empty line. Lines end at '\\n' only: IFLYTEK sentences contain
+    U+2028, which str.splitlines() would treat as a line break."""
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    with open(path, encoding="utf-8", newline="\n") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            yield lineno, record
+
+
+def read_labels(path: Path) -> LabelSet:
+    ids, descriptions = [], []
+    for lineno, record in _jsonl_records(path):
+        if "label" not in record:
+            raise DataError(f"{path}:{lineno}: label record has no 'label' field")
+        ids.append(str(record["label"]))
+        descriptions.append(str(record.get("label_desc", record.get("label_des", ""))))
+    if not ids:
+        raise DataError(f"{path}: no labels")
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{path}: duplicate label ids")
+    return LabelSet(tuple(ids), tuple(descriptions))
+
+
+def read_split(path: Path, labels: LabelSet | None, limit: int | None = None) -> dict[str, list[Any]]:
+    """Columns `sentence`, `label` (index into `labels`) and `id` of a CLUE JSON-lines file.
+    With `labels=None` (an unlabelled test file) `label` is -1."""
+    index = labels.index() if labels is not None else {}
+    columns: dict[str, list[Any]] = {"sentence": [], "label": [], "id": []}
+    for lineno, record in _jsonl_records(path):
+        if limit is not None and len(columns["sentence"]) >= limit:
+            break
+        if not isinstance(record.get("sentence"), str):
+            raise DataError(f"{path}:{lineno}: record has no 'sentence' string")
+        if labels is not None:
+            if "label" not in record:
+                raise DataError(f"{path}:{lineno}: record has no 'label' field")
+            label = str(record["label"])
+            if label not in index:
+                raise DataError(f"{path}:{lineno}: label {label!r} is not in labels.json (valid: {', '.join(index)})")
+            columns["label"].append(index[label])
+        else:
+            columns["label"].append(-1)
+        columns["sentence"].append(record["sentence"])
+        columns["id"].append(record.get("id", len(columns["id"])))
+    if not columns["sentence"]:
+        raise DataError(f"{path}: no records (empty split)")
+    return columns
+
+
+def bundled_labels(task: str) -> LabelSet:
+    return read_labels(ASSETS / task / "labels.json")
+
+
+def _from_hub(cfg: RunConfig) -> tuple[Dataset, Dataset, LabelSet]:
+    import datasets
+
+    name, config = cfg.data.hub_name, cfg.data.hub_config or cfg.task
+    labels = bundled_labels(cfg.task)
+    try:
+        raw = datasets.load_dataset(name, config)
+    except Exception as e:  # the hub raises many types (ConnectionError, FileNotFoundError, HfHubHTTPError...)
+        raise DataError(
+            f"could not load hub dataset {name!r} (config {config!r}): {type(e).__name__}: {e}\n"
+            "Offline? Point data.path at a local directory of CLUE JSON-lines files, e.g. "
+            f"--set data.path=../shared/data/clue/{cfg.task}"
+        ) from None
+    index = labels.index()
+
+    def convert(split: str, limit: int | None) -> Dataset:
+        ds = raw[split]
+        if limit is not None:
+            ds = ds.select(range(min(limit, len(ds))))
+        feature = ds.features["label"]
+        # The hub stores labels as ClassLabel ints whose names are CLUE's label strings.
+        to_name = feature.int2str if hasattr(feature, "int2str") else str
+
+        def remap(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+            out = []
+            for raw_label in batch["label"]:
+                label = to_name(raw_label)
+                if label not in index:
+                    raise DataError(f"hub {name}/{config} [{split}]: label {label!r} is not in the task's labels")
+                out.append(index[label])
+            return {"label": out}
+
+        return ds.map(remap, batched=True, desc=None)
+
+    return convert("train", cfg.data.max_train_samples), convert("validation", cfg.data.max_eval_samples), labels
+
+
+def _from_local(cfg: RunConfig) -> tuple[Dataset, Dataset, LabelSet]:
+    from datasets import Dataset
+
+    root = Path(cfg.data.path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.path: directory not found: {root}")
+    labels = read_labels(root / "labels.json")
+    train = read_split(root / cfg.data.train_file, labels, cfg.data.max_train_samples)
+    dev = read_split(root / cfg.data.dev_file, labels, cfg.data.max_eval_samples)
+    return Dataset.from_dict(train), Dataset.from_dict(dev), labels
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CLUE_ADV_CACHE", Path.home() / ".cache" / "clue_adv"))
+
+
+def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
+    """Tokenize once per (content, tokenizer, max_length): the result is cached on disk by datasets.map.
+    No padding here: batches are padded dynamically, which matters for TNEWS (titles of ~22 characters)."""
+    key = hashlib.sha256()
+    key.update(ds._fingerprint.encode())
+    key.update(f"{type(tokenizer).__name__}|{tokenizer.name_or_path}|{len(tokenizer)}|{max_length}".encode())
+    path = cache_dir() / "tokenized" / f"{key.hexdigest()[:32]}.arrow"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
+        enc = tokenizer(batch["sentence"], truncation=True, max_length=max_length)
+        enc["labels"] = batch["label"]
+        return enc
+
+    keep = {"labels", "input_ids", "token_type_ids", "attention_mask"}
+    out = ds.map(
+        encode,
+        batched=True,
+        batch_size=1000,
+        cache_file_name=str(path),
+        load_from_cache_file=True,
+        new_fingerprint=key.hexdigest()[:32],
+        desc=None,
+    )
+    return out.remove_columns([c for c in out.column_names if c not in keep])
+
+
+def _content_fingerprint(columns: dict[str, list[Any]]) -> str:
+    return hashlib.sha256(json.dumps(columns, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def load_task_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> TaskData:
+    train, dev, labels = _from_local(cfg) if cfg.data.is_local else _from_hub(cfg)
+    if len(labels.ids) != cfg.num_labels:
+        raise DataError(f"{cfg.task} has {cfg.num_labels} labels but labels.json lists {len(labels.ids)}")
+    for name, ds in (("train", train), ("dev", dev)):
+        if len(ds) == 0:
+            raise DataError(f"the {name} split is empty")
+    if cfg.data.is_local:
+        # Datasets built in memory get random fingerprints; fingerprint the content so the cache hits.
+        train._fingerprint = _content_fingerprint(train.to_dict())
+        dev._fingerprint = _content_fingerprint(dev.to_dict())
+    return TaskData(tokenize(train, tokenizer, cfg.max_length), tokenize(dev, tokenizer, cfg.max_length), labels)
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """A random permutation, sorted by length inside windows of `window` examples, longest first:
+    batches of similar lengths (little padding) that still change every epoch."""
+
+    def __init__(self, lengths: list[int], window: int, generator: torch.Generator) -> None:
+        self.lengths = lengths
+        self.window = window
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        for start in range(0, len(order), self.window):
+            chunk = order[start : start + self.window]
+            yield from sorted(chunk, key=lambda i: -self.lengths[i])
+
+
+def train_loader(ds: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: RunConfig) -> DataLoader:
+    """Shuffled batches whose order depends only on the run's seed (its own generator): runs of
+    different strategies with the same seed see identical batches, so they can be compared in pairs."""
+    from transformers import DataCollatorWithPadding
+
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if cfg.data.length_grouped:
+        sampler: Sampler[int] = LengthGroupedSampler(
+            [len(ids) for ids in ds["input_ids"]], 50 * cfg.batch_size, generator
+        )
+    else:
+        sampler = torch.utils.data.RandomSampler(ds, generator=generator)
+    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8, return_tensors="pt")
+    return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate)
+
+
+def eval_loader(ds: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> DataLoader:
+    from transformers import DataCollatorWithPadding
+
+    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8, return_tensors="pt")
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate)

@@ -1,0 +1,33 @@
+"""Errors meant for people: each carries a message that names what is wrong, and an exit code."""
+
+from __future__ import annotations
+
+
+class ClueAdvError(Exception):
+    """A user-facing error: bad config, missing file, bad data. The CLI prints it without a traceback."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.problems = problems or []
+
+    def __str__(self) -> str:
+        if not self.problems:
+            return self.message
+        return self.message + "\n" + "\n".join(f"  - {p}" for p in self.problems)
+
+
+class ConfigError(ClueAdvError):
+    """The configuration is invalid; `problems` lists every problem found, not only the first."""
+
+
+class DataError(ClueAdvError):
+    """A data file is missing, malformed, or has a label outside labels.json."""
+
+
+class RunFailed(ClueAdvError):
+    """A run started but could not finish (non-finite loss, out of memory); its summary says why."""
+
+    exit_code = 1

@@ -1,0 +1,117 @@
+"""Tokenizer and model: from the hub, a local directory, or random init from a config (+ overrides)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from clue_adv.errors import ClueAdvError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from clue_adv.config import ModelConfig, RunConfig
+    from clue_adv.data import LabelSet
+
+BERT_CHINESE_VOCAB = 21128
+
+
+def looks_local(name_or_path: str) -> bool:
+    """A path (or an existing directory) rather than a hub id like 'bert-base-chinese'."""
+    return os.path.isdir(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+
+
+def _offline_hint(what: str, name: str, error: Exception) -> ClueAdvError:
+    return ClueAdvError(
+        f"could not load {what} {name!r}: {type(error).__name__}: {error}\n"
+        "Without the hub, point it at a local directory instead, e.g. "
+        "--set model.name_or_path=clue_adv/assets/tokenizer --set model.init=random"
+    )
+
+
+def _check_local(name: str, field: str) -> None:
+    if looks_local(name) and not Path(name).expanduser().is_dir():
+        raise ClueAdvError(f"{field}: directory not found: {name}")
+
+
+def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    name = cfg.tokenizer or cfg.name_or_path
+    _check_local(name, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise _offline_hint("tokenizer", name, e) from None
+    vocab_file = Path(name) / "vocab.txt"
+    if vocab_file.is_file():
+        # transformers 5 can silently build a 5-token vocabulary from a bad keyword; count the file's lines
+        # ('\n' only: the vocabulary contains U+2028 as a token).
+        expected = vocab_file.read_text(encoding="utf-8").rstrip("\n").count("\n") + 1
+        if len(tokenizer) != expected:
+            raise ClueAdvError(f"tokenizer from {name} has {len(tokenizer)} tokens but vocab.txt has {expected}")
+    return tokenizer
+
+
+def attention_for(cfg: ModelConfig, needs_double_backward: bool) -> str:
+    """Fused SDPA kernels have no double backward; eager attention does."""
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    return "eager" if needs_double_backward else "sdpa"
+
+
+def build_model(cfg: RunConfig, labels: LabelSet, needs_double_backward: bool) -> PreTrainedModel:
+    """The classifier, on the seed already set by the caller (init must be reproducible)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    mc = cfg.model
+    _check_local(mc.name_or_path, "model.name_or_path")
+    label_kwargs = {
+        "num_labels": len(labels.ids),
+        "id2label": {i: label for i, label in enumerate(labels.ids)},
+        "label2id": {label: i for i, label in enumerate(labels.ids)},
+    }
+    attn = attention_for(mc, needs_double_backward)
+    try:
+        config = AutoConfig.from_pretrained(mc.name_or_path, **label_kwargs, **mc.architecture.overrides())
+        if mc.init == "random":
+            model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                mc.name_or_path, config=config, attn_implementation=attn
+            )
+    except (OSError, ValueError) as e:
+        raise _offline_hint("model", mc.name_or_path, e) from None
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and cfg.max_length > positions:
+        raise ClueAdvError(f"max_length {cfg.max_length} exceeds the model's {positions} positions")
+    return model
+
+
+def model_max_positions(name_or_path: str) -> int | None:
+    """max_position_embeddings from a local config.json, without building anything (for validation)."""
+    path = Path(name_or_path).expanduser() / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    return tuple(sorted(set(tokenizer.all_special_ids)))
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and LayerNorm weights (as BERT was trained and HF examples do)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,74 @@
+"""Progress for a run: a rich bar on a terminal, plain log lines otherwise (CI logs, files, Slurm)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class RunProgress:
+    def __init__(
+        self, name: str, total_steps: int, epochs: int, show: bool | None = None, console: Console | None = None
+    ) -> None:
+        self.console = console or Console(stderr=True)
+        # Plain log lines must stay one line each in CI logs and files, whatever the width.
+        self._plain = {"highlight": False, "soft_wrap": True}
+        self.name = name
+        self.total = total_steps
+        self.epochs = epochs
+        self.bar = self.console.is_terminal if show is None else show
+        self.dev_acc: float | None = None
+        self._progress: Progress | None = None
+        self._task: Any = None
+        self._epoch = 0
+        self._started = time.perf_counter()
+
+    def __enter__(self) -> RunProgress:
+        self._started = time.perf_counter()
+        if self.bar:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=self.console,
+                transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(self.name, total=self.total, info="")
+        else:
+            self.console.print(f"{self.name}: {self.total} steps over {self.epochs} epoch(s)", **self._plain)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def epoch(self, epoch: int) -> None:
+        self._epoch = epoch
+
+    def _info(self, loss: float, lr: float, step: int) -> str:
+        rate = step / max(time.perf_counter() - self._started, 1e-9)
+        dev = f" dev {100 * self.dev_acc:.2f}" if self.dev_acc is not None else ""
+        return f"ep {self._epoch}/{self.epochs} loss {loss:.4f} lr {lr:.2e} {rate:.1f} it/s{dev}"
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, info=self._info(loss, lr, step))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self._progress is None:
+            self.console.print(
+                f"{self.name} step {record['step']}/{self.total} {self._info(record['loss'], record['lr'], record['step'])}",
+                **self._plain,
+            )
+
+    def evaluated(self, accuracy: float) -> None:
+        self.dev_acc = accuracy
+        if self._progress is None:
+            self.console.print(f"{self.name} epoch {self._epoch}: dev accuracy {100 * accuracy:.2f}", **self._plain)

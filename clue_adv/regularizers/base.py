@@ -1,0 +1,195 @@
+"""The one small interface every training strategy implements.
+
+A strategy gets a `StepContext` for one micro-batch and must leave the parameter gradients of that
+micro-batch's training objective in `.grad` (through `ctx.backward`), returning the clean task loss for
+logging. It may run as many forward/backward passes as it needs; the context counts them, so the
+benchmark and `clue-adv strategies` report what a strategy really costs. The training loop only ever
+calls `training_step`; it never looks at a strategy's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from clue_adv.schema import StrictModel
+
+Target = Literal["embedding_output", "embedding_matrix"]
+
+
+class StrategyConfig(StrictModel):
+    """Fields every strategy block has; each strategy subclasses it with a `name: Literal[...]`."""
+
+    name: str = Field(description="Which strategy (see `clue-adv strategies`).")
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Passes one training step runs, as `clue-adv strategies` reports and the benchmark counts them."""
+
+    forward: int
+    backward: int
+    double_backward: bool = False
+    note: str = ""
+
+
+@dataclass
+class PassCounter:
+    forward: int = 0
+    backward: int = 0
+    double_backward: int = 0
+
+    def reset(self) -> None:
+        self.forward = self.backward = self.double_backward = 0
+
+
+@dataclass
+class StepResult:
+    """What a strategy returns: the clean task loss (for logging) and any extra scalars worth logging."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    token_type_ids: torch.Tensor | None = None
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, torch.Tensor], device: torch.device) -> Batch:
+        tt = data.get("token_type_ids")
+        return cls(
+            input_ids=data["input_ids"].to(device, non_blocking=True),
+            attention_mask=data["attention_mask"].to(device, non_blocking=True),
+            labels=data["labels"].to(device, non_blocking=True),
+            token_type_ids=None if tt is None else tt.to(device, non_blocking=True),
+        )
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+class StepContext:
+    """Everything a strategy may touch for one micro-batch.
+
+    `x` below is the word-embedding output (B×T×H, before position/segment embeddings and LayerNorm):
+    the tensor the study perturbs. `forward(x)` feeds it through the rest of the model via
+    `inputs_embeds`, so the word-embedding weights still get their gradient through `embed()`.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        batch: Batch,
+        *,
+        label_smoothing: float = 0.0,
+        loss_scale: float = 1.0,
+        autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+        counter: PassCounter | None = None,
+        special_token_ids: tuple[int, ...] = (),
+    ) -> None:
+        self.model = model
+        self.batch = batch
+        self.label_smoothing = label_smoothing
+        # Gradient accumulation: every backward into the parameters is scaled so K micro-batches add
+        # up to the gradient of the mean loss.
+        self.loss_scale = loss_scale
+        self._autocast = autocast
+        self.counter = counter if counter is not None else PassCounter()
+        self.special_token_ids = special_token_ids
+
+    # -- the model as a function of x ---------------------------------------------------------------
+    @property
+    def embedding(self) -> torch.nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """B×T×1 float mask: 1 on real tokens, 0 on padding (padding is never perturbed)."""
+        return self.batch.attention_mask.unsqueeze(-1).to(torch.float32)
+
+    def embed(self) -> torch.Tensor:
+        """The word-embedding output x for this batch, in the embedding's dtype (fp32 outside autocast)."""
+        return self.embedding(self.batch.input_ids)
+
+    def forward(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the model on word-embedding output `x` (default: a fresh `embed()`)."""
+        if x is None:
+            x = self.embed()
+        self.counter.forward += 1
+        with self._autocast():
+            out = self.model(
+                inputs_embeds=x,
+                attention_mask=self.batch.attention_mask,
+                token_type_ids=self.batch.token_type_ids,
+            )
+        # Losses and divergences are computed in fp32 whatever the autocast dtype.
+        return out.logits.float()
+
+    def loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy on the batch labels (with the configured label smoothing)."""
+        return F.cross_entropy(logits, self.batch.labels, label_smoothing=self.label_smoothing)
+
+    # -- gradients ----------------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor, *, retain_graph: bool = False) -> None:
+        """Accumulate ∇θ of `loss` into the parameters' `.grad` (scaled for gradient accumulation)."""
+        self.counter.backward += 1
+        (loss * self.loss_scale).backward(retain_graph=retain_graph)
+
+    def grad(
+        self, output: torch.Tensor, inputs: torch.Tensor, *, create_graph: bool = False, retain_graph: bool = False
+    ) -> torch.Tensor:
+        """∂output/∂inputs without touching parameter `.grad`; `create_graph=True` makes it differentiable."""
+        self.counter.backward += 1
+        if create_graph:
+            self.counter.double_backward += 1
+        (g,) = torch.autograd.grad(output, inputs, create_graph=create_graph, retain_graph=retain_graph or create_graph)
+        return g
+
+    @contextlib.contextmanager
+    def frozen_dropout(self) -> Iterator[None]:
+        """Evaluation mode for a pass that must be deterministic (e.g. a clean teacher distribution)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
+
+class Strategy:
+    """Base class: subclasses set `config_class`, `cost()` and implement `training_step`."""
+
+    config_class: ClassVar[type[StrategyConfig]]
+    #: short description shown by `clue-adv strategies`
+    summary: ClassVar[str] = ""
+
+    def __init__(self, config: StrategyConfig) -> None:
+        self.config = config
+
+    @property
+    def needs_double_backward(self) -> bool:
+        """True when the step differentiates a gradient: the model must use an attention with double backward."""
+        return self.cost().double_backward
+
+    def cost(self) -> StepCost:
+        raise NotImplementedError
+
+    def setup(self, model: torch.nn.Module) -> None:  # noqa: B027 - optional hook
+        """Called once after the model is built (e.g. to make an EMA teacher copy)."""
+
+    def after_optimizer_step(self, model: torch.nn.Module) -> None:  # noqa: B027 - optional hook
+        """Called after every optimizer step (e.g. to update an EMA teacher)."""
+
+    def training_step(self, ctx: StepContext) -> StepResult:
+        raise NotImplementedError

@@ -1,0 +1,141 @@
+"""Where a perturbation lives, and the norms, directions and projections on it.
+
+Two targets, both discussed by the study:
+
+* `embedding_output`: r has the shape of x (B×T×H), one norm per example (over its T×H slice),
+  padding positions masked out. The usual PyTorch way.
+* `embedding_matrix`: r perturbs the rows of the word-embedding matrix E (V×H), with ONE norm over
+  the whole gradient ∇_E L, as the study's Keras code does. ∇_E L is zero outside the rows of tokens in
+  the batch, so we keep only those rows (unique ids), which is the same vector minus its zeros. Feeding
+  E + r to the model equals adding r[id] to x at every position holding that id, so we never write into
+  E: the matrix is untouched, bit for bit, and no stale gradient can be left on it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from clue_adv.regularizers.base import StepContext, StrategyConfig, Target
+
+Norm = Literal["l2", "sign", "linf"]
+
+# Guards divisions by a norm; the gradient can legitimately be ~0 (a saturated, confident example).
+_TINY = 1e-12
+
+
+class PerturbationSpace:
+    """Maps between x-space (B×T×H) and the target space, and does the vector algebra there."""
+
+    def __init__(self, ctx: StepContext, target: Target) -> None:
+        self.target = target
+        self.mask = ctx.mask  # B×T×1
+        ids = ctx.batch.input_ids
+        self.shape = (*ids.shape, ctx.embedding.embedding_dim)
+        if target == "embedding_matrix":
+            flat = ids.reshape(-1)
+            real = ctx.batch.attention_mask.reshape(-1).bool()
+            self.row_ids, inverse = torch.unique(flat[real], return_inverse=True)
+            self._positions = real.nonzero(as_tuple=True)[0]  # flat positions of real tokens
+            self._inverse = inverse  # row index of each real token
+            self.special_rows = torch.isin(self.row_ids, torch.tensor(ctx.special_token_ids, device=ids.device))
+        elif target != "embedding_output":
+            raise ValueError(f"unknown perturbation target {target!r}")
+
+    # -- moving between x-space and target space ----------------------------------------------------
+    def from_x_grad(self, g_x: torch.Tensor) -> torch.Tensor:
+        """∇ in target space from ∇ₓ (differentiable, so it also serves the gradient penalties)."""
+        g_x = g_x.float() * self.mask
+        if self.target == "embedding_output":
+            return g_x
+        flat = g_x.reshape(-1, self.shape[-1])[self._positions]
+        rows = torch.zeros(len(self.row_ids), self.shape[-1], dtype=flat.dtype, device=flat.device)
+        return rows.index_add(0, self._inverse, flat)
+
+    def to_x(self, r: torch.Tensor) -> torch.Tensor:
+        """The perturbation of x that `r` (in target space) amounts to; zero on padding."""
+        if self.target == "embedding_output":
+            return r * self.mask
+        out = torch.zeros(self.shape[0] * self.shape[1], self.shape[2], dtype=r.dtype, device=r.device)
+        out = out.index_copy(0, self._positions, r[self._inverse])
+        return out.reshape(self.shape)
+
+    # -- algebra in target space --------------------------------------------------------------------
+    def norms(self, v: torch.Tensor) -> torch.Tensor:
+        """L2 norms: one per example (B,) for embedding_output, one scalar for embedding_matrix."""
+        if self.target == "embedding_output":
+            return v.flatten(1).norm(dim=1)
+        return v.norm()
+
+    def _broadcast(self, per_unit: torch.Tensor) -> torch.Tensor:
+        if self.target == "embedding_output":
+            return per_unit.view(-1, 1, 1)
+        return per_unit
+
+    def squared_norm_sum(self, v: torch.Tensor) -> torch.Tensor:
+        """Σ‖v‖² over the whole batch (= ‖v‖² for the matrix); used by the gradient penalties."""
+        return v.pow(2).sum()
+
+    def direction(self, g: torch.Tensor, norm: Norm) -> torch.Tensor:
+        """Unit-size steepest-ascent direction: ĝ (L2) or sign(g) (sign/L∞), zero on padding."""
+        if norm == "l2":
+            return g / self._broadcast(self.norms(g).clamp_min(_TINY))
+        return torch.sign(g)
+
+    def project(self, r: torch.Tensor, epsilon: float, norm: Norm) -> torch.Tensor:
+        """Π onto the ε-ball: rescale if ‖r‖₂ > ε (L2), clamp elementwise (sign/L∞)."""
+        if norm == "l2":
+            n = self._broadcast(self.norms(r))
+            return r * torch.clamp(epsilon / n.clamp_min(_TINY), max=1.0)
+        return r.clamp(-epsilon, epsilon)
+
+    def random(self, epsilon: float, norm: Norm, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A random start inside the ε-ball (uniform in each coordinate, then projected)."""
+        shape = self.shape if self.target == "embedding_output" else (len(self.row_ids), self.shape[-1])
+        r = (torch.rand(shape, generator=generator, device=self.mask.device) * 2 - 1) * epsilon
+        if self.target == "embedding_output":
+            r = r * self.mask
+        return self.project(r, epsilon, norm)
+
+    def special_token_share(self, r: torch.Tensor) -> float:
+        """Share of ‖r‖² on special-token rows ([CLS], [SEP], ...): large values flag a degenerate ε."""
+        if self.target != "embedding_matrix" or not bool(self.special_rows.any()):
+            return float("nan")
+        total = r.pow(2).sum().clamp_min(_TINY)
+        return float(r[self.special_rows].pow(2).sum() / total)
+
+
+def embedding_scale(ctx: StepContext, target: Target) -> float:
+    """Typical size of what the target perturbs: mean L2 norm of a real example's x (T×H slice) or of
+    the whole set of used embedding rows. Lets ε be stated relative to the embeddings: a random-init
+    tiny BERT has embeddings several times smaller than pretrained bert-base-chinese (see REGULARIZERS.md)."""
+    with torch.no_grad():
+        x = ctx.embed().float() * ctx.mask
+        space = PerturbationSpace(ctx, target)
+        if target == "embedding_output":
+            return float(space.norms(x).mean())
+        return float(ctx.embedding.weight[space.row_ids].float().norm())
+
+
+class PerturbationConfig(StrategyConfig):
+    """Fields shared by every method that perturbs the embeddings."""
+
+    target: Target = Field(
+        "embedding_output",
+        description="What is perturbed: each example's word-embedding output (per-example norm, the usual "
+        "PyTorch way) or the word-embedding matrix (one global norm, the study's Keras code).",
+    )
+    epsilon_unit: Literal["absolute", "relative"] = Field(
+        "absolute",
+        description="`absolute`: ε in embedding units, as papers state it for pretrained BERT. `relative`: ε is a "
+        "fraction of the perturbed tensor's own norm (per example, or of the used embedding rows), so one value "
+        "transfers between pretrained and random-init/tiny models, whose embeddings are much smaller.",
+    )
+
+    def resolve(self, ctx: StepContext, value: float) -> float:
+        """A radius or step size in embedding units for this batch."""
+        if self.epsilon_unit == "absolute":
+            return value
+        return value * embedding_scale(ctx, self.target)

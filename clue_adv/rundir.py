@@ -1,0 +1,155 @@
+"""Run directories: the database that sweeps and reports read.
+
+    <output_dir>/<experiment>/<task>/<strategy-tag>/seed-<k>/
+        config.yaml     the fully resolved config (the run's identity)
+        metrics.jsonl   one JSON object per line: training logs and evaluations, appended and flushed
+        summary.json    status (running | completed | failed | interrupted) and the results
+
+Every whole-file write goes through a temp file + rename, so a kill at any moment leaves either the
+old file or the new one. JSONL lines are written with one write() each and readers skip a trailing
+partial line, so a line is whole or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clue_adv.config import RunConfig, dump_config
+from clue_adv.errors import ConfigError
+from clue_adv.schema import StrictModel
+
+STATUSES = ("running", "completed", "failed", "interrupted")
+# Fields that say where a run is written, not what it computes: not part of its identity.
+_NOT_IDENTITY = {"output_dir"}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        # mkstemp creates 0600; give the file the permissions an ordinary open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_safe(value: Any) -> Any:
+    # JSON has no NaN/Infinity; a non-finite metric (e.g. a diverged loss) is written as null.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(_json_safe(data), indent=2, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Whole lines only: a line cut short by a kill (no trailing newline, or bad JSON) is skipped."""
+    if not path.is_file():
+        return []
+    out = []
+    with open(path, encoding="utf-8", newline="\n") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+class JsonlWriter:
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(_json_safe(record), ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def strategy_tag(strategy: StrictModel) -> str:
+    """Directory name of a strategy: its name, plus every parameter that differs from the default,
+    so that a hyperparameter grid gets one directory per value (e.g. `fgm-epsilon=0.1`)."""
+    default = type(strategy)().model_dump()
+    parts = [strategy.name]
+    for key, value in strategy.model_dump().items():
+        if key != "name" and value != default[key]:
+            parts.append(f"{key}={value}")
+    return "-".join(parts)
+
+
+def run_dir(cfg: RunConfig, output_dir: str | Path | None = None) -> Path:
+    root = Path(output_dir if output_dir is not None else cfg.output_dir)
+    return root / cfg.experiment / cfg.task / strategy_tag(cfg.strategy) / f"seed-{cfg.seed}"
+
+
+def identity(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in _NOT_IDENTITY}
+
+
+def read_summary(directory: Path) -> dict[str, Any] | None:
+    path = directory / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def read_config(directory: Path) -> dict[str, Any] | None:
+    path = directory / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def existing_state(cfg: RunConfig, directory: Path) -> str:
+    """What is already in `directory` for this config: 'absent', 'completed', or 'incomplete'.
+    A directory holding a *different* config is an error, never silently overwritten."""
+    stored = read_config(directory)
+    if stored is None:
+        return "absent"
+    if identity(stored) != identity(cfg.resolved()):
+        changed = sorted(k for k in set(stored) | set(cfg.resolved()) if stored.get(k) != cfg.resolved().get(k))
+        raise ConfigError(
+            f"{directory} holds a run with a different config (differs in: {', '.join(changed)}); "
+            "choose another experiment name or output directory, or delete that run"
+        )
+    summary = read_summary(directory)
+    return "completed" if summary and summary.get("status") == "completed" else "incomplete"
+
+
+def start_run(cfg: RunConfig, directory: Path) -> None:
+    """Make the directory a fresh run: config.yaml, empty metrics, summary status 'running'."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.jsonl", "summary.json"):
+        (directory / name).unlink(missing_ok=True)
+    atomic_write_text(directory / "config.yaml", dump_config(cfg))

@@ -1,0 +1,348 @@
+"""One training run, for every strategy: setup in dependency order, the loop, evaluation, run files.
+
+The loop asks the strategy for the step's gradients (`training_step`) and then steps the optimizer; it
+never looks at the strategy's name. Setup (tokenizer, data, model) finishes before the run directory is
+touched, so a bad path or label fails without leaving anything behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import clue_adv
+from clue_adv.config import RunConfig
+from clue_adv.data import eval_loader, load_task_data, train_loader
+from clue_adv.errors import ClueAdvError, RunFailed
+from clue_adv.evaluate import evaluate
+from clue_adv.model import build_model, build_tokenizer, looks_local, parameter_groups, special_token_ids
+from clue_adv.progress import RunProgress
+from clue_adv.regularizers import build_strategy
+from clue_adv.regularizers.base import Batch, PassCounter, StepContext
+from clue_adv.rundir import JsonlWriter, atomic_write_json, existing_state, run_dir, start_run
+
+
+class NonFiniteError(Exception):
+    def __init__(self, step: int, quantity: str) -> None:
+        super().__init__(f"non-finite {quantity} at step {step}")
+        self.step = step
+        self.quantity = quantity
+
+
+@dataclass
+class RunOutcome:
+    directory: Path
+    summary: dict[str, Any]
+    skipped: bool = False
+
+
+def all_sources_local(cfg: RunConfig) -> bool:
+    names = [cfg.model.name_or_path, cfg.model.tokenizer or cfg.model.name_or_path]
+    return cfg.data.is_local and all(looks_local(n) for n in names)
+
+
+def configure_environment(cfg: RunConfig) -> None:
+    """Offline when nothing needs the hub (so nothing tries the network or waits on it); quiet HF logs."""
+    if all_sources_local(cfg):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+        with contextlib.suppress(ImportError, AttributeError):
+            import huggingface_hub.constants as hub_constants  # read at import time: patch if already imported
+
+            hub_constants.HF_HUB_OFFLINE = True
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", module="transformers")
+
+
+def resolve_device(cfg: RunConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ClueAdvError("device: cuda was asked for but no CUDA device is available")
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def autocast_for(cfg: RunConfig, device: torch.device) -> tuple[str, Callable[[], Any]]:
+    """The precision context, chosen once. bf16 needs no loss scaler (unlike fp16)."""
+    bf16 = cfg.precision == "bf16" or (
+        cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if not bf16:
+        return "fp32", contextlib.nullcontext
+    return "bf16", lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(clue_adv.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _versions() -> dict[str, str]:
+    import datasets
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "clue_adv": clue_adv.__version__,
+    }
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is in KiB on Linux: the whole process's peak resident memory.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _save_model(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
+    """Replace directory/model atomically enough: write beside it, then swap by renames."""
+    tmp, final, old = directory / ".model.tmp", directory / "model", directory / ".model.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train(
+    cfg: RunConfig,
+    output_dir: str | Path | None = None,
+    *,
+    force: bool = False,
+    show_progress: bool | None = None,
+    console: Any = None,
+) -> RunOutcome:
+    """Run `cfg` to a completed, evaluated run directory (or return the completed one already there)."""
+    directory = run_dir(cfg, output_dir).resolve()
+    state = existing_state(cfg, directory)  # raises if the directory holds another config
+    if state == "completed" and not force:
+        from clue_adv.rundir import read_summary
+
+        return RunOutcome(directory, read_summary(directory) or {}, skipped=True)
+
+    configure_environment(cfg)
+    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup, set_seed
+
+    device = resolve_device(cfg)
+    precision, autocast = autocast_for(cfg, device)
+    strategy = build_strategy(cfg.strategy)
+
+    # Setup, in dependency order; nothing is written until all of it succeeded.
+    tokenizer = build_tokenizer(cfg.model)
+    data = load_task_data(cfg, tokenizer)
+    set_seed(cfg.seed)  # before the model is built: init must be the same for every strategy
+    model = build_model(cfg, data.labels, strategy.needs_double_backward).to(device)
+    strategy.setup(model)
+    loader = train_loader(data.train, tokenizer, cfg)
+    dev_loader = eval_loader(data.dev, tokenizer, cfg.eval.batch_size)
+    accum = cfg.optim.grad_accum_steps
+    steps_per_epoch = math.ceil(len(loader) / accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps
+    )
+    warmup = round(cfg.optim.warmup_ratio * total_steps)
+    scheduler = (
+        get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+        if cfg.optim.schedule == "linear"
+        else get_constant_schedule_with_warmup(optimizer, warmup)
+    )
+    special_ids = special_token_ids(tokenizer)
+
+    start_run(cfg, directory)
+    summary: dict[str, Any] = {
+        "status": "running",
+        "experiment": cfg.experiment,
+        "task": cfg.task,
+        "strategy": cfg.strategy.name,
+        "strategy_tag": directory.parent.name,
+        "seed": cfg.seed,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "precision": precision,
+        "attn_implementation": model.config._attn_implementation,
+        "train_examples": len(data.train),
+        "dev_examples": len(data.dev),
+        "epochs": cfg.epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+        "started_at": _now(),
+    }
+    atomic_write_json(directory / "summary.json", summary)
+    metrics = JsonlWriter(directory / "metrics.jsonl")
+    progress = RunProgress(
+        f"{cfg.task}/{directory.parent.name}/seed-{cfg.seed}", total_steps, cfg.epochs, show_progress, console
+    )
+    counter = PassCounter()
+    params = [p for p in model.parameters() if p.requires_grad]
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    step_times: list[float] = []
+    train_time = 0.0
+    seen_examples = 0
+    global_step = 0
+
+    def run_eval(epoch: int) -> dict[str, Any]:
+        nonlocal best
+        result = evaluate(model, dev_loader, device, len(data.labels.ids), autocast)
+        record = {"type": "eval", "epoch": epoch, "step": global_step, **result}
+        metrics.write(record)
+        history.append(record)
+        if best is None or result["accuracy"] > best["accuracy"]:
+            best = record
+            if cfg.save_model:
+                _save_model(model, tokenizer, directory)
+        progress.evaluated(result["accuracy"])
+        return record
+
+    try:
+        with progress:
+            window: dict[str, list[float]] = {}
+            model.train()
+            for epoch in range(1, cfg.epochs + 1):
+                progress.epoch(epoch)
+                epoch_start = time.perf_counter()
+                step_start = time.perf_counter()
+                for micro, raw in enumerate(loader, start=1):
+                    batch = Batch.from_mapping(raw, device)
+                    ctx = StepContext(
+                        model,
+                        batch,
+                        label_smoothing=cfg.label_smoothing,
+                        loss_scale=1.0 / accum,
+                        autocast=autocast,
+                        counter=counter,
+                        special_token_ids=special_ids,
+                    )
+                    result = strategy.training_step(ctx)
+                    loss = float(result.loss)  # a CPU-GPU sync point, once per micro-batch
+                    if not math.isfinite(loss):
+                        raise NonFiniteError(global_step + 1, "loss")
+                    window.setdefault("loss", []).append(loss)
+                    for key, value in result.metrics.items():
+                        window.setdefault(key, []).append(value)
+                    seen_examples += batch.size
+                    if micro % accum and micro != len(loader):
+                        continue
+                    max_norm = cfg.optim.max_grad_norm or float("inf")
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                    if not math.isfinite(grad_norm):
+                        raise NonFiniteError(global_step + 1, "gradient norm")
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    strategy.after_optimizer_step(model)
+                    global_step += 1
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)  # honest step times
+                    now = time.perf_counter()
+                    step_times.append(now - step_start)
+                    step_start = now
+                    lr = scheduler.get_last_lr()[0]
+                    progress.step(global_step, loss, lr)
+                    if global_step % cfg.log_every_n_steps == 0:
+                        record = {
+                            "type": "train",
+                            "epoch": epoch,
+                            "step": global_step,
+                            "lr": lr,
+                            "grad_norm": grad_norm,
+                            "step_time_s": step_times[-1],
+                            **{k: sum(v) / len(v) for k, v in window.items() if v},
+                        }
+                        metrics.write(record)
+                        progress.log(record)
+                        window = {}
+                    if cfg.eval.every_n_steps and global_step % cfg.eval.every_n_steps == 0:
+                        train_time += time.perf_counter() - epoch_start
+                        run_eval(epoch)
+                        epoch_start = step_start = time.perf_counter()
+                train_time += time.perf_counter() - epoch_start
+                if not (cfg.eval.every_n_steps and global_step % cfg.eval.every_n_steps == 0):
+                    run_eval(epoch)
+                model.train()
+    except NonFiniteError as e:
+        summary.update(status="failed", error=str(e), failed_step=e.step, failed_quantity=e.quantity)
+        raise RunFailed(f"run failed: {e} ({directory})") from None
+    except torch.OutOfMemoryError:
+        summary.update(
+            status="failed",
+            error="out of memory",
+            failed_step=global_step + 1,
+            advice="lower batch_size and raise optim.grad_accum_steps to keep the effective batch",
+        )
+        raise RunFailed(f"run failed: out of memory at step {global_step + 1} ({directory})") from None
+    except KeyboardInterrupt:
+        summary.update(status="interrupted", interrupted_step=global_step)
+        raise
+    except BaseException as e:
+        summary.update(status="failed", error=f"{type(e).__name__}: {e}", failed_step=global_step + 1)
+        raise
+    else:
+        final = history[-1]
+        summary.update(
+            status="completed",
+            best_dev_accuracy=best["accuracy"],
+            best_dev_macro_f1=best["macro_f1"],
+            best_epoch=best["epoch"],
+            best_step=best["step"],
+            final_dev_accuracy=final["accuracy"],
+            final_dev_macro_f1=final["macro_f1"],
+            dev_history=[{k: h[k] for k in ("epoch", "step", "accuracy", "macro_f1", "loss")} for h in history],
+        )
+    finally:
+        metrics.close()
+        n = max(len(step_times) - 1, 1)  # the first step pays one-off costs (allocations, lazy init)
+        micro_steps = max(math.ceil(seen_examples / cfg.batch_size), 1)
+        summary.update(
+            steps=global_step,
+            train_wall_time_s=train_time,
+            mean_step_time_s=sum(step_times[1:]) / n if len(step_times) > 1 else (step_times or [0.0])[0],
+            samples_per_s=seen_examples / train_time if train_time > 0 else None,
+            peak_memory_mb=_peak_memory_mb(device),
+            passes_per_micro_step={
+                "forward": counter.forward / micro_steps,
+                "backward": counter.backward / micro_steps,
+                "double_backward": counter.double_backward / micro_steps,
+            },
+            finished_at=_now(),
+        )
+        atomic_write_json(directory / "summary.json", summary)
+    return RunOutcome(directory, summary)
