@@ -95,45 +95,42 @@ def validate(configs: Annotated[list[Path], typer.Argument(help="Config files to
 
 @app.command()
 def strategies(
+    name: Annotated[str | None, typer.Argument(help="Show one strategy's parameters in full.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """List every strategy with its parameters, defaults and cost per training step."""
-    from clue_adv.regularizers import registry
+    from clue_adv.regularizers import describe_strategies
 
-    rows = []
-    for name, cls in registry().items():
-        cost = cls(cls.config_class()).cost()
-        params = {
-            key: {"default": field.default, "description": field.description}
-            for key, field in cls.config_class.model_fields.items()
-            if key != "name"
-        }
-        rows.append(
-            {
-                "name": name,
-                "summary": cls.summary,
-                "forward": cost.forward,
-                "backward": cost.backward,
-                "double_backward": cost.double_backward,
-                "parameters": params,
-            }
-        )
+    rows = describe_strategies()
+    if name is not None:
+        rows = [r for r in rows if r["name"] == name]
+        if not rows:
+            from clue_adv.regularizers import registry
+
+            err.print(f"[bold red]error:[/] unknown strategy {name!r}; valid: {', '.join(registry())}")
+            raise typer.Exit(2)
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
         return
-    table = Table(title="strategies (cost per training step, default parameters)", show_lines=True)
-    for col in ("name", "what it does", "fwd", "bwd", "double bwd", "parameters (default)"):
-        table.add_column(col)
-    for r in rows:
-        params = "\n".join(f"{k} = {v['default']!r}: {v['description']}" for k, v in r["parameters"].items())
-        table.add_row(
-            r["name"],
-            r["summary"],
-            str(r["forward"]),
-            str(r["backward"]),
-            "yes" if r["double_backward"] else "no",
-            params,
+    if name is not None:
+        r = rows[0]
+        out.print(f"[bold]{r['name']}[/]: {r['summary']}", highlight=False)
+        cost = f"{r['forward']} forward, {r['backward']} backward" + (
+            " + double backward" if r["double_backward"] else ""
         )
+        out.print(f"cost per step: {cost}", highlight=False)
+        table = Table("parameter", "default", "description", show_lines=True)
+        for key, p in r["parameters"].items():
+            table.add_row(key, repr(p["default"]), p["description"] or "")
+        out.print(table)
+        return
+    table = Table(title="strategies: cost per training step (`clue-adv strategies NAME` for details)")
+    for col in ("name", "what it does", "fwd", "bwd", "double bwd", "parameters (defaults)"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        params = ", ".join(f"{k}={p['default']}" for k, p in r["parameters"].items())
+        double = "yes" if r["double_backward"] else "no"
+        table.add_row(r["name"], r["summary"], str(r["forward"]), str(r["backward"]), double, params)
     out.print(table)
 
 

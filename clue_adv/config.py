@@ -78,6 +78,11 @@ class ModelConfig(StrictModel):
         default_factory=ArchitectureConfig, description="Overrides for a smaller model; only with init=random."
     )
     tokenizer: str | None = Field(None, description="Tokenizer name or directory; default: `name_or_path`.")
+    head: Literal["pooler", "cls"] = Field(
+        "pooler",
+        description="`pooler`: HF's BertForSequenceClassification (tanh pooler, dropout, dense). `cls`: one dense "
+        "softmax layer on the [CLS] vector, no pooler and no extra dropout (the study's bert4keras code).",
+    )
     attn_implementation: Literal["auto", "eager", "sdpa"] = Field(
         "auto",
         description="`auto`: SDPA, or eager attention when the strategy needs a double backward "

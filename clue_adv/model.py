@@ -86,10 +86,28 @@ def build_model(cfg: RunConfig, labels: LabelSet, needs_double_backward: bool) -
             )
     except (OSError, ValueError) as e:
         raise _offline_hint("model", mc.name_or_path, e) from None
+    if mc.head == "cls":
+        use_cls_vector(model)
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and cfg.max_length > positions:
         raise ClueAdvError(f"max_length {cfg.max_length} exceeds the model's {positions} positions")
     return model
+
+
+class _ClsVector(torch.nn.Module):
+    """Stands in for BERT's pooler: the raw [CLS] hidden state, no dense layer, no tanh."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states[:, 0]
+
+
+def use_cls_vector(model: torch.nn.Module) -> None:
+    """Make the classifier one dense softmax layer on [CLS] (the study's head): drop pooler and dropout."""
+    base = getattr(model, model.base_model_prefix, None)
+    if base is None or getattr(base, "pooler", None) is None or not hasattr(model, "dropout"):
+        raise ClueAdvError(f"model.head: cls is only supported for BERT-like models, not {type(model).__name__}")
+    base.pooler = _ClsVector()
+    model.dropout = torch.nn.Identity()
 
 
 def model_max_positions(name_or_path: str) -> int | None:

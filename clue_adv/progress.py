@@ -63,10 +63,8 @@ class RunProgress:
 
     def log(self, record: dict[str, Any]) -> None:
         if self._progress is None:
-            self.console.print(
-                f"{self.name} step {record['step']}/{self.total} {self._info(record['loss'], record['lr'], record['step'])}",
-                **self._plain,
-            )
+            info = self._info(record["loss"], record["lr"], record["step"])
+            self.console.print(f"{self.name} step {record['step']}/{self.total} {info}", **self._plain)
 
     def evaluated(self, accuracy: float) -> None:
         self.dev_acc = accuracy

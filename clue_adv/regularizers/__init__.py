@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import get_args
+from typing import Any, get_args
 
 from clue_adv.regularizers.base import Strategy, StrategyConfig
 
@@ -35,6 +35,30 @@ def registry() -> dict[str, type[Strategy]]:
 
 def config_classes() -> tuple[type[StrategyConfig], ...]:
     return tuple(cls.config_class for cls in registry().values())
+
+
+def describe_strategies() -> list[dict[str, Any]]:
+    """Name, summary, cost and parameters (default, description) of every strategy."""
+    rows = []
+    for name, cls in registry().items():
+        cost = cls(cls.config_class()).cost()
+        params = {
+            key: {"default": field.default, "description": field.description}
+            for key, field in cls.config_class.model_fields.items()
+            if key != "name"
+        }
+        rows.append(
+            {
+                "name": name,
+                "summary": cls.summary,
+                "forward": cost.forward,
+                "backward": cost.backward,
+                "double_backward": cost.double_backward,
+                "note": cost.note,
+                "parameters": params,
+            }
+        )
+    return rows
 
 
 def build_strategy(config: StrategyConfig) -> Strategy:

@@ -1,0 +1,118 @@
+"""Shared fixtures: offline environment, the bundled tokenizer, a tiny BERT, a real TNEWS batch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Tests never touch the hub; set before transformers/datasets are imported anywhere.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from clue_adv.config import RunConfig, parse_config  # noqa: E402
+from clue_adv.data import ASSETS, read_labels  # noqa: E402
+from clue_adv.regularizers.base import Batch, StepContext  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = ASSETS / "tokenizer"
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["CLUE_ADV_CACHE"] = str(tmp_path_factory.mktemp("clue_adv_cache"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+def tiny_bert(
+    num_labels: int = 15,
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    dtype=torch.float32,
+    seed: int = 0,
+    dropout: float = 0.1,
+    attn: str = "eager",
+) -> torch.nn.Module:
+    """A random-init BERT with the real 21,128-token vocabulary; milliseconds to build."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = AutoConfig.from_pretrained(
+        TOKENIZER_DIR,
+        num_labels=num_labels,
+        num_hidden_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn)
+    return model.to(dtype)
+
+
+@pytest.fixture
+def tiny_model() -> torch.nn.Module:
+    return tiny_bert()
+
+
+SENTENCES = ["江疏影甜甜圈自拍，迷之角度竟这么好看", "以色列大选", "上联：黄山黄河黄皮肤黄土高原。怎么对下联？", "股市"]
+
+
+@pytest.fixture
+def batch(tokenizer) -> Batch:
+    """Four real TNEWS-style titles of different lengths (so there is padding), labels 0..3."""
+    enc = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    enc["labels"] = torch.tensor([0, 1, 2, 3])
+    return Batch.from_mapping(dict(enc), torch.device("cpu"))
+
+
+def make_ctx(model: torch.nn.Module, batch: Batch, **kwargs) -> StepContext:
+    kwargs.setdefault("special_token_ids", (0, 100, 101, 102, 103))
+    return StepContext(model, batch, **kwargs)
+
+
+def smoke_config(**overrides) -> RunConfig:
+    """A run config on the bundled sample small enough for a test (seconds on 2 cores)."""
+    data = {
+        "experiment": "test",
+        "task": "tnews",
+        "data": {"path": str(ASSETS / "tnews"), "max_train_samples": 512, "max_eval_samples": 256},
+        "model": {
+            "name_or_path": str(TOKENIZER_DIR),
+            "init": "random",
+            "architecture": {
+                "num_hidden_layers": 1,
+                "hidden_size": 64,
+                "num_attention_heads": 2,
+                "intermediate_size": 128,
+            },
+        },
+        "max_length": 48,
+        "batch_size": 32,
+        "epochs": 1,
+        "optim": {"lr": 1e-3},
+        "log_every_n_steps": 4,
+    }
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return parse_config(data)
+
+
+def tnews_labels():
+    return read_labels(ASSETS / "tnews" / "labels.json")
