@@ -22,7 +22,10 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
-ConfigArg = Annotated[Path, typer.Option("--config", "-c", help="Run config (YAML).")]
+ConfigArg = Annotated[
+    list[Path],
+    typer.Option("--config", "-c", help="Run config (YAML); repeat to merge, later files override earlier ones."),
+]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="Override a field: --set optim.lr=3e-5 (repeatable).")
 ]
@@ -75,13 +78,19 @@ def train(
 
 
 @app.command()
-def validate(configs: Annotated[list[Path], typer.Argument(help="Config files to check.")]) -> None:
+def validate(
+    configs: Annotated[list[Path], typer.Argument(help="Config files to check.")],
+    merge_with: Annotated[
+        list[Path] | None, typer.Option("--with", help="Merge this file over each config first (e.g. an override).")
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
     """Check configs without training; every problem of every file is reported."""
     from clue_adv.validate import validate_file
 
     bad = 0
     for path in configs:
-        problems = validate_file(path)
+        problems = validate_file([path, *(merge_with or [])], set_ or [])
         if problems:
             bad += 1
             err.print(f"[red]✗[/] {path}", highlight=False)

@@ -275,13 +275,31 @@ def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
         raise ConfigError(f"{source}: {len(problems)} problem(s)", problems) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config, apply `--set` overrides, validate. Raises ConfigError naming every problem."""
-    path = Path(path)
-    data = _yaml_load(path)
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `update` into `base` (later config files override earlier ones). A block whose `name`
+    changes (e.g. another strategy) is replaced, not merged: the old strategy's fields would not fit."""
+    out = dict(base)
+    for key, value in update.items():
+        old = out.get(key)
+        if isinstance(old, dict) and isinstance(value, dict) and old.get("name", value.get("name")) == value.get(
+            "name", old.get("name")
+        ):
+            out[key] = merge(old, value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(paths: str | Path | list[str | Path], overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML config(s) (merged in order), apply `--set` overrides, validate.
+    Raises ConfigError naming every problem."""
+    files = [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
+    data: dict[str, Any] = {}
+    for path in files:
+        data = merge(data, _yaml_load(path))
     for assignment in overrides or []:
         apply_override(data, assignment)
-    return parse_config(data, source=str(path))
+    return parse_config(data, source=" + ".join(str(p) for p in files))
 
 
 def dump_config(cfg: RunConfig) -> str:

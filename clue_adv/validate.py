@@ -33,8 +33,8 @@ def check_paths(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def validate_file(path: Path, overrides: list[str] | None = None) -> list[str]:
-    """Every problem of one config file (empty list: valid)."""
+def validate_file(path: Path | list[Path], overrides: list[str] | None = None) -> list[str]:
+    """Every problem of one config file, or of several merged (empty list: valid)."""
     try:
         cfg = load_config(path, overrides)
     except ClueAdvError as e:

@@ -1,0 +1,107 @@
+"""The command line: one clear message and exit code 2 for bad input, never a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from clue_adv.cli import app
+from clue_adv.data import ASSETS
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_yaml(tmp_path: Path, extra: str = "", data_path: Path | str = ASSETS / "tnews") -> Path:
+    f = tmp_path / "run.yaml"
+    f.write_text(
+        "experiment: cli\ntask: tnews\n"
+        f"data: {{path: {data_path}, max_train_samples: 128, max_eval_samples: 64}}\n"
+        f"model: {{name_or_path: {ASSETS / 'tokenizer'}, init: random, architecture: "
+        "{num_hidden_layers: 1, hidden_size: 32, num_attention_heads: 2, intermediate_size: 64}}\n"
+        "max_length: 32\nepochs: 1\noptim: {lr: 1.0e-3}\n" + extra
+    )
+    return f
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_train_with_overrides_prints_a_table_and_writes_the_run(tmp_path):
+    cfg = tiny_yaml(tmp_path)
+    result = invoke("train", "--config", cfg, "--set", "seed=2", "--set", "optim.lr=2e-3", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "best dev acc" in result.output
+    run = tmp_path / "out" / "cli" / "tnews" / "none" / "seed-2"
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert "lr: 0.002" in (run / "config.yaml").read_text()
+    again = invoke("train", "--config", cfg, "--set", "seed=2", "--set", "optim.lr=2e-3", "-o", tmp_path / "out")
+    assert again.exit_code == 0 and "already completed" in again.output
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        ("optimm: {}\n", "optimm: unknown field (did you mean 'optim'?)"),
+        ("batch_size: lots\n", "batch_size: Input should be a valid integer"),
+        ("strategy: {name: fgm, epsilon: -1}\n", "strategy.epsilon: Input should be greater than or equal to 0"),
+        ("strategy: {name: adversarial}\n", "unknown strategy 'adversarial'"),
+    ],
+)
+def test_bad_config_exits_2_naming_the_field(tmp_path, extra, needle):
+    result = invoke("train", "--config", tiny_yaml(tmp_path, extra), "-o", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert needle in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()  # validation happens before anything is written
+
+
+def test_missing_config_file_exits_2(tmp_path):
+    result = invoke("train", "--config", tmp_path / "nope.yaml")
+    assert result.exit_code == 2 and "config file not found" in result.output
+
+
+def test_missing_data_directory_exits_2(tmp_path):
+    result = invoke("train", "--config", tiny_yaml(tmp_path, data_path=tmp_path / "nodata"), "-o", tmp_path / "o")
+    assert result.exit_code == 2 and f"directory not found: {tmp_path / 'nodata'}" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_label_exits_2_with_file_and_line(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "labels.json").write_text((ASSETS / "tnews" / "labels.json").read_text(encoding="utf-8"))
+    lines = (ASSETS / "tnews" / "train.json").read_text(encoding="utf-8").split("\n")[:20]
+    lines[6] = json.dumps({"label": "111", "sentence": "没有这个标签"}, ensure_ascii=False)
+    (data / "train.json").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (data / "dev.json").write_text("\n".join(lines[:5]) + "\n", encoding="utf-8")
+    result = invoke("train", "--config", tiny_yaml(tmp_path, data_path=data), "-o", tmp_path / "o")
+    assert result.exit_code == 2, result.output
+    assert f"{data / 'train.json'}:7: label '111' is not in labels.json" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "o").exists()
+
+
+def test_validate_reports_every_problem_of_every_file(tmp_path):
+    good = REPO / "configs" / "smoke.yaml"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: tnewz\nseed: -1\noptim: {lr: 0, warmup: 0.1}\n")
+    result = invoke("validate", good, bad)
+    assert result.exit_code == 2
+    for needle in ("task:", "seed:", "optim.lr:", "optim.warmup: unknown field (did you mean 'warmup_ratio'?)"):
+        assert needle in result.output, result.output
+    assert invoke("validate", good).exit_code == 0
+
+
+def test_strategies_lists_names_costs_and_parameters():
+    result = invoke("strategies", "--json")
+    assert result.exit_code == 0
+    rows = {r["name"]: r for r in json.loads(result.output)}
+    assert rows["none"]["forward"] == 1 and rows["fgm"]["backward"] == 2
+    assert rows["fgm"]["parameters"]["epsilon"]["default"] == 0.5
+    assert all(p["description"] for r in rows.values() for p in r["parameters"].values())
+    assert invoke("strategies", "fgm").exit_code == 0
+    assert invoke("strategies", "nope").exit_code == 2

@@ -1,0 +1,130 @@
+"""Config schema: shipped configs validate, overrides apply, bad input names the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from clue_adv.config import apply_override, load_config, parse_config
+from clue_adv.errors import ConfigError
+from clue_adv.validate import validate_file
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "overrides" not in p.parts)
+TINY = REPO / "configs" / "overrides" / "tiny.yaml"
+TASK_CONFIGS = [p for p in SHIPPED if p.parent.name in ("tnews", "iflytek")]
+
+
+def test_there_are_shipped_configs():
+    assert len(SHIPPED) >= 1
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_config_validates(path: Path):
+    cfg = load_config(path)
+    # Local paths that configs point at must exist in the repo (the bundled sample), hub names are not paths.
+    problems = [p for p in validate_file(path) if "../shared" not in p]
+    assert problems == [], problems
+    assert cfg.task in path.as_posix() or path.parent.name == "configs"
+
+
+@pytest.mark.parametrize("path", TASK_CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_task_config_runs_offline_with_the_tiny_override(path: Path):
+    assert validate_file([path, TINY]) == []
+    cfg = load_config([path, TINY])
+    assert cfg.model.init == "random" and cfg.data.is_local
+    # the override changes the model and data, never what is being compared
+    assert cfg.strategy == load_config(path).strategy and cfg.task == load_config(path).task
+
+
+def test_reproduction_configs_follow_the_study():
+    for task in ("tnews", "iflytek"):
+        study_fgm = load_config(REPO / f"configs/{task}/study-fgm.yaml")
+        assert study_fgm.epochs == 50 and study_fgm.optim.eps == 1e-6 and study_fgm.model.head == "cls"
+        assert study_fgm.optim.warmup_ratio == 0 and study_fgm.optim.weight_decay == 0
+        assert study_fgm.strategy.epsilon == 0.5 and study_fgm.strategy.target == "embedding_matrix"
+        assert study_fgm.strategy.combine == "adversarial_only"
+        gp = load_config(REPO / f"configs/{task}/study-gradient_penalty.yaml")
+        assert gp.strategy.epsilon == 1.0 and gp.strategy.mode == "exact"
+        clue = load_config(REPO / f"configs/{task}/baseline.yaml")
+        assert clue.epochs == 3 and clue.optim.warmup_ratio == 0.1 and clue.model.name_or_path == "bert-base-chinese"
+
+
+def test_later_config_files_override_earlier_ones(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("task: tnews\noptim: {lr: 1.0e-5, eps: 1.0e-6}\nstrategy: {name: fgm, epsilon: 0.5, norm: sign}\n")
+    b.write_text("optim: {lr: 3.0e-5}\nstrategy: {name: gaussian_noise}\n")
+    cfg = load_config([a, b])
+    assert cfg.optim.lr == 3e-5 and cfg.optim.eps == 1e-6  # merged, not replaced
+    assert cfg.strategy.name == "gaussian_noise"  # another strategy replaces the block (fgm's fields would not fit)
+
+
+def test_set_overrides_nested_fields(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("task: tnews\noptim: {lr: 1.0e-5}\n")
+    cfg = load_config(f, ["optim.lr=3e-5", "seed=2", "strategy.name=fgm", "strategy.epsilon=0.25", "data.path=x"])
+    assert cfg.optim.lr == pytest.approx(3e-5)
+    assert cfg.seed == 2
+    assert cfg.strategy.name == "fgm" and cfg.strategy.epsilon == 0.25
+    assert cfg.data.path == "x" and cfg.data.is_local
+
+
+def test_override_needs_key_value():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_override({}, "optim.lr")
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        parse_config({"task": "tnews", "optm": {}, "seed": "one", "strategy": {"name": "fgm", "epsilonn": 1}})
+    text = str(info.value)
+    assert "optm: unknown field (did you mean 'optim'?)" in text
+    assert "seed:" in text and "'one'" in text
+    assert "strategy.epsilonn: unknown field (did you mean 'epsilon'?)" in text
+
+
+def test_unknown_strategy_lists_valid_names():
+    with pytest.raises(ConfigError, match=r"unknown strategy 'fmg'; valid: none, .*fgm"):
+        parse_config({"task": "tnews", "strategy": {"name": "fmg"}})
+
+
+@pytest.mark.parametrize(
+    "data,needle",
+    [
+        ({"task": "tnewz"}, "task:"),
+        ({"task": "tnews", "optim": {"lr": -1}}, "optim.lr: Input should be greater than 0"),
+        ({"task": "tnews", "strategy": {"name": "fgm", "epsilon": -0.5}}, "strategy.epsilon"),
+        ({"task": "tnews", "experiment": "../escape"}, "experiment"),
+        ({"task": "tnews", "model": {"architecture": {"num_hidden_layers": 2}}}, "init: random"),
+        ({"task": "tnews", "optim": {"betas": [0.9, 1.5]}}, "beta"),
+    ],
+)
+def test_bad_values_are_named(data, needle):
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert needle in str(info.value)
+
+
+def test_yaml_syntax_error_has_line_and_column(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("task: tnews\noptim:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(f)
+    assert f"{f}:4:" in str(info.value) or f"{f}:3:" in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_validate_reports_missing_paths_and_positions(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(
+        "task: tnews\ndata: {path: /nonexistent/tnews}\nmax_length: 1000\n"
+        f"model: {{name_or_path: {REPO / 'clue_adv/assets/tokenizer'}, init: random}}\n"
+    )
+    problems = validate_file(f)
+    assert any("data.path: directory not found: /nonexistent/tnews" in p for p in problems)
+    assert any("max_length: 1000 exceeds the model's 512 positions" in p for p in problems)

@@ -1,0 +1,65 @@
+"""Tokenizer and model builder."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import TOKENIZER_DIR, smoke_config, tnews_labels
+
+from clue_adv.config import ModelConfig
+from clue_adv.errors import ClueAdvError
+from clue_adv.model import attention_for, build_model, build_tokenizer, looks_local
+
+
+def test_tokenizer_has_full_vocabulary_and_known_ids():
+    tok = build_tokenizer(ModelConfig(name_or_path=str(TOKENIZER_DIR), init="random"))
+    assert len(tok) == 21128
+    assert tok("江疏影甜甜圈自拍")["input_ids"] == [101, 3736, 4541, 2512, 4494, 4494, 1750, 5632, 2864, 102]
+    # line 344 of vocab.txt is U+2028 itself (whitespace in text, so the tokenizer stores it as ''); the ids
+    # of every later token must not be shifted by reading the file with a splitter that breaks on U+2028.
+    lines = (TOKENIZER_DIR / "vocab.txt").read_text(encoding="utf-8").split("\n")[:21128]
+    assert lines[343] == "\u2028"
+    # (the same stripping turns line 13503, '##' + U+2028, into '##')
+    assert tok.convert_ids_to_tokens(list(range(21128))) == [t.rstrip("\u2028") for t in lines]
+
+
+def test_missing_local_model_dir_is_named():
+    with pytest.raises(ClueAdvError, match="model.name_or_path: directory not found: ./nope"):
+        build_tokenizer(ModelConfig(name_or_path="./nope", init="random"))
+
+
+def test_looks_local():
+    assert looks_local("./x") and looks_local("/abs/x") and looks_local(str(TOKENIZER_DIR))
+    assert not looks_local("bert-base-chinese") and not looks_local("hfl/chinese-roberta-wwm-ext")
+
+
+def test_random_init_tiny_model_honours_architecture_and_seed():
+    import torch
+
+    cfg = smoke_config()
+    torch.manual_seed(3)
+    a = build_model(cfg, tnews_labels(), needs_double_backward=False)
+    torch.manual_seed(3)
+    b = build_model(cfg, tnews_labels(), needs_double_backward=False)
+    assert a.config.num_hidden_layers == 1 and a.config.hidden_size == 64 and a.config.vocab_size == 21128
+    assert a.config.id2label[5] == "106"
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert a.config._attn_implementation == "sdpa"
+    c = build_model(cfg, tnews_labels(), needs_double_backward=True)
+    assert c.config._attn_implementation == "eager"
+
+
+def test_attention_choice():
+    auto = ModelConfig(name_or_path="x", init="random")
+    assert attention_for(auto, True) == "eager" and attention_for(auto, False) == "sdpa"
+    assert attention_for(ModelConfig(name_or_path="x", init="random", attn_implementation="eager"), False) == "eager"
+
+
+def test_cls_head_has_no_pooler_and_classifies_the_cls_vector():
+    import torch
+
+    model = build_model(smoke_config(model__head="cls"), tnews_labels(), needs_double_backward=False).eval()
+    assert not [n for n, _ in model.named_parameters() if "pooler" in n]
+    ids = torch.tensor([[101, 3736, 4541, 102]])
+    hidden = model.bert(input_ids=ids).last_hidden_state
+    expected = model.classifier(hidden[:, 0])
+    assert torch.allclose(model(input_ids=ids).logits, expected, atol=1e-6)

@@ -1,0 +1,151 @@
+"""The training loop end to end on the bundled sample with a tiny BERT."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import smoke_config
+
+from clue_adv.errors import ConfigError, RunFailed
+from clue_adv.regularizers.base import Batch, StepResult
+from clue_adv.regularizers.none import NoRegularizer
+from clue_adv.rundir import read_jsonl
+from clue_adv.train import train
+
+SUMMARY_KEYS = {
+    "status", "task", "strategy", "seed", "best_dev_accuracy", "best_dev_macro_f1", "best_epoch",
+    "final_dev_accuracy", "final_dev_macro_f1", "epochs", "steps", "train_wall_time_s", "mean_step_time_s",
+    "samples_per_s", "peak_memory_mb", "device", "versions", "git_commit", "dev_history", "passes_per_micro_step",
+}  # fmt: skip
+
+
+def _train_losses(directory):
+    return [r["loss"] for r in read_jsonl(directory / "metrics.jsonl") if r["type"] == "train"]
+
+
+def test_same_seed_same_losses_and_complete_run_files(tmp_path):
+    a = train(smoke_config(), tmp_path / "a", show_progress=False)
+    b = train(smoke_config(), tmp_path / "b", show_progress=False)
+    assert _train_losses(a.directory) == _train_losses(b.directory) and len(_train_losses(a.directory)) == 4
+    c = train(smoke_config(seed=2), tmp_path / "c", show_progress=False)
+    assert _train_losses(c.directory) != _train_losses(a.directory)
+
+    assert a.directory == (tmp_path / "a" / "test" / "tnews" / "none" / "seed-1").resolve()
+    summary = json.loads((a.directory / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary), SUMMARY_KEYS - set(summary)
+    assert summary["status"] == "completed" and summary["steps"] == 16
+    assert summary["passes_per_micro_step"] == {"forward": 1.0, "backward": 1.0, "double_backward": 0.0}
+    assert 0 <= summary["best_dev_accuracy"] <= 1 and summary["best_epoch"] == 1
+    evals = [r for r in read_jsonl(a.directory / "metrics.jsonl") if r["type"] == "eval"]
+    assert evals[-1]["accuracy"] == summary["final_dev_accuracy"]
+    assert (a.directory / "config.yaml").read_text().startswith("experiment: test\n")
+
+
+def test_two_strategies_with_one_seed_see_the_same_batches(tmp_path, monkeypatch):
+    seen: dict[str, list[torch.Tensor]] = {}
+    current = []
+    original = Batch.from_mapping.__func__
+
+    def recording(cls, data, device):
+        current.append(data["input_ids"].clone())
+        return original(cls, data, device)
+
+    monkeypatch.setattr(Batch, "from_mapping", classmethod(recording))
+    for name in ("none", "gaussian_noise"):
+        current.clear()
+        train(smoke_config(strategy={"name": name}), tmp_path, show_progress=False)
+        seen[name] = list(current)
+    assert len(seen["none"]) == 16
+    assert all(torch.equal(x, y) for x, y in zip(seen["none"], seen["gaussian_noise"], strict=True))
+
+
+@pytest.mark.slow
+def test_smoke_training_beats_the_majority_class(tmp_path):
+    cfg = smoke_config(data={"path": smoke_config().data.path, "max_eval_samples": 1000}, epochs=3)
+    outcome = train(cfg, tmp_path, show_progress=False)
+    labels = [json.loads(line)["label"] for line in open(cfg.data.path + "/dev.json", encoding="utf-8")]
+    majority = max(labels.count(x) for x in set(labels)) / len(labels)
+    assert outcome.summary["best_dev_accuracy"] > majority + 0.10, (outcome.summary["best_dev_accuracy"], majority)
+
+
+def test_completed_run_is_skipped_and_a_changed_config_refused(tmp_path):
+    first = train(smoke_config(), tmp_path, show_progress=False)
+    again = train(smoke_config(), tmp_path, show_progress=False)
+    assert again.skipped and again.summary == first.summary
+    with pytest.raises(ConfigError, match=r"different config \(differs in: optim\)"):
+        train(smoke_config(optim={"lr": 5e-4}), tmp_path, show_progress=False)
+    forced = train(smoke_config(), tmp_path, force=True, show_progress=False)
+    assert not forced.skipped and forced.summary["started_at"] >= first.summary["started_at"]
+
+
+def _fail_at(step_to_fail: int, exc):
+    calls = {"n": 0}
+    original = NoRegularizer.training_step
+
+    def step(self, ctx):
+        calls["n"] += 1
+        if calls["n"] == step_to_fail:
+            if exc is None:
+                return StepResult(torch.tensor(math.nan))
+            raise exc
+        return original(self, ctx)
+
+    return step
+
+
+def test_non_finite_loss_marks_the_run_failed_with_its_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(NoRegularizer, "training_step", _fail_at(3, None))
+    with pytest.raises(RunFailed, match="non-finite loss at step 3"):
+        train(smoke_config(), tmp_path, show_progress=False)
+    directory = tmp_path / "test" / "tnews" / "none" / "seed-1"
+    summary = json.loads((directory / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["failed_step"] == 3 and summary["failed_quantity"] == "loss"
+    # a failed run is rerun (not skipped) next time
+    monkeypatch.undo()
+    assert train(smoke_config(), tmp_path, show_progress=False).summary["status"] == "completed"
+
+
+def test_ctrl_c_marks_the_run_interrupted_and_files_stay_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(NoRegularizer, "training_step", _fail_at(10, KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        train(smoke_config(), tmp_path, show_progress=False)
+    directory = tmp_path / "test" / "tnews" / "none" / "seed-1"
+    summary = json.loads((directory / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["interrupted_step"] == 9
+    raw = (directory / "metrics.jsonl").read_text()
+    assert raw.endswith("\n") and all(json.loads(line) for line in raw.splitlines())
+    assert not list(directory.glob(".*tmp*"))
+
+
+def _no_dropout_config(**overrides):
+    base = smoke_config()
+    arch = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64,
+            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # fmt: skip
+    return smoke_config(
+        epochs=1,
+        log_every_n_steps=1,
+        data={"path": base.data.path, "max_train_samples": 64, "max_eval_samples": 32},
+        model={**base.model.model_dump(), "architecture": arch},
+        **overrides,
+    )
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(tmp_path):
+    """Two micro-batches of 16 with accumulation 2 give the same update as one batch of 32."""
+    big = train(_no_dropout_config(batch_size=32), tmp_path / "big", show_progress=False)
+    small = train(
+        _no_dropout_config(batch_size=16, optim={"lr": 1e-3, "grad_accum_steps": 2}),
+        tmp_path / "small",
+        show_progress=False,
+    )
+
+    def grad_norms(outcome):
+        return [r["grad_norm"] for r in read_jsonl(outcome.directory / "metrics.jsonl") if r["type"] == "train"]
+
+    assert big.summary["steps"] == small.summary["steps"] == 2
+    # Same examples per optimizer step, so the same gradient up to float summation order (padding widths differ
+    # between 16- and 32-example batches; with attention masks that changes nothing).
+    assert grad_norms(small) == pytest.approx(grad_norms(big), rel=1e-4)
