@@ -32,7 +32,7 @@ class DataConfig(StrictModel):
     path: str | None = Field(
         None,
         description="Local directory with CLUE JSON-lines files (train.json, dev.json, labels.json). "
-        "When set, the hub is not used.",
+        "When set, the hub is not used. `{task}` is replaced by the task name (e.g. clue_adv/assets/{task}).",
     )
     hub_name: str = Field("clue", description="Hub dataset name, used when `path` is not set.")
     hub_config: str | None = Field(None, description="Hub dataset config; default: the task name.")
@@ -49,6 +49,11 @@ class DataConfig(StrictModel):
     @property
     def is_local(self) -> bool:
         return self.path is not None
+
+    def local_dir(self, task: str) -> Path:
+        if self.path is None:
+            raise ValueError("data.path is not set")
+        return Path(self.path.replace("{task}", task)).expanduser()
 
 
 class ArchitectureConfig(StrictModel):
@@ -281,8 +286,10 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in update.items():
         old = out.get(key)
-        if isinstance(old, dict) and isinstance(value, dict) and old.get("name", value.get("name")) == value.get(
-            "name", old.get("name")
+        if (
+            isinstance(old, dict)
+            and isinstance(value, dict)
+            and old.get("name", value.get("name")) == value.get("name", old.get("name"))
         ):
             out[key] = merge(old, value)
         else:

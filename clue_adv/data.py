@@ -149,7 +149,7 @@ def _from_hub(cfg: RunConfig) -> tuple[Dataset, Dataset, LabelSet]:
 def _from_local(cfg: RunConfig) -> tuple[Dataset, Dataset, LabelSet]:
     from datasets import Dataset
 
-    root = Path(cfg.data.path).expanduser()
+    root = cfg.data.local_dir(cfg.task)
     if not root.is_dir():
         raise DataError(f"data.path: directory not found: {root}")
     labels = read_labels(root / "labels.json")

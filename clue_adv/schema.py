@@ -8,4 +8,5 @@ from pydantic import BaseModel, ConfigDict
 class StrictModel(BaseModel):
     """A config block: unknown fields are errors, values are validated on assignment too."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # NaN or inf in a config is always a typo or a bug (lr=inf passes "gt=0"): reject them everywhere.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)

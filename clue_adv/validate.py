@@ -13,7 +13,7 @@ from clue_adv.model import looks_local, model_max_positions
 def check_paths(cfg: RunConfig) -> list[str]:
     problems = []
     if cfg.data.path is not None:
-        root = Path(cfg.data.path).expanduser()
+        root = cfg.data.local_dir(cfg.task)
         if not root.is_dir():
             problems.append(f"data.path: directory not found: {root}")
         else:

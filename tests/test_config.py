@@ -34,6 +34,7 @@ def test_every_task_config_runs_offline_with_the_tiny_override(path: Path):
     assert validate_file([path, TINY]) == []
     cfg = load_config([path, TINY])
     assert cfg.model.init == "random" and cfg.data.is_local
+    assert cfg.data.local_dir(cfg.task).name == cfg.task  # the sample of the config's own task
     # the override changes the model and data, never what is being compared
     assert cfg.strategy == load_config(path).strategy and cfg.task == load_config(path).task
 

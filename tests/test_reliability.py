@@ -1,0 +1,108 @@
+"""Bad input never produces a traceback; a local run never touches the network."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import smoke_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from clue_adv.cli import app
+from clue_adv.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "overrides" not in p.parts)
+runner = CliRunner()
+
+
+def _paths(node, prefix=()):
+    """Every dotted path in a nested mapping, blocks included."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield (*prefix, key)
+            yield from _paths(value, (*prefix, key))
+
+
+values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.lists(st.integers(-3, 3), max_size=3),
+    st.dictionaries(st.text(max_size=6), st.integers(), max_size=2),
+)
+
+
+@st.composite
+def mutated_configs(draw):
+    path = draw(st.sampled_from(SHIPPED))
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for _ in range(draw(st.integers(1, 3))):
+        keys = list(_paths(data))
+        kind = draw(st.sampled_from(["replace", "delete", "add"]))
+        target = list(draw(st.sampled_from(keys)))
+        node = data
+        for k in target[:-1]:
+            node = node[k]
+        if not isinstance(node, dict):
+            continue
+        if kind == "replace":
+            node[target[-1]] = draw(values)
+        elif kind == "delete":
+            node.pop(target[-1], None)
+        else:
+            node[draw(st.text(min_size=1, max_size=10))] = draw(values)
+    return data
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=mutated_configs())
+def test_mutated_configs_validate_or_fail_with_exit_2(tmp_path_factory, data):
+    f = tmp_path_factory.mktemp("mut") / "c.yaml"
+    f.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    result = runner.invoke(app, ["validate", str(f)])
+    assert result.exit_code in (0, 2), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    if result.exit_code == 2:
+        assert "- " in result.output  # at least one named problem
+
+
+def test_non_finite_numbers_are_config_errors():
+    from clue_adv.errors import ConfigError
+
+    for field in ({"optim": {"lr": float("inf")}}, {"label_smoothing": float("nan")}):
+        with pytest.raises(ConfigError, match="finite"):
+            from clue_adv.config import parse_config
+
+            parse_config({"task": "tnews", **field})
+
+
+def test_a_local_run_opens_no_network_connection(tmp_path, monkeypatch):
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access attempted during a local run")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    outcome = train(smoke_config(data={"path": smoke_config().data.path, "max_train_samples": 64,
+                                       "max_eval_samples": 32}), tmp_path, show_progress=False)  # fmt: skip
+    assert outcome.summary["status"] == "completed"
+    assert attempts == []
+
+
+def test_experiment_name_cannot_escape_the_output_directory():
+    from clue_adv.errors import ConfigError
+
+    for name in ("..", "../x", "a/b", ".hidden"):
+        with pytest.raises(ConfigError, match="experiment"):
+            smoke_config(experiment=name)
