@@ -34,7 +34,9 @@ class DataConfig(StrictModel):
         description="Local directory with CLUE JSON-lines files (train.json, dev.json, labels.json). "
         "When set, the hub is not used. `{task}` is replaced by the task name (e.g. clue_adv/assets/{task}).",
     )
-    hub_name: str = Field("clue", description="Hub dataset name, used when `path` is not set.")
+    hub_name: str = Field(
+        "clue/clue", description="Hub dataset id (CLUE in parquet, formerly `clue`), used when `path` is not set."
+    )
     hub_config: str | None = Field(None, description="Hub dataset config; default: the task name.")
     train_file: str = Field("train.json", description="Training file name inside `path`.")
     dev_file: str = Field("dev.json", description="Dev (evaluation) file name inside `path`.")

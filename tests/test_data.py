@@ -112,7 +112,7 @@ def test_hub_path_goes_through_the_same_label_mapping(monkeypatch, tokenizer):
     cfg = smoke_config(data={"max_train_samples": 40})
     assert not cfg.data.is_local
     data = load_task_data(cfg, tokenizer)
-    assert calls == [("clue", "tnews")]
+    assert calls == [("clue/clue", "tnews")]
     assert len(data.train) == 40 and len(data.dev) == 32
     local = read_split(ASSETS / "tnews" / "dev.json", read_labels(ASSETS / "tnews" / "labels.json"), 40)
     assert data.train["labels"] == local["label"]
