@@ -145,3 +145,140 @@ def strategies(
 
 def main() -> None:  # pragma: no cover - console-script shim
     app()
+
+
+# --------------------------------------------------------------------------------------------------
+# Sweeps, reports, predictions (logic in clue_adv/sweep.py, report.py, predict.py)
+
+
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Sweep config (YAML), e.g. sweeps/smoke.yaml.")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="Override a run field in every cell: --set epochs=1 (repeatable)."),
+    ] = None,
+    output_dir: OutputOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the planned runs and which are done.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Rerun every cell, completed ones too.")] = False,
+    jobs: Annotated[
+        int | None, typer.Option("--jobs", "-j", min=1, help="Runs at once (default: 1, or one per device).")
+    ] = None,
+    devices: Annotated[
+        str | None, typer.Option("--devices", help="GPUs to use, one run per device: --devices 0,1,2,3.")
+    ] = None,
+    executor: Annotated[
+        str,
+        typer.Option(
+            "--executor",
+            help="`local`: this machine; `slurm`: a Slurm job array through submitit (resources from the sweep's "
+            "`slurm` block); `submitit-local`: the same submitit path run on this machine (a rehearsal).",
+        ),
+    ] = "local",
+    report: Annotated[
+        bool, typer.Option("--report/--no-report", help="Write the report and print the table at the end.")
+    ] = True,
+) -> None:
+    """Run a grid of runs (tasks × strategies × hyperparameters × seeds); resumes where it stopped."""
+    from clue_adv.sweep import load_plan, run_sweep
+
+    try:
+        plan = load_plan(config, output_dir, set_ or [])
+    except ClueAdvError as e:
+        _fail(e)
+    done = sum(c.done for c in plan.cells)
+    if dry_run:
+        table = Table(title=f"{config}: {len(plan.cells)} run(s), {done} already completed")
+        for col in ("#", "experiment", "task", "strategy", "seed", "state"):
+            table.add_column(col, overflow="fold")
+        for i, cell in enumerate(plan.cells, start=1):
+            state = {"completed": "done (skip)", "absent": "to run"}.get(cell.state, f"rerun ({cell.state})")
+            if force:
+                state = "rerun (--force)" if cell.done else state
+            c = cell.config
+            table.add_row(str(i), c.experiment, c.task, cell.directory.parent.name, str(c.seed), state)
+        out.print(table)
+        to_run = len(plan.to_run(force))
+        out.print(f"{len(plan.cells)} planned, {done} completed, {to_run} to run", highlight=False)
+        out.print(f"run directories under {plan.output_dir.resolve()}", highlight=False)
+        return
+    device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices is not None else None
+    err.print(f"sweep {config}: {len(plan.cells)} run(s), {done} already completed", highlight=False)
+    try:
+        result = run_sweep(plan, force=force, jobs=jobs, devices=device_list, executor=executor, console=err)
+    except ClueAdvError as e:
+        _fail(e)
+    counts = {s: len(result.by_status(s)) for s in ("completed", "skipped", "failed", "interrupted")}
+    err.print(", ".join(f"{n} {s}" for s, n in counts.items()), highlight=False)
+    for r in result.by_status("failed"):
+        err.print(f"[red]failed[/] {r.cell.name}: {r.error or 'see its summary.json'}", highlight=False)
+    if report and not result.interrupted:
+        from clue_adv.report import build_report, rich_table
+
+        single = len(plan.experiments) == 1
+        root = plan.output_dir / plan.experiments[0] if single else plan.output_dir
+        try:
+            built = build_report(root, experiments=plan.experiments)
+        except ClueAdvError as e:
+            err.print(f"[yellow]report skipped:[/] {e}", highlight=False)
+        else:
+            for t in built.tables:
+                out.print(rich_table(t))
+            err.print(f"report: {root / 'report.md'}", highlight=False)
+    if result.interrupted:
+        err.print("interrupted: rerun the same command to resume", highlight=False)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def report(
+    results_dir: Annotated[Path, typer.Argument(help="Results directory: a root, an experiment or a task.")],
+    fmt: Annotated[
+        str,
+        typer.Option("--format", "-f", help="Print the main table as rich (terminal), md, csv, json or latex."),
+    ] = "rich",
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Where report.md, CSVs and plots go (default: RESULTS_DIR).")
+    ] = None,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Draw the PNG plots.")] = True,
+) -> None:
+    """Tables, CSVs and plots from run directories (works on partial sweeps)."""
+    from clue_adv.report import FORMATS, build_report, render, rich_table
+
+    if fmt not in FORMATS:
+        err.print(f"[bold red]error:[/] --format: {fmt!r} is not one of {', '.join(FORMATS)}")
+        raise typer.Exit(2)
+    try:
+        built = build_report(results_dir, output, plots=plots)
+    except ClueAdvError as e:
+        _fail(e)
+    if fmt == "rich":
+        for t in built.tables:
+            out.print(rich_table(t))
+        err.print(f"wrote {', '.join(str(p) for p in built.files[:3])} and {len(built.files) - 3} plot(s)")
+    else:
+        sys.stdout.write(render(built.tables, fmt))
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="A finished run directory with a saved model (save_model: true).")],
+    test_file: Annotated[Path, typer.Option("--test-file", "-t", help="CLUE test file (JSON lines with ids).")],
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Submission file (default: RUN/<task>_predict.json).")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Default: the run's eval size.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Write the CLUE submission file (tnews_predict.json / iflytek_predict.json) for a test file."""
+    from clue_adv.predict import predict as run_predict
+
+    if device not in ("auto", "cpu", "cuda"):
+        err.print(f"[bold red]error:[/] --device: {device!r} is not one of auto, cpu, cuda")
+        raise typer.Exit(2)
+    try:
+        result = run_predict(run, test_file, output, batch_size=batch_size, device=device)
+    except ClueAdvError as e:
+        _fail(e)
+    err.print(f"{len(result.ids)} predictions written to {result.path}", highlight=False)

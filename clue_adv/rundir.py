@@ -153,3 +153,16 @@ def start_run(cfg: RunConfig, directory: Path) -> None:
     for name in ("metrics.jsonl", "summary.json"):
         (directory / name).unlink(missing_ok=True)
     atomic_write_text(directory / "config.yaml", dump_config(cfg))
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Every run directory under `root` (a `seed-<k>` directory with a config.yaml), sorted; `root`
+    may be a results root, an experiment, a task or a single run. Hidden directories are skipped."""
+    root = Path(root)
+    found = []
+    for config in root.rglob("config.yaml"):
+        directory = config.parent
+        relative = directory.relative_to(root).parts if directory != root else ()
+        if directory.name.startswith("seed-") and not any(p.startswith(".") for p in relative):
+            found.append(directory)
+    return sorted(found)

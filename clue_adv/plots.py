@@ -1,0 +1,155 @@
+"""Report plots (PNG): per-seed accuracy per strategy, dev-accuracy curves, gain vs cost.
+
+Figures are built with matplotlib's object API (`Figure` + Agg canvas), never pyplot, so nothing
+global is touched and no display is needed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from clue_adv.report import ExperimentTable
+
+_SAFE = str.maketrans({c: "_" for c in '/\\:*?"<>| '})
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Write through a temp file and rename, like every other report file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _figure(n_panels: int, width: float = 5.0, height: float = 3.8) -> tuple[Any, list[Any]]:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * n_panels, height), layout="constrained")
+    axes = fig.subplots(1, n_panels, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def _task_name(task: str) -> str:
+    from clue_adv.report import TASK_NAMES
+
+    return TASK_NAMES.get(task, task)
+
+
+def accuracy_by_seed(table: ExperimentTable, path: Path, metric: str = "best") -> Path:
+    """Per task: a box per strategy with every seed's accuracy as a point."""
+    fig, axes = _figure(len(table.tasks), width=max(4.0, 1.0 + 0.9 * len(table.tags)))
+    rng = np.random.default_rng(0)  # jitter only; fixed so reruns give identical files
+    for ax, task in zip(axes, table.tasks, strict=True):
+        data, labels = [], []
+        for tag in table.tags:
+            cell = table.cell(task, tag)
+            data.append(list(cell.values[metric].values()) if cell is not None else [])
+            labels.append(tag)
+        positions = np.arange(1, len(data) + 1)
+        filled = [i for i, d in enumerate(data) if d]
+        if filled:
+            ax.boxplot([data[i] for i in filled], positions=positions[filled], widths=0.5, showfliers=False)
+        for pos, values in zip(positions, data, strict=True):
+            if values:
+                ax.scatter(pos + rng.uniform(-0.12, 0.12, len(values)), values, s=18, alpha=0.8, zorder=3)
+        ax.set_xticks(positions, labels, rotation=30, ha="right", fontsize=8)
+        ax.set_xlim(0.4, len(data) + 0.6)
+        ax.set_title(_task_name(task))
+        ax.set_ylabel("dev accuracy (%), best epoch" if metric == "best" else "dev accuracy (%), final epoch")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{table.experiment}: accuracy per seed")
+    return _save(fig, path)
+
+
+def dev_curves(table: ExperimentTable, path: Path) -> Path:
+    """Per task: mean dev accuracy over seeds per evaluation, with a band of ±1 std."""
+    fig, axes = _figure(len(table.tasks))
+    for ax, task in zip(axes, table.tasks, strict=True):
+        for tag in table.tags:
+            histories = [
+                r.summary.get("dev_history") or []
+                for r in table.runs
+                if r.task == task and r.tag == tag and r.status == "completed"
+            ]
+            histories = [h for h in histories if h]
+            if not histories:
+                continue
+            length = min(len(h) for h in histories)  # runs of one cell share a schedule; guard anyway
+            acc = np.array([[100 * e["accuracy"] for e in h[:length]] for h in histories])
+            epochs = [e["epoch"] for e in histories[0][:length]]
+            x = np.array(epochs if len(set(epochs)) == length else [e["step"] for e in histories[0][:length]])
+            mean = acc.mean(axis=0)
+            (line,) = ax.plot(x, mean, marker="o", ms=3, label=f"{tag} (n={len(histories)})")
+            if len(histories) > 1:
+                std = acc.std(axis=0, ddof=1)
+                ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_title(_task_name(task))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("dev accuracy (%)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{table.experiment}: dev accuracy over training (mean ± std over seeds)")
+    return _save(fig, path)
+
+
+def gain_vs_cost(table: ExperimentTable, path: Path, metric: str = "best") -> Path:
+    """Δ accuracy vs the baseline (95% CI bars) against the step-time ratio, one marker per task."""
+    fig, axes = _figure(1, width=6.0, height=4.5)
+    ax = axes[0]
+    markers = ["o", "s", "^", "D"]
+    for k, task in enumerate(table.tasks):
+        xs, ys, lo, hi, names = [], [], [], [], []
+        for tag in table.tags:
+            cell = table.cell(task, tag)
+            test = cell.delta.get(metric) if cell is not None else None
+            if test is None or not math.isfinite(test.mean_difference) or not math.isfinite(cell.step_time_ratio):
+                continue
+            xs.append(cell.step_time_ratio)
+            ys.append(test.mean_difference)
+            ci_ok = math.isfinite(test.ci_low)
+            lo.append(test.mean_difference - test.ci_low if ci_ok else 0.0)
+            hi.append(test.ci_high - test.mean_difference if ci_ok else 0.0)
+            names.append(tag)
+        if not xs:
+            continue
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt=markers[k % len(markers)], capsize=3, label=_task_name(task))
+        for x, y, name in zip(xs, ys, names, strict=True):
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.axvline(1, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel(f"step time × {table.baseline or 'baseline'}")
+    ax.set_ylabel("Δ dev accuracy vs baseline (pp), 95% CI")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no paired comparisons yet", transform=ax.transAxes, ha="center", va="center")
+    ax.set_title(f"{table.experiment}: gain vs cost")
+    return _save(fig, path)
+
+
+def experiment_plots(table: ExperimentTable, directory: Path) -> list[tuple[str, Path]]:
+    """All plots of one experiment: (title, path) pairs."""
+    stem = table.experiment.translate(_SAFE)
+    out = [
+        ("accuracy per seed", accuracy_by_seed(table, directory / f"{stem}-accuracy.png")),
+        ("dev accuracy over training", dev_curves(table, directory / f"{stem}-curves.png")),
+    ]
+    if table.baseline is not None:
+        out.append(("gain vs cost", gain_vs_cost(table, directory / f"{stem}-gain-cost.png")))
+    return out

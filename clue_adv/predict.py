@@ -1,0 +1,99 @@
+"""`clue-adv predict`: a CLUE submission file from a finished run's saved model.
+
+CLUE expects `tnews_predict.json` / `iflytek_predict.json`: one `{"id": ..., "label": "..."}` per line,
+with the original label strings ("102", not the class index), in the test file's order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clue_adv.errors import ClueAdvError
+from clue_adv.rundir import atomic_write_text, read_config, read_summary
+
+
+@dataclass
+class Predictions:
+    ids: list[Any]
+    labels: list[str]
+    path: Path
+
+
+def _load(run: Path) -> tuple[Any, Any, Any, list[str]]:
+    """Run config, model, tokenizer and label strings (index order) of a run with a saved model."""
+    from clue_adv.config import parse_config
+
+    stored = read_config(run)
+    if stored is None:
+        raise ClueAdvError(f"{run}: not a run directory (no readable config.yaml)")
+    cfg = parse_config(stored, source=str(run / "config.yaml"))
+    model_dir = run / "model"
+    if not (model_dir / "config.json").is_file():
+        status = (read_summary(run) or {}).get("status", "unknown")
+        raise ClueAdvError(
+            f"{run}: no saved model in {model_dir} (run status: {status}); train with `save_model: true` "
+            "(e.g. --set save_model=true) to keep the best-dev model"
+        )
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from clue_adv.model import use_cls_vector
+
+    transformers.utils.logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    if cfg.model.head == "cls":
+        # The saved weights have no pooler (the study head has none); loading built a fresh pooler,
+        # which this removes again, exactly as training did.
+        use_cls_vector(model)
+    id2label = model.config.id2label
+    labels = [str(id2label[i]) for i in range(len(id2label))]
+    if len(labels) != cfg.num_labels:
+        raise ClueAdvError(f"{model_dir}: the model has {len(labels)} labels, {cfg.task} has {cfg.num_labels}")
+    return cfg, model, tokenizer, labels
+
+
+def predict(
+    run: str | Path,
+    test_file: str | Path,
+    output: str | Path | None = None,
+    *,
+    batch_size: int | None = None,
+    device: str = "auto",
+) -> Predictions:
+    """Label every record of `test_file` with the run's best-dev model and write the submission file
+    (default: <run>/<task>_predict.json)."""
+    import torch
+
+    from clue_adv.data import read_split
+    from clue_adv.train import configure_environment
+
+    run = Path(run)
+    cfg, model, tokenizer, labels = _load(run)
+    configure_environment(cfg)
+    records = read_split(Path(test_file), labels=None)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_device = torch.device(device)
+    model.to(torch_device).eval()
+    from datasets import Dataset
+    from transformers import DataCollatorWithPadding
+
+    encoded = tokenizer(records["sentence"], truncation=True, max_length=cfg.max_length)
+    dataset = Dataset.from_dict(dict(encoded))
+    # Same collation and batch size as dev evaluation, so predictions match evaluation bit for bit.
+    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8, return_tensors="pt")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size or cfg.eval.batch_size, collate_fn=collate)
+    predicted: list[int] = []
+    with torch.no_grad():
+        for batch in loader:
+            batch = {k: v.to(torch_device) for k, v in batch.items()}
+            predicted += model(**batch).logits.argmax(-1).tolist()
+    out = Path(output) if output is not None else run / f"{cfg.task}_predict.json"
+    strings = [labels[i] for i in predicted]
+    lines = [json.dumps({"id": i, "label": s}, ensure_ascii=False) for i, s in zip(records["id"], strings, strict=True)]
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    return Predictions(records["id"], strings, out)

@@ -1,0 +1,695 @@
+"""`clue-adv report`: tables, CSVs and plots rebuilt from run directories alone.
+
+It reads `config.yaml` and `summary.json` of every run directory under the results directory, so it
+works on a partial sweep (cells show how many seeds completed, failed or are missing) and can be rerun
+at any time. One table per experiment: rows = strategies (directory tags), columns = tasks; each cell is
+mean ± std over seeds of the dev accuracy at the best epoch (a second table: at the final epoch), and
+the difference to the baseline (`none`) over the seeds both completed, with a 95% CI and a paired
+t-test, Holm-adjusted across the table (see clue_adv/stats.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clue_adv.errors import ClueAdvError
+from clue_adv.rundir import atomic_write_text, find_run_dirs, read_config, read_summary
+from clue_adv.stats import PairedTest, holm, paired_by_key, summarize
+
+FORMATS = ("rich", "md", "csv", "json", "latex")
+METRICS = {
+    "best": ("best_dev_accuracy", "Dev accuracy at the best epoch (%)"),
+    "final": ("final_dev_accuracy", "Dev accuracy at the final epoch (%)"),
+}
+TASK_ORDER = ("iflytek", "tnews")  # the study's column order
+TASK_NAMES = {"iflytek": "IFLYTEK", "tnews": "TNEWS"}
+BASELINE = "none"
+
+# The study (Su Jianlin, 2020): bert-base-chinese, one run per cell, dev accuracy (%).
+STUDY = {
+    "none": {"iflytek": 60.29, "tnews": 56.58},
+    "fgm": {"iflytek": 62.46, "tnews": 57.66},
+    "gradient_penalty": {"iflytek": 62.31, "tnews": 57.81},
+}
+STUDY_LABELS = {"none": "baseline", "fgm": "FGM ε = 0.5", "gradient_penalty": "gradient penalty ε = 1"}
+# Which strategy parameters a run needs for its row to be the study's (checked when the field exists).
+STUDY_PARAMS = {"none": {}, "fgm": {"epsilon": 0.5}, "gradient_penalty": {"epsilon": 1.0}}
+CLUE_DEV_BERT_BASE = {"iflytek": 60.37, "tnews": 56.09}  # CLUE's published dev scores, BERT-base
+CLUE_TEST_BERT_BASE = {"iflytek": 60.29, "tnews": 56.58}  # CLUE leaderboard test scores, BERT-base
+
+REFERENCE_NOTE = (
+    "The study's baseline figures (IFLYTEK 60.29, TNEWS 56.58) equal the CLUE leaderboard *test* scores of "
+    "BERT-base; CLUE's published *dev* scores for BERT-base are IFLYTEK 60.37 and TNEWS 56.09. The study's FGM "
+    "and gradient-penalty figures are single runs of its own scripts, which keep the best *dev* epoch, so its "
+    "gains set a dev number against a test number. The tables here report dev accuracy: compare them with the "
+    "dev row, and compare differences with differences."
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading runs
+
+
+@dataclass
+class RunRecord:
+    directory: Path
+    experiment: str
+    task: str
+    strategy: str
+    tag: str
+    seed: int
+    status: str  # completed | failed | interrupted | running
+    config: dict[str, Any]
+    summary: dict[str, Any]
+
+    def metric(self, key: str) -> float | None:
+        value = self.summary.get(key)
+        return float(value) if isinstance(value, int | float) and self.status == "completed" else None
+
+
+def collect_runs(root: Path) -> list[RunRecord]:
+    runs = []
+    for directory in find_run_dirs(root):
+        config = read_config(directory)
+        if not isinstance(config, dict) or not isinstance(config.get("strategy"), dict):
+            continue
+        summary = read_summary(directory) or {}
+        runs.append(
+            RunRecord(
+                directory=directory,
+                experiment=str(config.get("experiment", directory.parents[2].name)),
+                task=str(config.get("task", directory.parents[1].name)),
+                strategy=str(config["strategy"].get("name", "?")),
+                tag=directory.parent.name,
+                seed=int(config.get("seed", -1)),
+                status=str(summary.get("status", "running")),
+                config=config,
+                summary=summary,
+            )
+        )
+    return runs
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables
+
+
+@dataclass
+class CellStats:
+    """One strategy on one task in one experiment."""
+
+    task: str
+    tag: str
+    strategy: str
+    values: dict[str, dict[int, float]]  # metric -> seed -> accuracy (%) of completed runs
+    failed: list[int] = field(default_factory=list)
+    interrupted: list[int] = field(default_factory=list)
+    running: list[int] = field(default_factory=list)
+    missing: list[int] = field(default_factory=list)
+    delta: dict[str, PairedTest] = field(default_factory=dict)
+    paired_seeds: dict[str, list[int]] = field(default_factory=dict)
+    p_holm: dict[str, float] = field(default_factory=dict)
+    step_time_s: float = math.nan
+    step_time_ratio: float = math.nan
+    wall_time_s: float = math.nan
+    peak_memory_mb: float = math.nan
+    reference: float | None = None
+
+    @property
+    def completed(self) -> int:
+        return len(self.values["best"])
+
+
+@dataclass
+class ExperimentTable:
+    experiment: str
+    tasks: list[str]
+    tags: list[str]
+    strategies: dict[str, str]  # tag -> strategy name
+    baseline: str | None
+    cells: dict[tuple[str, str], CellStats]
+    runs: list[RunRecord]
+    seeds: list[int]
+    study_setting: bool
+
+    def cell(self, task: str, tag: str) -> CellStats | None:
+        return self.cells.get((task, tag))
+
+    @property
+    def has_reference(self) -> bool:
+        return any(c.reference is not None for c in self.cells.values())
+
+
+def _matches_study_setting(runs: Iterable[RunRecord]) -> bool:
+    """BERT-base (bert-base-chinese, pretrained) on the full data: the setting of the study's numbers."""
+    for r in runs:
+        model = r.config.get("model", {})
+        data = r.config.get("data", {})
+        name = str(model.get("name_or_path", "")).rstrip("/").rsplit("/", 1)[-1]
+        if name != "bert-base-chinese" or model.get("init") != "pretrained":
+            return False
+        if data.get("max_train_samples") is not None or data.get("max_eval_samples") is not None:
+            return False
+    return True
+
+
+def _study_row(strategy: str, runs: list[RunRecord]) -> str | None:
+    if strategy not in STUDY_PARAMS or not runs:
+        return None
+    for r in runs:
+        block = r.config["strategy"]
+        if any(key in block and block[key] != value for key, value in STUDY_PARAMS[strategy].items()):
+            return None
+    return strategy
+
+
+def _strategy_order() -> dict[str, int]:
+    from clue_adv.regularizers import registry
+
+    return {name: i for i, name in enumerate(registry())}
+
+
+def _mean(values: Iterable[float | None]) -> float:
+    xs = [float(v) for v in values if isinstance(v, int | float) and math.isfinite(v)]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def build_tables(runs: list[RunRecord]) -> list[ExperimentTable]:
+    order = _strategy_order()
+    tables = []
+    for experiment in sorted({r.experiment for r in runs}):
+        exp_runs = [r for r in runs if r.experiment == experiment]
+        tasks = sorted({r.task for r in exp_runs}, key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else 99, t))
+        strategies = {r.tag: r.strategy for r in exp_runs}
+        tags = sorted(strategies, key=lambda t: (t != BASELINE, order.get(strategies[t], len(order)), t))
+        baseline = BASELINE if BASELINE in strategies else None
+        seeds = sorted({r.seed for r in exp_runs})
+        study_setting = _matches_study_setting(exp_runs)
+        cells: dict[tuple[str, str], CellStats] = {}
+        for task in tasks:
+            for tag in tags:
+                here = [r for r in exp_runs if r.task == task and r.tag == tag]
+                cell = CellStats(task, tag, strategies[tag], {m: {} for m in METRICS})
+                for r in sorted(here, key=lambda r: r.seed):
+                    if r.status == "completed":
+                        for m, (key, _) in METRICS.items():
+                            value = r.metric(key)
+                            if value is not None:
+                                cell.values[m][r.seed] = 100 * value
+                    else:
+                        getattr(cell, r.status if r.status in ("failed", "interrupted") else "running").append(r.seed)
+                cell.missing = [s for s in seeds if s not in {r.seed for r in here}]
+                done = [r for r in here if r.status == "completed"]
+                cell.step_time_s = _mean(r.summary.get("mean_step_time_s") for r in done)
+                cell.wall_time_s = _mean(r.summary.get("train_wall_time_s") for r in done)
+                memory = [r.summary.get("peak_memory_mb") for r in done if r.summary.get("peak_memory_mb") is not None]
+                cell.peak_memory_mb = max(memory) if memory else math.nan
+                row = _study_row(cell.strategy, here) if study_setting else None
+                if row is not None and task in STUDY[row]:
+                    cell.reference = STUDY[row][task]
+                if here:
+                    cells[(task, tag)] = cell
+        table = ExperimentTable(experiment, tasks, tags, strategies, baseline, cells, exp_runs, seeds, study_setting)
+        _compare_to_baseline(table)
+        tables.append(table)
+    return tables
+
+
+def _compare_to_baseline(table: ExperimentTable) -> None:
+    if table.baseline is None:
+        return
+    for metric in METRICS:
+        tested: list[CellStats] = []
+        for (task, tag), cell in table.cells.items():
+            base = table.cell(task, table.baseline)
+            if tag == table.baseline or base is None:
+                continue
+            test, seeds = paired_by_key(cell.values[metric], base.values[metric])
+            cell.delta[metric], cell.paired_seeds[metric] = test, seeds
+            tested.append(cell)
+        # One family per table and metric: every strategy × task comparison with the baseline.
+        for cell, adjusted in zip(tested, holm([c.delta[metric].p for c in tested]), strict=True):
+            cell.p_holm[metric] = adjusted
+    for (task, _), cell in table.cells.items():
+        base = table.cell(task, table.baseline)
+        if base is not None and base.step_time_s > 0:
+            cell.step_time_ratio = cell.step_time_s / base.step_time_s
+
+
+# --------------------------------------------------------------------------------------------------
+# Cell text
+
+
+def _num(x: float, digits: int = 2, sign: bool = False) -> str:
+    if x is None or not math.isfinite(x):
+        return "–"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def _p(p: float) -> str:
+    if not math.isfinite(p):
+        return "p n/a"
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
+def accuracy_text(cell: CellStats | None, metric: str) -> str:
+    if cell is None:
+        return "missing"
+    s = summarize(list(cell.values[metric].values()))
+    notes = [f"{len(seeds)} {what}" for what, seeds in _problems(cell) if seeds]
+    if s.n == 0:
+        return "– (" + ", ".join(notes) + ")" if notes else "–"
+    body = f"{s.mean:.2f} ± {_num(s.std)} (n={s.n}"
+    return body + ("; " + ", ".join(notes) if notes else "") + ")"
+
+
+def _problems(cell: CellStats) -> list[tuple[str, list[int]]]:
+    return [
+        ("failed", cell.failed),
+        ("interrupted", cell.interrupted),
+        ("running", cell.running),
+        ("missing", cell.missing),
+    ]
+
+
+def delta_text(cell: CellStats | None, metric: str, baseline: str | None) -> str:
+    if cell is None or baseline is None:
+        return ""
+    if cell.tag == baseline:
+        return "baseline"
+    test = cell.delta.get(metric)
+    if test is None or test.n == 0:
+        return "no shared seeds"
+    if test.n == 1:
+        return f"{_num(test.mean_difference, sign=True)} (1 pair, no test)"
+    p = cell.p_holm.get(metric, math.nan)
+    star = "*" if math.isfinite(p) and p < 0.05 else ""
+    ci = f"[{_num(test.ci_low, sign=True)}, {_num(test.ci_high, sign=True)}]"
+    return f"{_num(test.mean_difference, sign=True)} {ci} {_p(p)}{star}"
+
+
+def table_rows(table: ExperimentTable, metric: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the main table as text."""
+    header = ["strategy"]
+    for task in table.tasks:
+        name = TASK_NAMES.get(task, task)
+        header.append(name)
+        if table.baseline is not None:
+            header.append(f"{name} Δ vs {table.baseline} [95% CI]")
+        if table.has_reference:
+            header.append(f"{name} study (1 run, BERT-base)")
+    rows = []
+    for tag in table.tags:
+        row = [tag]
+        for task in table.tasks:
+            cell = table.cell(task, tag)
+            row.append(accuracy_text(cell, metric))
+            if table.baseline is not None:
+                row.append(delta_text(cell, metric, table.baseline))
+            if table.has_reference:
+                row.append(f"{cell.reference:.2f}" if cell is not None and cell.reference is not None else "")
+        rows.append(row)
+    return header, rows
+
+
+def method_note(table: ExperimentTable, metric: str) -> str:
+    n_tests = sum(1 for c in table.cells.values() if c.p_holm.get(metric) is not None)
+    text = "Cells: mean ± sample std over seeds (n = completed seeds), accuracy in %."
+    if table.baseline is not None:
+        text += (
+            f" Δ: mean paired difference vs `{table.baseline}` in percentage points over the seeds both completed "
+            f"(same seed = same initialisation and data order), 95% t-interval, paired t-test p-value "
+            f"Holm-adjusted across the table's {n_tests} comparison(s); * marks adjusted p < 0.05."
+        )
+    else:
+        text += " No baseline (`none`) runs in this experiment, so no differences are tested."
+    return text
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    def esc(s: str) -> str:
+        return s.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _latex_escape(s: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#")):
+        s = s.replace(a, b)
+    for a, b in (("±", r"$\pm$"), ("Δ", r"$\Delta$"), ("ε", r"$\varepsilon$"), ("–", "--"), ("<", r"$<$")):
+        s = s.replace(a, b)
+    return s
+
+
+def _latex(header: list[str], rows: list[list[str]], caption: str) -> str:
+    cols = "l" + "r" * (len(header) - 1)
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\small",
+        rf"\begin{{tabular}}{{{cols}}}",
+        r"\toprule",
+        " & ".join(_latex_escape(h) for h in header) + r" \\",
+        r"\midrule",
+    ]
+    lines += [" & ".join(_latex_escape(c) for c in row) + r" \\" for row in rows]
+    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{_latex_escape(caption)}}}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def _csv(header: list[str], rows: list[list[str]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _finite(x: float | None) -> float | None:
+    return x if isinstance(x, int | float) and math.isfinite(x) else None
+
+
+def table_json(table: ExperimentTable, metric: str) -> dict[str, Any]:
+    rows = []
+    for tag in table.tags:
+        for task in table.tasks:
+            cell = table.cell(task, tag)
+            if cell is None:
+                rows.append({"strategy": tag, "task": task, "n": 0, "missing": True})
+                continue
+            s = summarize(list(cell.values[metric].values()))
+            test = cell.delta.get(metric)
+            row: dict[str, Any] = {
+                "strategy": tag,
+                "strategy_name": cell.strategy,
+                "task": task,
+                "n": s.n,
+                "mean": _finite(s.mean),
+                "std": _finite(s.std),
+                "seeds": cell.values[metric],
+                "failed": cell.failed,
+                "interrupted": cell.interrupted,
+                "running": cell.running,
+                "missing": cell.missing,
+            }
+            if test is not None:
+                row["delta"] = {
+                    "mean": _finite(test.mean_difference),
+                    "ci95": [_finite(test.ci_low), _finite(test.ci_high)],
+                    "t": _finite(test.t),
+                    "p": _finite(test.p),
+                    "p_holm": _finite(cell.p_holm.get(metric, math.nan)),
+                    "n_pairs": test.n,
+                }
+            if cell.reference is not None:
+                row["study_reference"] = cell.reference
+            rows.append(row)
+    return {
+        "experiment": table.experiment,
+        "metric": METRICS[metric][0],
+        "unit": "percent",
+        "baseline": table.baseline,
+        "rows": rows,
+    }
+
+
+def render(tables: list[ExperimentTable], fmt: str, metric: str = "best") -> str:
+    """The main table(s) alone in `fmt` (md, csv, json or latex)."""
+    if fmt == "json":
+        return json.dumps([table_json(t, metric) for t in tables], indent=2, ensure_ascii=False) + "\n"
+    parts = []
+    for table in tables:
+        header, rows = table_rows(table, metric)
+        title = f"{table.experiment}: {METRICS[metric][1]}"
+        if fmt == "md":
+            parts.append(f"**{title}**\n\n" + _markdown(header, rows) + "\n" + method_note(table, metric) + "\n")
+        elif fmt == "latex":
+            parts.append(_latex(header, rows, f"{title}. {method_note(table, metric)}"))
+        elif fmt == "csv":
+            parts.append(_csv(["experiment", *header], [[table.experiment, *row] for row in rows]))
+        else:
+            raise ClueAdvError(f"--format: unknown format {fmt!r} (valid: {', '.join(FORMATS)})")
+    return "\n".join(parts) if fmt != "csv" else _merge_csv(parts)
+
+
+def _merge_csv(parts: list[str]) -> str:
+    # Experiments can have different task sets; a header per experiment keeps every column honest.
+    return "\n".join(parts)
+
+
+def rich_table(table: ExperimentTable, metric: str = "best") -> Any:
+    from rich.table import Table
+
+    header, rows = table_rows(table, metric)
+    out = Table(title=f"{table.experiment}: {METRICS[metric][1]}", caption=method_note(table, metric))
+    for i, h in enumerate(header):
+        out.add_column(h, justify="left" if i == 0 else "right", overflow="fold")
+    for row in rows:
+        out.add_row(*row)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# CSV files
+
+
+RUN_COLUMNS = [
+    "experiment",
+    "task",
+    "strategy",
+    "strategy_tag",
+    "seed",
+    "status",
+    "best_dev_accuracy",
+    "best_epoch",
+    "final_dev_accuracy",
+    "best_dev_macro_f1",
+    "final_dev_macro_f1",
+    "epochs",
+    "steps",
+    "train_wall_time_s",
+    "mean_step_time_s",
+    "peak_memory_mb",
+    "device",
+    "precision",
+    "error",
+    "directory",
+]
+
+
+def runs_csv(runs: list[RunRecord]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, RUN_COLUMNS, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for r in sorted(runs, key=lambda r: (r.experiment, r.task, r.tag, r.seed)):
+        row = {k: r.summary.get(k) for k in RUN_COLUMNS}
+        row.update(
+            experiment=r.experiment,
+            task=r.task,
+            strategy=r.strategy,
+            strategy_tag=r.tag,
+            seed=r.seed,
+            status=r.status,
+            directory=str(r.directory),
+        )
+        writer.writerow(row)
+    return buf.getvalue()
+
+
+def _cell_number(x: float | None, digits: int = 4) -> str:
+    return "" if x is None or not math.isfinite(x) else f"{x:.{digits}f}".rstrip("0").rstrip(".")
+
+
+def summary_csv(tables: list[ExperimentTable]) -> str:
+    """One row per experiment × task × strategy; accuracies and differences in percent."""
+    columns = ["experiment", "task", "strategy_tag", "strategy", "completed", "failed", "interrupted", "running"]
+    columns += ["missing"]
+    for m in METRICS:
+        columns += [f"{m}_mean_pct", f"{m}_std_pct", f"{m}_delta_pct", f"{m}_delta_ci_low", f"{m}_delta_ci_high"]
+        columns += [f"{m}_n_pairs", f"{m}_p", f"{m}_p_holm"]
+    columns += ["mean_step_time_s", "step_time_ratio", "train_wall_time_s", "peak_memory_mb", "study_reference_pct"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for table in tables:
+        for tag in table.tags:
+            for task in table.tasks:
+                cell = table.cell(task, tag)
+                if cell is None:
+                    continue
+                row: list[Any] = [table.experiment, task, tag, cell.strategy, cell.completed]
+                row += [len(cell.failed), len(cell.interrupted), len(cell.running), len(cell.missing)]
+                for m in METRICS:
+                    s = summarize(list(cell.values[m].values()))
+                    test = cell.delta.get(m)
+                    row += [_cell_number(s.mean), _cell_number(s.std)]
+                    if test is None:
+                        row += ["", "", "", "", "", ""]
+                    else:
+                        row += [_cell_number(test.mean_difference), _cell_number(test.ci_low)]
+                        row += [_cell_number(test.ci_high), test.n, _cell_number(test.p, 6)]
+                        row += [_cell_number(cell.p_holm.get(m, math.nan), 6)]
+                row += [_cell_number(cell.step_time_s, 6), _cell_number(cell.step_time_ratio, 3)]
+                row += [_cell_number(cell.wall_time_s, 1), _cell_number(cell.peak_memory_mb, 1)]
+                row += ["" if cell.reference is None else cell.reference]
+                writer.writerow(row)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------
+# report.md
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "–"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def cost_rows(table: ExperimentTable) -> tuple[list[str], list[list[str]]]:
+    header = ["task", "strategy", "runs", "step time (ms)"]
+    if table.baseline is not None:
+        header.append(f"× {table.baseline}")
+    header += ["train time per run", "peak memory (MB)"]
+    rows = []
+    for task in table.tasks:
+        for tag in table.tags:
+            cell = table.cell(task, tag)
+            if cell is None:
+                continue
+            row = [TASK_NAMES.get(task, task), tag, str(cell.completed), _num(1000 * cell.step_time_s, 1)]
+            if table.baseline is not None:
+                row.append(_num(cell.step_time_ratio, 2))
+            row += [_duration(cell.wall_time_s), _num(cell.peak_memory_mb, 0)]
+            rows.append(row)
+    return header, rows
+
+
+def _setting(table: ExperimentTable) -> str:
+    def values(getter: Any) -> str:
+        found = sorted({str(getter(r)) for r in table.runs})
+        return ", ".join(found[:4]) + (f" (+{len(found) - 4} more)" if len(found) > 4 else "")
+
+    model = values(lambda r: f"{r.config['model'].get('name_or_path')} ({r.config['model'].get('init')})")
+    lines = [
+        f"- model: {model}",
+        f"- tasks: {', '.join(table.tasks)}; seeds: {', '.join(map(str, table.seeds))}",
+        f"- epochs: {values(lambda r: r.config.get('epochs'))}; "
+        f"batch size: {values(lambda r: r.config.get('batch_size'))}; "
+        f"lr: {values(lambda r: r.config.get('optim', {}).get('lr'))}",
+        f"- train examples: {values(lambda r: r.summary.get('train_examples', '?'))}; "
+        f"dev examples: {values(lambda r: r.summary.get('dev_examples', '?'))}",
+        f"- device: {values(lambda r: r.summary.get('device', '?'))}",
+    ]
+    return "\n".join(lines)
+
+
+def _status_counts(runs: list[RunRecord]) -> str:
+    counts: dict[str, int] = {}
+    for r in runs:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+
+
+def reference_section(tables: list[ExperimentTable]) -> str:
+    tasks = [t for t in TASK_ORDER if any(t in table.tasks for table in tables)] or list(TASK_ORDER)
+    header = ["published (single run, BERT-base)", *(TASK_NAMES[t] for t in tasks)]
+    rows = [
+        ["study: baseline (= CLUE leaderboard test, BERT-base)", *(f"{STUDY['none'][t]:.2f}" for t in tasks)],
+        ["CLUE published dev, BERT-base", *(f"{CLUE_DEV_BERT_BASE[t]:.2f}" for t in tasks)],
+        ["study: FGM ε = 0.5 (embedding matrix)", *(f"{STUDY['fgm'][t]:.2f}" for t in tasks)],
+        ["study: gradient penalty ε = 1", *(f"{STUDY['gradient_penalty'][t]:.2f}" for t in tasks)],
+    ]
+    matched = [t.experiment for t in tables if t.has_reference]
+    where = (
+        f"Experiment(s) {', '.join(f'`{m}`' for m in matched)} match that setting (pretrained bert-base-chinese, "
+        "full data), so their tables carry a study column."
+        if matched
+        else "None of these runs matches that setting (pretrained bert-base-chinese on the full data), so the "
+        "tables have no study column."
+    )
+    return "## Published reference\n\n" + _markdown(header, rows) + "\n" + REFERENCE_NOTE + " " + where + "\n"
+
+
+@dataclass
+class ReportResult:
+    tables: list[ExperimentTable]
+    runs: list[RunRecord]
+    files: list[Path]
+
+
+def build_report(
+    results_dir: str | Path,
+    output_dir: str | Path | None = None,
+    *,
+    plots: bool = True,
+    experiments: Iterable[str] | None = None,
+) -> ReportResult:
+    """Read every run under `results_dir`, write report.md, runs.csv, summary.csv and plots/."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise ClueAdvError(f"results directory not found: {root}")
+    runs = collect_runs(root)
+    if experiments is not None:
+        wanted = set(experiments)
+        runs = [r for r in runs if r.experiment in wanted]
+    if not runs:
+        raise ClueAdvError(f"no run directories (with config.yaml) under {root}")
+    out = Path(output_dir) if output_dir is not None else root
+    tables = build_tables(runs)
+    files = [out / "runs.csv", out / "summary.csv", out / "report.md"]
+    atomic_write_text(files[0], runs_csv(runs))
+    atomic_write_text(files[1], summary_csv(tables))
+
+    figures: dict[str, list[tuple[str, Path]]] = {}
+    if plots:
+        from clue_adv.plots import experiment_plots
+
+        for table in tables:
+            figures[table.experiment] = experiment_plots(table, out / "plots")
+            files += [p for _, p in figures[table.experiment]]
+
+    parts = [f"# Results: `{root}`\n", f"{len(runs)} run(s): {_status_counts(runs)}.\n"]
+    for table in tables:
+        parts.append(f"## Experiment `{table.experiment}`\n\n{_setting(table)}\n")
+        for metric in METRICS:
+            header, rows = table_rows(table, metric)
+            parts.append(f"### {METRICS[metric][1]}\n\n" + _markdown(header, rows) + "\n" + method_note(table, metric))
+        header, rows = cost_rows(table)
+        parts.append(
+            "### Cost\n\n" + _markdown(header, rows) + "\nStep time: mean seconds per optimizer step (the first step "
+            "excluded); × baseline: ratio of mean step times on the same task. Runs sharing a machine (parallel "
+            "jobs) slow each other, so compare costs within one sweep. Peak memory: GPU allocations on CUDA, the "
+            "process's peak resident memory on CPU."
+        )
+        if figures.get(table.experiment):
+            images = [f"![{title}]({path.relative_to(out).as_posix()})" for title, path in figures[table.experiment]]
+            parts.append("### Plots\n\n" + "\n\n".join(images))
+        problems = [r for r in table.runs if r.status != "completed"]
+        if problems:
+            lines = [
+                f"- `{r.task}/{r.tag}/seed-{r.seed}`: {r.status}"
+                + (f" — {r.summary['error']}" if r.summary.get("error") else "")
+                for r in sorted(problems, key=lambda r: (r.task, r.tag, r.seed))
+            ]
+            parts.append("### Runs that did not complete\n\n" + "\n".join(lines))
+    parts.append(reference_section(tables))
+    atomic_write_text(files[2], "\n\n".join(p.rstrip("\n") for p in parts) + "\n")
+    return ReportResult(tables, runs, files)

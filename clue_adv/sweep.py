@@ -1,0 +1,881 @@
+"""Sweeps: a grid of runs (tasks × strategies × hyperparameter values × seeds), one run directory each.
+
+A sweep file names a base run config and what varies. Every cell is a full `RunConfig`, validated like
+any config before anything runs; its directory is the one `clue-adv train` would use, so a sweep resumes
+where it stopped (completed runs with the same config are skipped, failed or interrupted ones rerun) and
+`clue-adv report` reads the result.
+
+Choices worth knowing:
+
+* `base` is resolved relative to the sweep file's directory (`sweeps/x.yaml` names `../configs/y.yaml`),
+  so a sweep file works from any working directory. Paths *inside* run configs (data.path, model paths)
+  stay relative to the working directory, as in `clue-adv train`.
+* Grid keys `<strategy-name>.<param>` (e.g. `fgm.epsilon`) vary one strategy's blocks; `strategy.<param>`
+  varies every block that has that parameter; other keys (`optim.lr`) vary every cell. Strategy parameters
+  already show in the directory name (`fgm-epsilon=0.1`); a non-strategy value is folded into the
+  experiment name (`smoke+optim.lr=0.0003`), so different values never share a directory and each value
+  gets its own table (with its own baseline) in the report.
+* Paired seeds: a cell's seed sets its initialisation and data order (see data.train_loader), so the
+  runs of different strategies with the same seed differ only by the strategy.
+* Local parallel runs (`jobs > 1`, or any `devices`) are subprocesses (`python -m clue_adv.sweep`): a
+  crash or an out-of-memory kill in one run cannot take the sweep down; each worker gets its share of
+  the CPU cores (threads and affinity) or one GPU (CUDA_VISIBLE_DEVICES). One job runs in-process and
+  shows the run's own progress bar under the sweep's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from rich.console import Console
+
+from clue_adv.config import TASKS, RunConfig, _yaml_load, apply_override, dump_config, format_validation_errors
+from clue_adv.errors import ClueAdvError, ConfigError, RunFailed
+from clue_adv.rundir import atomic_write_json, existing_state, read_summary, run_dir
+from clue_adv.schema import StrictModel
+
+Task = Literal["tnews", "iflytek"]
+# Fields a sweep sets through its own keys; varying them through `grid`/`overrides` would break naming.
+_RESERVED = {
+    "task": "tasks",
+    "seed": "seeds",
+    "experiment": "experiment",
+    "output_dir": "output_dir",
+}
+EXECUTORS = ("local", "slurm", "submitit-local")
+
+
+class SlurmConfig(StrictModel):
+    """Resources of each array task when the sweep runs with `--executor slurm` (through submitit)."""
+
+    partition: str | None = Field(None, description="Slurm partition (`--partition`); default: the cluster's.")
+    time_min: int = Field(
+        24 * 60, gt=0, description="Time limit per run in minutes (a study-length BERT-base run: several hours)."
+    )
+    cpus_per_task: int = Field(8, gt=0, description="CPU cores per run (data loading, tokenization).")
+    gpus_per_node: int = Field(1, ge=0, description="GPUs per run (one run per GPU).")
+    mem_gb: int = Field(64, gt=0, description="Host memory per run in GB.")
+    array_parallelism: int = Field(32, gt=0, description="At most this many array tasks run at once (`%N`).")
+    account: str | None = Field(None, description="Slurm account (`--account`).")
+    qos: str | None = Field(None, description="Quality of service (`--qos`).")
+    constraint: str | None = Field(None, description="Node features (`--constraint`), e.g. a GPU model.")
+    setup: list[str] = Field(
+        default_factory=list,
+        description="Shell lines run before each job, e.g. `module load cuda` or `source venv/bin/activate`.",
+    )
+    additional: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra sbatch options, e.g. {exclude: node12} for `--exclude=node12`.",
+    )
+    log_dir: str | None = Field(
+        None, description="Where submitit keeps job scripts and logs; default: <output_dir>/<experiment>/slurm."
+    )
+
+
+class SweepConfig(StrictModel):
+    """A grid of runs. Every cell is a run config: the base, then `overrides`, `per_task`, the task, the
+    strategy block, the grid values, the seed."""
+
+    base: str | None = Field(
+        None,
+        description="Run config every cell starts from, relative to the sweep file's directory. "
+        "Omitted: the RunConfig defaults (BERT-base from the hub).",
+    )
+    experiment: str | None = Field(None, description="Experiment name (directory level); default: the base's.")
+    output_dir: str | None = Field(None, description="Root of the run directories; default: the base's.")
+    tasks: list[Task] | None = Field(None, description="CLUE tasks; default: the base's task.")
+    seeds: int | list[int] = Field(
+        5, description="Seeds: a count N (seeds 1..N) or an explicit list. The same seeds for every strategy."
+    )
+    strategies: list[dict[str, Any]] | None = Field(
+        None,
+        description="Strategy blocks (`name` plus parameters, as in a run config's `strategy`); default: the "
+        "base's strategy. Include `{name: none}` for the baseline the report compares against.",
+    )
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="Dotted key -> values; every combination is crossed with the rest. `fgm.epsilon` varies the "
+        "fgm blocks, `strategy.epsilon` every block that has `epsilon`, `optim.lr` every cell.",
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Dotted key -> value applied to every cell (e.g. a tiny model). `{task}` in a string value "
+        "is replaced by the cell's task (data.path: data/clue/{task}).",
+    )
+    per_task: dict[Task, dict[str, Any]] = Field(
+        default_factory=dict, description="Task -> {dotted key: value} applied to that task's cells only."
+    )
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="Slurm resources (`--executor slurm`).")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: int | list[int]) -> int | list[int]:
+        if isinstance(v, int):
+            if v < 1:
+                raise ValueError("a seed count must be at least 1")
+            return v
+        if not v:
+            raise ValueError("the seed list is empty")
+        if any(s < 0 for s in v):
+            raise ValueError("seeds must be >= 0")
+        if len(set(v)) != len(v):
+            raise ValueError("seeds repeat")
+        return v
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_values(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in v.items():
+            if not values:
+                raise ValueError(f"{key}: needs at least one value")
+            if len({json.dumps(x, sort_keys=True, default=str) for x in values}) != len(values):
+                raise ValueError(f"{key}: values repeat")
+        return v
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError("list each task once, at least one")
+        return v
+
+    def seed_list(self) -> list[int]:
+        return list(range(1, self.seeds + 1)) if isinstance(self.seeds, int) else list(self.seeds)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and expanding the grid
+
+
+@dataclass
+class Cell:
+    """One planned run."""
+
+    config: RunConfig
+    directory: Path
+    state: str  # absent | completed | failed | interrupted | running (an earlier run that stopped unmarked)
+
+    @property
+    def name(self) -> str:
+        return f"{self.config.experiment}/{self.config.task}/{self.directory.parent.name}/seed-{self.config.seed}"
+
+    @property
+    def done(self) -> bool:
+        return self.state == "completed"
+
+
+@dataclass
+class SweepPlan:
+    sweep: SweepConfig
+    source: str
+    cells: list[Cell]
+
+    def to_run(self, force: bool = False) -> list[Cell]:
+        return list(self.cells) if force else [c for c in self.cells if not c.done]
+
+    @property
+    def experiments(self) -> list[str]:
+        return list(dict.fromkeys(c.config.experiment for c in self.cells))
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cells[0].config.output_dir)
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    data = _yaml_load(path)
+    try:
+        return SweepConfig.model_validate(data)
+    except ValidationError as e:
+        problems = format_validation_errors(e, SweepConfig)
+        raise ConfigError(f"{path}: {len(problems)} problem(s)", problems) from None
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: '{part}' is not a block of fields")
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def check_key(root: type[BaseModel], key: str) -> str | None:
+    """None if `key` (dotted) names a field of `root`, else a message with a 'did you mean'."""
+    model: type[BaseModel] | None = root
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if model is None:
+            return f"'{'.'.join(parts[:i])}' is not a block of fields"
+        fields = model.model_fields
+        if part not in fields:
+            close = difflib.get_close_matches(part, list(fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(fields)})"
+            where = ".".join(parts[:i])
+            return f"unknown field '{part}'" + (f" in '{where}'" if where else "") + hint
+        model = _model_of(fields[part].annotation)
+    return None
+
+
+def _check_reserved(section: str, key: str) -> str | None:
+    head = key.split(".")[0]
+    if head in _RESERVED:
+        return f"{section}.{key}: set it with the sweep's `{_RESERVED[head]}` field"
+    if head == "strategy":
+        return f"{section}.{key}: strategy fields belong in `strategies` blocks (or `grid`)"
+    return None
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        text = str(value)
+    return text.replace("/", "_").replace("\\", "_").replace(" ", "")
+
+
+def _with_task(value: Any, task: str) -> Any:
+    if isinstance(value, str):
+        return value.replace("{task}", task)
+    if isinstance(value, dict):
+        return {k: _with_task(v, task) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_with_task(v, task) for v in value]
+    return value
+
+
+def _strategy_classes() -> dict[str, type[BaseModel]]:
+    from clue_adv.regularizers import registry
+
+    return {name: cls.config_class for name, cls in registry().items()}
+
+
+def _parse_cell(data: dict[str, Any]) -> tuple[RunConfig | None, list[str]]:
+    try:
+        return RunConfig.model_validate(data), []
+    except ValidationError as e:
+        return None, format_validation_errors(e)
+
+
+def plan_sweep(
+    sweep: SweepConfig,
+    source: str | Path,
+    output_dir: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> SweepPlan:
+    """Every cell of the grid as a validated RunConfig with its directory and state. All problems (bad
+    keys, invalid values, a directory holding a different config) are collected into one ConfigError
+    before anything runs."""
+    source = Path(source)
+    problems: list[str] = []
+
+    base: dict[str, Any] = {}
+    if sweep.base is not None:
+        base_path = (source.parent / sweep.base).expanduser()
+        if not base_path.is_file():
+            raise ConfigError(
+                f"{source}: base: run config not found: {base_path} (paths are relative to the sweep file's directory)"
+            )
+        base = _yaml_load(base_path)
+    for assignment in overrides or []:  # `--set` on the command line: applied like `overrides`
+        key = assignment.partition("=")[0].strip()
+        problem = _check_reserved("--set", key) or (
+            f"--set {key}: {msg}" if (msg := check_key(RunConfig, key)) else None
+        )
+        if problem:
+            problems.append(problem)
+    for key in sweep.overrides:
+        problem = _check_reserved("overrides", key) or (
+            f"overrides.{key}: {msg}" if (msg := check_key(RunConfig, key)) else None
+        )
+        if problem:
+            problems.append(problem)
+    for task, block in sweep.per_task.items():
+        for key in block:
+            problem = _check_reserved(f"per_task.{task}", key) or (
+                f"per_task.{task}.{key}: {msg}" if (msg := check_key(RunConfig, key)) else None
+            )
+            if problem:
+                problems.append(problem)
+
+    tasks = list(sweep.tasks or [base.get("task")])
+    if tasks == [None]:
+        problems.append("tasks: the base config names no task; list them in the sweep's `tasks`")
+        tasks = []
+    unknown_tasks = [t for t in tasks if t not in TASKS]
+    if unknown_tasks:
+        problems.append(f"base task: {unknown_tasks[0]!r} is not a task (valid: {', '.join(TASKS)})")
+        tasks = [t for t in tasks if t in TASKS]
+    if sweep.per_task and set(sweep.per_task) - set(tasks):
+        problems.append(f"per_task: {', '.join(sorted(set(sweep.per_task) - set(tasks)))} not in the sweep's tasks")
+
+    # Strategy blocks, each validated through the run schema (so names and parameters are checked
+    # against whatever strategies are registered).
+    classes = _strategy_classes()
+    blocks = [copy.deepcopy(b) for b in (sweep.strategies or [base.get("strategy") or {"name": "none"}])]
+    for i, block in enumerate(blocks):
+        if not isinstance(block, dict) or "name" not in block:
+            problems.append(f"strategies[{i}]: a block needs a `name` (valid: {', '.join(classes)})")
+            continue
+        _, errs = _parse_cell({"task": "tnews", "strategy": block})
+        problems += [f"strategies[{i}] ({block['name']}): {e.removeprefix('strategy.')}" for e in errs]
+
+    # Grid keys: who each one applies to.
+    strategy_grid: dict[str, tuple[str | None, str]] = {}  # key -> (strategy name or None for all, param)
+    run_grid: list[str] = []
+    names_in_sweep = {b.get("name") for b in blocks if isinstance(b, dict)}
+    for key in sweep.grid:
+        head, _, rest = key.partition(".")
+        if head in _RESERVED:
+            problems.append(f"grid.{key}: set it with the sweep's `{_RESERVED[head]}` field")
+        elif head == "strategy" or head in classes:
+            target = None if head == "strategy" else head
+            owners = [n for n in names_in_sweep if n in classes and (target is None or n == target)]
+            if not rest:
+                problems.append(f"grid.{key}: name a parameter, e.g. {head}.epsilon")
+            elif target is not None and target not in names_in_sweep:
+                problems.append(f"grid.{key}: no `{target}` block in strategies")
+            elif not any(check_key(classes[n], rest) is None for n in owners):
+                params = sorted({p for n in owners for p in classes[n].model_fields if p != "name"})
+                close = difflib.get_close_matches(rest, params, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(params)})"
+                problems.append(f"grid.{key}: no strategy in the sweep has a parameter '{rest}'{hint}")
+            else:
+                strategy_grid[key] = (target, rest)
+        elif (msg := check_key(RunConfig, key)) is not None:
+            hint = f" (or a strategy: {', '.join(classes)})" if head not in RunConfig.model_fields else ""
+            problems.append(f"grid.{key}: {msg}{hint}")
+        else:
+            run_grid.append(key)
+    if problems:
+        raise ConfigError(f"{source}: {len(problems)} problem(s)", problems)
+
+    def strategy_variants(block: dict[str, Any]) -> list[dict[str, Any]]:
+        keys = [
+            (key, param)
+            for key, (target, param) in strategy_grid.items()
+            if (target is None or target == block["name"]) and check_key(classes[block["name"]], param) is None
+        ]
+        variants = []
+        for values in itertools.product(*(sweep.grid[k] for k, _ in keys)):
+            variant = copy.deepcopy(block)
+            for (_, param), value in zip(keys, values, strict=True):
+                set_dotted(variant, param, value)
+            variants.append(variant)
+        return variants
+
+    base_experiment = sweep.experiment or base.get("experiment") or "default"
+    cells: list[Cell] = []
+    seen: dict[Path, dict[str, Any]] = {}
+    for seed in sweep.seed_list():
+        for task in tasks:
+            for run_values in itertools.product(*(sweep.grid[k] for k in run_grid)):
+                suffix = "".join(f"+{k}={_format_value(v)}" for k, v in zip(run_grid, run_values, strict=True))
+                for block in blocks:
+                    for variant in strategy_variants(block):
+                        data = copy.deepcopy(base)
+                        for assignment in overrides or []:
+                            key, _, raw = assignment.partition("=")
+                            apply_override(data, f"{key}={_with_task(raw, task)}")
+                        for key, value in sweep.overrides.items():
+                            set_dotted(data, key, _with_task(value, task))
+                        for key, value in sweep.per_task.get(task, {}).items():
+                            set_dotted(data, key, _with_task(value, task))
+                        for key, value in zip(run_grid, run_values, strict=True):
+                            set_dotted(data, key, value)
+                        data["task"] = task
+                        data["strategy"] = variant
+                        data["seed"] = seed
+                        data["experiment"] = base_experiment + suffix
+                        if output_dir is not None:
+                            data["output_dir"] = str(output_dir)
+                        elif sweep.output_dir is not None:
+                            data["output_dir"] = sweep.output_dir
+                        cfg, errs = _parse_cell(data)
+                        if cfg is None:
+                            # Invalid values do not depend on the seed: the label leaves it out, so each
+                            # problem shows once.
+                            label = f"{base_experiment + suffix}/{task}/{variant.get('name')}"
+                            problems += [f"{label}: {e}" for e in errs]
+                            continue
+                        directory = run_dir(cfg).resolve()
+                        if directory in seen:
+                            if seen[directory] != cfg.resolved():
+                                problems.append(f"two cells share {directory} with different configs")
+                            continue  # the same cell listed twice (e.g. a grid value equal to the default)
+                        seen[directory] = cfg.resolved()
+                        cells.append(Cell(cfg, directory, "absent"))
+    problems = list(dict.fromkeys(problems))
+    for cell in cells:
+        try:
+            state = existing_state(cell.config, cell.directory)
+        except ConfigError as e:
+            problems.append(e.message)
+            continue
+        if state == "incomplete":
+            state = (read_summary(cell.directory) or {}).get("status", "running")
+        cell.state = state
+    if problems:
+        raise ConfigError(f"{source}: {len(problems)} problem(s)", problems)
+    if not cells:
+        raise ConfigError(f"{source}: the grid is empty")
+    return SweepPlan(sweep, str(source), cells)
+
+
+def load_plan(path: str | Path, output_dir: str | Path | None = None, overrides: list[str] | None = None) -> SweepPlan:
+    return plan_sweep(load_sweep(path), path, output_dir, overrides)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class CellResult:
+    cell: Cell
+    status: str  # completed | skipped | failed | interrupted
+    seconds: float = 0.0
+    error: str | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SweepResult:
+    results: list[CellResult]
+    interrupted: bool = False
+
+    def by_status(self, status: str) -> list[CellResult]:
+        return [r for r in self.results if r.status == status]
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 1 if self.by_status("failed") else 0
+
+
+def core_sets(cores: list[int], jobs: int) -> list[list[int]]:
+    """Split the cores between `jobs` workers: disjoint sets of (nearly) equal size; with more workers
+    than cores, workers share cores round-robin."""
+    if jobs <= len(cores):
+        size, extra = divmod(len(cores), jobs)
+        out, start = [], 0
+        for k in range(jobs):
+            n = size + (1 if k < extra else 0)
+            out.append(cores[start : start + n])
+            start += n
+        return out
+    return [[cores[k % len(cores)]] for k in range(jobs)]
+
+
+def available_cores() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return list(range(os.cpu_count() or 1))
+
+
+class SweepProgress:
+    """One bar for the sweep (runs done / total, ETA) on a terminal; plain lines otherwise."""
+
+    def __init__(self, total: int, already_done: int, console: Console, show: bool | None = None) -> None:
+        self.console = console
+        self.bar = console.is_terminal if show is None else show
+        self.total = total
+        self.done = already_done
+        self._started_with = already_done
+        self._t0 = time.perf_counter()
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> SweepProgress:
+        self._t0 = time.perf_counter()
+        if self.bar:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("[bold]sweep"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("runs"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("sweep", total=self.total, completed=self.done)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def eta(self) -> str:
+        finished = self.done - self._started_with
+        if finished <= 0:
+            return "?"
+        seconds = (time.perf_counter() - self._t0) / finished * (self.total - self.done)
+        return _duration(seconds)
+
+    def started(self, cell: Cell, where: str = "") -> None:
+        if not self.bar:
+            self.console.print(f"[{self.done}/{self.total}] start {cell.name}{where}", highlight=False, soft_wrap=True)
+
+    def finished(self, result: CellResult) -> None:
+        self.done += 1
+        acc = result.summary.get("best_dev_accuracy")
+        detail = f" best dev {100 * acc:.2f}" if result.status == "completed" and acc is not None else ""
+        if result.error:
+            detail += f" ({result.error})"
+        line = f"[{self.done}/{self.total}] {result.status} {result.cell.name}{detail} in {_duration(result.seconds)}"
+        if self._progress is not None:
+            self._progress.update(self._task, completed=self.done)
+            style = {"completed": "green", "failed": "red", "interrupted": "yellow"}.get(result.status, "")
+            self._progress.console.print(f"[{style}]{line}[/]" if style else line, highlight=False, soft_wrap=True)
+        else:
+            self.console.print(f"{line}; ETA {self.eta()}", highlight=False, soft_wrap=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _classify(cell: Cell, returncode: int | None, seconds: float, log: Path | None = None) -> CellResult:
+    """What a finished worker left in its run directory; a run that died without saying so (killed,
+    out of host memory) still says `running` and is marked failed here, so the directory is honest."""
+    summary = read_summary(cell.directory) or {}
+    status = summary.get("status")
+    if returncode == 0 and status == "completed":
+        return CellResult(cell, "completed", seconds, summary=summary)
+    if status == "interrupted" or returncode in (130, -signal.SIGINT):
+        return CellResult(cell, "interrupted", seconds, summary.get("error"), summary)
+    error = summary.get("error") if status == "failed" else None
+    if error is None:
+        tail = _log_tail(log)
+        how = f"exit code {returncode}" if returncode is None or returncode >= 0 else f"signal {-returncode}"
+        error = f"worker ended with {how}" + (f": {tail}" if tail else "")
+        if status == "running":
+            summary.update(status="failed", error=error)
+            atomic_write_json(cell.directory / "summary.json", summary)
+    return CellResult(cell, "failed", seconds, error, summary)
+
+
+def _log_tail(log: Path | None) -> str:
+    if log is None or not log.is_file():
+        return ""
+    lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    return lines[-1][-300:] if lines else ""
+
+
+def _run_in_process(cells: list[Cell], force: bool, progress: SweepProgress, console: Console) -> SweepResult:
+    from clue_adv.train import train
+
+    results: list[CellResult] = []
+    for cell in cells:
+        progress.started(cell)
+        start = time.perf_counter()
+        try:
+            outcome = train(cell.config, force=force, show_progress=progress.bar or None, console=console)
+        except KeyboardInterrupt:
+            result = CellResult(cell, "interrupted", time.perf_counter() - start)
+            results.append(result)
+            progress.finished(result)
+            return SweepResult(results, interrupted=True)
+        except RunFailed as e:
+            result = CellResult(cell, "failed", time.perf_counter() - start, e.message)
+        except ClueAdvError as e:  # e.g. a data file missing for one task: the other cells still run
+            result = CellResult(cell, "failed", time.perf_counter() - start, str(e))
+        except Exception as e:  # a bug in one strategy must not stop the sweep; its summary says failed
+            result = CellResult(cell, "failed", time.perf_counter() - start, f"{type(e).__name__}: {e}")
+        else:
+            status = "skipped" if outcome.skipped else "completed"
+            result = CellResult(cell, status, time.perf_counter() - start, summary=outcome.summary)
+        results.append(result)
+        progress.finished(result)
+    return SweepResult(results)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _run_subprocesses(
+    cells: list[Cell], force: bool, jobs: int, devices: list[str] | None, progress: SweepProgress
+) -> SweepResult:
+    cores = available_cores()
+    slots = core_sets(cores, jobs)
+    queue = deque(cells)
+    running: dict[int, tuple[subprocess.Popen, Cell, float, Path, Any]] = {}
+    results: list[CellResult] = []
+    interrupted = False
+    previous_term = None
+    with contextlib.suppress(ValueError):  # not the main thread: no handler, Ctrl-C still works
+        previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    with tempfile.TemporaryDirectory(prefix="clue-adv-sweep-") as tmp:
+        try:
+            while queue or running:
+                for slot in range(jobs):
+                    if slot in running or not queue:
+                        continue
+                    cell = queue.popleft()
+                    config_file = Path(tmp) / f"cell-{len(results) + len(running)}-{slot}.yaml"
+                    config_file.write_text(dump_config(cell.config), encoding="utf-8")
+                    env = dict(os.environ)
+                    cpus = slots[slot]
+                    env.update(
+                        CLUE_ADV_CPUS=",".join(map(str, cpus)),
+                        OMP_NUM_THREADS=str(len(cpus)),
+                        MKL_NUM_THREADS=str(len(cpus)),
+                        TOKENIZERS_PARALLELISM="false",
+                    )
+                    where = ""
+                    if devices:
+                        env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
+                        where = f" on device {env['CUDA_VISIBLE_DEVICES']}"
+                    cell.directory.mkdir(parents=True, exist_ok=True)
+                    log = cell.directory / "train.log"
+                    log_file = open(log, "w", encoding="utf-8")  # noqa: SIM115 - closed when the worker ends
+                    command = [sys.executable, "-m", "clue_adv.sweep", str(config_file)]
+                    command += ["--force"] if force else []
+                    # Own session: Ctrl-C reaches the sweep only, which forwards it once to each worker.
+                    proc = subprocess.Popen(
+                        command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                    )
+                    running[slot] = (proc, cell, time.perf_counter(), log, log_file)
+                    progress.started(cell, where)
+                for slot, (proc, cell, start, log, log_file) in list(running.items()):
+                    if proc.poll() is None:
+                        continue
+                    log_file.close()
+                    del running[slot]
+                    result = _classify(cell, proc.returncode, time.perf_counter() - start, log)
+                    results.append(result)
+                    progress.finished(result)
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            interrupted = True
+            for proc, *_ in running.values():
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + 60
+            for slot, (proc, cell, start, log, log_file) in running.items():
+                try:
+                    proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                log_file.close()
+                result = _classify(cell, proc.returncode, time.perf_counter() - start, log)
+                if result.status == "failed" and proc.returncode in (130, -signal.SIGINT, -signal.SIGKILL):
+                    result.status = "interrupted"
+                results.append(result)
+                progress.finished(result)
+        finally:
+            if previous_term is not None:
+                signal.signal(signal.SIGTERM, previous_term)
+    return SweepResult(results, interrupted)
+
+
+def run_cell(resolved: dict[str, Any], force: bool = False) -> dict[str, Any]:
+    """One cell, in whatever process runs it (a submitit job); picklable by reference."""
+    from clue_adv.train import train
+
+    cfg = RunConfig.model_validate(resolved)
+    try:
+        outcome = train(cfg, force=force, show_progress=False)
+    except RunFailed as e:
+        return {"status": "failed", "directory": str(run_dir(cfg).resolve()), "error": e.message}
+    return {"status": "skipped" if outcome.skipped else "completed", "directory": str(outcome.directory)}
+
+
+def submitit_executor(plan: SweepPlan, cluster: str) -> Any:
+    """A submitit executor configured from the sweep's `slurm` block (`cluster`: slurm, local or debug)."""
+    try:
+        import submitit
+    except ImportError:
+        raise ClueAdvError("--executor slurm needs submitit: pip install 'clue-adv[slurm]'") from None
+    s = plan.sweep.slurm
+    folder = Path(s.log_dir) if s.log_dir else plan.output_dir / plan.experiments[0] / "slurm"
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster)
+    gpus = s.gpus_per_node
+    if cluster != "slurm":
+        import torch
+
+        gpus = min(gpus, torch.cuda.device_count())  # the local executor refuses GPUs it cannot see
+    params: dict[str, Any] = {
+        "name": f"clue-adv-{plan.experiments[0]}",
+        "timeout_min": s.time_min,
+        "cpus_per_task": s.cpus_per_task,
+        "gpus_per_node": gpus,
+        "mem_gb": s.mem_gb,
+        "slurm_array_parallelism": s.array_parallelism,
+        "slurm_partition": s.partition,
+        "slurm_account": s.account,
+        "slurm_qos": s.qos,
+        "slurm_constraint": s.constraint,
+        "slurm_setup": s.setup or None,
+        "slurm_additional_parameters": s.additional or None,
+    }
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    return executor
+
+
+def _run_submitit(
+    plan: SweepPlan, cells: list[Cell], force: bool, cluster: str, progress: SweepProgress, console: Console
+) -> SweepResult:
+    executor = submitit_executor(plan, cluster)
+    jobs = executor.map_array(run_cell, [c.config.resolved() for c in cells], [force] * len(cells))
+    if jobs:
+        ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
+        console.print(f"submitted {len(jobs)} run(s) as job {', '.join(ids)} ({cluster})", highlight=False)
+    pending = dict(enumerate(jobs))
+    starts = {i: time.perf_counter() for i in pending}
+    results: list[CellResult] = []
+    try:
+        while pending:
+            for i, job in list(pending.items()):
+                if not job.done():
+                    continue
+                del pending[i]
+                cell, seconds = cells[i], time.perf_counter() - starts[i]
+                try:
+                    outcome = job.result()
+                except Exception as e:  # the job itself failed (exception, timeout, preemption, node failure)
+                    result = _classify(cell, 1, seconds)
+                    if result.status == "failed" and not result.summary.get("error"):
+                        result.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][-300:]}"
+                else:
+                    result = _classify(cell, 0 if outcome["status"] != "failed" else 1, seconds)
+                    if outcome["status"] == "skipped":
+                        result.status = "skipped"
+                results.append(result)
+                progress.finished(result)
+            if pending:
+                time.sleep(1.0 if cluster == "slurm" else 0.2)
+    except KeyboardInterrupt:
+        ids = sorted({str(j.job_id).split("_")[0] for j in pending.values()})
+        console.print(
+            f"stopped waiting; {len(pending)} run(s) keep going in job {', '.join(ids)} "
+            f"(scancel {' '.join(ids)} to stop them; rerun the sweep to collect and resume)",
+            highlight=False,
+        )
+        return SweepResult(results, interrupted=True)
+    return SweepResult(results)
+
+
+def run_sweep(
+    plan: SweepPlan,
+    *,
+    force: bool = False,
+    jobs: int | None = None,
+    devices: list[str] | None = None,
+    executor: str = "local",
+    console: Console | None = None,
+    show_progress: bool | None = None,
+) -> SweepResult:
+    """Run the cells that are not completed yet (all with `force`). Failures do not stop the sweep."""
+    console = console or Console(stderr=True)
+    if executor not in EXECUTORS:
+        raise ClueAdvError(f"--executor: unknown executor {executor!r} (valid: {', '.join(EXECUTORS)})")
+    if devices is not None and not devices:
+        raise ClueAdvError("--devices: give device ids, e.g. --devices 0,1,2,3")
+    jobs = jobs if jobs is not None else (len(devices) if devices else 1)
+    if jobs < 1:
+        raise ClueAdvError("--jobs must be at least 1")
+    todo = plan.to_run(force)
+    skipped = [CellResult(c, "skipped") for c in plan.cells if c not in todo]
+    progress = SweepProgress(len(plan.cells), len(skipped), console, show_progress)
+    with progress:
+        if not todo:
+            result = SweepResult([])
+        elif executor != "local":
+            cluster = "slurm" if executor == "slurm" else "local"
+            result = _run_submitit(plan, todo, force, cluster, progress, console)
+        elif jobs == 1 and not devices:
+            result = _run_in_process(todo, force, progress, console)
+        else:
+            result = _run_subprocesses(todo, force, jobs, devices, progress)
+    result.results = skipped + result.results
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker process: `python -m clue_adv.sweep CONFIG.yaml [--force]`
+
+
+def worker_main(argv: list[str]) -> int:
+    """Train one resolved config; exit 0 completed, 1 failed, 2 bad input, 130 interrupted."""
+    cpus = os.environ.get("CLUE_ADV_CPUS")
+    if cpus:
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+    import torch
+
+    if cpus:
+        torch.set_num_threads(len(cpus.split(",")))
+    from clue_adv.config import load_config
+    from clue_adv.train import train
+
+    console = Console(stderr=True, soft_wrap=True)
+    try:
+        cfg = load_config(argv[0])
+        outcome = train(cfg, force="--force" in argv[1:], show_progress=False, console=console)
+    except RunFailed as e:
+        console.print(f"error: {e}", highlight=False, markup=False)
+        return 1
+    except ClueAdvError as e:
+        console.print(f"error: {e}", highlight=False, markup=False)
+        return e.exit_code
+    except KeyboardInterrupt:
+        console.print("interrupted", highlight=False)
+        return 130
+    console.print(f"done: {outcome.directory}", highlight=False, markup=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1:]))
