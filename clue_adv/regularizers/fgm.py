@@ -40,7 +40,9 @@ class FGM(Strategy):
     def perturbation(self, ctx: StepContext, space: PerturbationSpace, g_x: torch.Tensor) -> torch.Tensor:
         """r in target space from ∇ₓL (exposed so tests can check its norm and direction)."""
         g = space.from_x_grad(g_x.detach())
-        return self.config.resolve(ctx, self.config.epsilon) * space.direction(g, self.config.norm)
+        # resolve_norm: a relative ε for `sign` is per coordinate, so ‖r‖₂ = ε·‖x‖ as for `l2`.
+        epsilon = self.config.resolve_norm(ctx, self.config.epsilon, self.config.norm)
+        return epsilon * space.direction(g, self.config.norm)
 
     def training_step(self, ctx: StepContext) -> StepResult:
         space = PerturbationSpace(ctx, self.config.target)

@@ -106,6 +106,39 @@ class PerturbationSpace:
         total = r.pow(2).sum().clamp_min(_TINY)
         return float(r[self.special_rows].pow(2).sum() / total)
 
+    # -- helpers used by the multi-step methods (PGD, FreeLB, VAT, SMART) ------------------------------
+    @property
+    def target_shape(self) -> tuple[int, ...]:
+        """Shape of r: B×T×H for embedding_output, (used rows)×H for embedding_matrix."""
+        if self.target == "embedding_output":
+            return self.shape
+        return (len(self.row_ids), self.shape[-1])
+
+    def zeros(self) -> torch.Tensor:
+        """r = 0 in target space (fp32)."""
+        return torch.zeros(self.target_shape, device=self.mask.device)
+
+    def gaussian(self, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """std·N(0, I) in target space (fp32), zero on padding."""
+        r = torch.randn(self.target_shape, generator=generator, device=self.mask.device) * std
+        return r * self.mask if self.target == "embedding_output" else r
+
+    def per_unit(self, values: torch.Tensor) -> torch.Tensor:
+        """Broadcast one value per unit ((B,) per example, or a scalar for the matrix) against r."""
+        return self._broadcast(values)
+
+    def linf_norms(self, v: torch.Tensor) -> torch.Tensor:
+        """Max-abs norms: one per example (B,) for embedding_output, one scalar for embedding_matrix."""
+        if self.target == "embedding_output":
+            return v.flatten(1).abs().amax(dim=1)
+        return v.abs().amax()
+
+    def real_sizes(self) -> torch.Tensor:
+        """Number of coordinates a perturbation may touch: per example (real tokens × H), or used rows × H."""
+        if self.target == "embedding_output":
+            return self.mask.flatten(1).sum(dim=1) * self.shape[-1]
+        return torch.tensor(float(len(self.row_ids) * self.shape[-1]), device=self.mask.device)
+
 
 def embedding_scale(ctx: StepContext, target: Target) -> float:
     """Typical size of what the target perturbs: mean L2 norm of a real example's x (T×H slice) or of
@@ -117,6 +150,19 @@ def embedding_scale(ctx: StepContext, target: Target) -> float:
         if target == "embedding_output":
             return float(space.norms(x).mean())
         return float(ctx.embedding.weight[space.row_ids].float().norm())
+
+
+def coordinate_scale(ctx: StepContext, target: Target) -> float:
+    """Typical size of ONE coordinate of what the target perturbs: the mean over examples of ‖x_i‖/√n_i
+    (n_i = real tokens × H), or ‖E_used‖/√(rows × H). The unit of a relative sign/L∞ radius: ε·sign(g) with
+    ε = ε_rel·coordinate_scale has L2 size ε_rel·‖x‖, like an L2 perturbation with the same ε_rel."""
+    with torch.no_grad():
+        space = PerturbationSpace(ctx, target)
+        if target == "embedding_output":
+            x = ctx.embed().float() * ctx.mask
+            return float((space.norms(x) / space.real_sizes().sqrt()).mean())
+        rows = ctx.embedding.weight[space.row_ids].float()
+        return float(rows.norm() / space.real_sizes().sqrt())
 
 
 class PerturbationConfig(StrategyConfig):
@@ -131,7 +177,8 @@ class PerturbationConfig(StrategyConfig):
         "absolute",
         description="`absolute`: ε in embedding units, as papers state it for pretrained BERT. `relative`: ε is a "
         "fraction of the perturbed tensor's own norm (per example, or of the used embedding rows), so one value "
-        "transfers between pretrained and random-init/tiny models, whose embeddings are much smaller.",
+        "transfers between pretrained and random-init/tiny models, whose embeddings are much smaller. A sign/L∞ "
+        "radius is then a fraction of the typical coordinate (‖x‖/√n), so ε·sign(g) has L2 size ε·‖x‖ too.",
     )
 
     def resolve(self, ctx: StepContext, value: float) -> float:
@@ -139,3 +186,11 @@ class PerturbationConfig(StrategyConfig):
         if self.epsilon_unit == "absolute":
             return value
         return value * embedding_scale(ctx, self.target)
+
+    def resolve_norm(self, ctx: StepContext, value: float, norm: Norm) -> float:
+        """Like `resolve`, for a radius measured in `norm`: a relative sign/L∞ radius is a fraction of the
+        typical coordinate (`coordinate_scale`), not of the whole L2 norm, which would make ε·sign(g) √n times
+        larger than the L2 perturbation with the same ε."""
+        if norm == "l2" or self.epsilon_unit == "absolute":
+            return self.resolve(ctx, value)
+        return value * coordinate_scale(ctx, self.target)
