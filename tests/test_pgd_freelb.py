@@ -1,0 +1,186 @@
+"""PGD and FreeLB: every iterate stays in its ball, PGD(K=1) is FGM, FreeLB averages the K gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_ctx, tiny_bert
+
+from clue_adv.regularizers.fgm import FGM, FGMConfig
+from clue_adv.regularizers.freelb import FreeLB, FreeLBConfig
+from clue_adv.regularizers.perturb import PerturbationSpace
+from clue_adv.regularizers.pgd import PGD, PGDConfig
+
+TARGETS = ["embedding_output", "embedding_matrix"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """On 2 shared cores a second intra-op thread mostly waits for the other processes: measured 50× slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def step_grads(strategy, model, batch, seed: int = 0) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    strategy.training_step(make_ctx(model, batch))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def assert_grads_close(actual, expected, rtol: float = 1e-4) -> None:
+    assert actual.keys() == expected.keys()
+    for name, want in expected.items():
+        torch.testing.assert_close(actual[name], want, rtol=rtol, atol=rtol * float(want.abs().max()) + 1e-9, msg=name)
+
+
+# -- PGD -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("random_start", [False, True])
+@pytest.mark.parametrize(
+    ("target", "norm"),
+    [
+        ("embedding_output", "l2"),
+        ("embedding_output", "linf"),
+        ("embedding_matrix", "l2"),
+        ("embedding_matrix", "linf"),
+    ],
+)
+def test_pgd_iterates_never_leave_the_ball(batch, target, norm, random_start):
+    epsilon = 0.2 if norm == "l2" else 0.004
+    pgd = PGD(
+        PGDConfig(steps=4, epsilon=epsilon, alpha=0.6 * epsilon, norm=norm, target=target, random_start=random_start)
+    )
+    pgd.keep_iterates = True
+    model = tiny_bert(dropout=0.0)
+    ctx = make_ctx(model, batch)
+    pgd.training_step(ctx)
+    assert len(pgd.iterates) == 5
+    space = PerturbationSpace(ctx, target)
+    padding = ~batch.attention_mask.bool()
+    for r in pgd.iterates:
+        size = space.norms(r) if norm == "l2" else r.abs().max()
+        assert torch.all(size <= epsilon * (1 + 1e-5))
+        assert torch.all(space.to_x(r)[padding] == 0)
+    # the projection was active (4 steps of 0.6ε would leave the ball), so the bound above is a real check
+    final = pgd.iterates[-1]
+    if norm == "l2":
+        torch.testing.assert_close(space.norms(final), torch.full_like(space.norms(final), epsilon))
+    else:
+        assert bool((final.abs() >= epsilon * (1 - 1e-6)).any())
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_pgd_one_step_of_size_epsilon_is_fgm(batch, target):
+    """K = 1, α = ε, r₀ = 0 (L2): the same parameter gradients as FGM with combine=sum (dropout on, same seed)."""
+    model = tiny_bert(dropout=0.1)
+    pgd = PGD(PGDConfig(steps=1, epsilon=0.3, alpha=0.3, norm="l2", target=target))
+    fgm = FGM(FGMConfig(epsilon=0.3, norm="l2", combine="sum", target=target))
+    pgd_grads, fgm_grads = step_grads(pgd, model, batch), step_grads(fgm, model, batch)
+    assert_grads_close(pgd_grads, fgm_grads, rtol=1e-5)
+    # and not trivially: a second step moves r and changes the gradients
+    two = step_grads(PGD(PGDConfig(steps=2, epsilon=0.6, alpha=0.3, target=target)), model, batch)
+    assert not torch.allclose(two["classifier.weight"], fgm_grads["classifier.weight"], rtol=1e-3)
+
+
+def test_pgd_random_start_costs_one_more_pass(batch):
+    pgd = PGD(PGDConfig(steps=2, random_start=True))
+    ctx = make_ctx(tiny_bert(), batch)
+    pgd.training_step(ctx)
+    cost = pgd.cost()
+    assert (ctx.counter.forward, ctx.counter.backward) == (cost.forward, cost.backward) == (4, 4)
+
+
+# -- FreeLB ----------------------------------------------------------------------------------------
+def delta_grad_and_param_grads(model, batch, space: PerturbationSpace, delta: torch.Tensor):
+    """By hand: ∇_δ L(x + δ) (target space) and ∇θ L(x + δ) for one FreeLB step."""
+    model.zero_grad(set_to_none=True)
+    ctx = make_ctx(model, batch)
+    delta = delta.clone().requires_grad_(True)
+    loss = ctx.loss(ctx.forward(ctx.embed() + space.to_x(delta)))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return delta.grad, grads
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_freelb_gradient_is_the_average_of_the_k_step_gradients(batch, target):
+    steps, adv_lr = 3, 0.15
+    freelb = FreeLB(FreeLBConfig(steps=steps, adv_lr=adv_lr, init_magnitude=0.3, target=target))
+    freelb.keep_iterates = True
+    model = tiny_bert(dropout=0.0)
+    grads = step_grads(freelb, model, batch)
+    assert len(freelb.iterates) == steps
+    space = PerturbationSpace(make_ctx(model, batch), target)
+    expected: dict[str, torch.Tensor] = {}
+    per_step = []
+    for t, delta in enumerate(freelb.iterates):
+        g_delta, g_theta = delta_grad_and_param_grads(model, batch, space, delta)
+        per_step.append(g_theta)
+        for name, g in g_theta.items():
+            expected[name] = expected.get(name, 0) + g / steps
+        if t + 1 < steps:  # the ascent that produced the next iterate, by hand
+            n = space.per_unit(space.norms(g_delta))
+            torch.testing.assert_close(freelb.iterates[t + 1], delta + adv_lr * g_delta / n, rtol=1e-4, atol=1e-6)
+    assert_grads_close(grads, expected)
+    # the steps really differ, so "average of K" is not the same as "K times one of them"
+    assert not torch.allclose(per_step[0]["classifier.weight"], per_step[-1]["classifier.weight"], rtol=1e-3)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_freelb_max_norm_bounds_every_iterate(batch, target):
+    freelb = FreeLB(FreeLBConfig(steps=4, adv_lr=0.2, init_magnitude=1.0, max_norm=0.1, target=target))
+    freelb.keep_iterates = True
+    model = tiny_bert(dropout=0.0)
+    ctx = make_ctx(model, batch)
+    freelb.training_step(ctx)
+    space = PerturbationSpace(ctx, target)
+    for delta in freelb.iterates:
+        assert torch.all(space.norms(delta) <= 0.1 * (1 + 1e-5))
+    torch.testing.assert_close(space.norms(freelb.iterates[-1]), torch.full_like(space.norms(delta), 0.1))
+
+
+def test_freelb_initialisation_follows_the_paper_code(batch):
+    """δ₀ uniform in ±init/√(n_i·H) on real tokens (n_i = real tokens of example i), zero on padding."""
+    freelb = FreeLB(FreeLBConfig(steps=1, init_magnitude=0.6))
+    freelb.keep_iterates = True
+    ctx = make_ctx(tiny_bert(dropout=0.0), batch)
+    torch.manual_seed(0)
+    freelb.training_step(ctx)
+    delta = freelb.iterates[0]
+    bound = 0.6 / (batch.attention_mask.sum(1).float() * 32).sqrt()
+    padding = ~batch.attention_mask.bool()
+    assert torch.all(delta[padding] == 0)
+    assert torch.all(delta.abs() <= bound.view(-1, 1, 1))
+    per_example_max = delta.flatten(1).abs().amax(1)
+    assert torch.all(per_example_max > 0.9 * bound)  # actually spread over the whole interval
+
+
+def test_freelb_reuses_the_dropout_mask(batch):
+    """δ ≡ 0 (no init, adv_lr 0): with one mask for all K steps the gradient equals one ordinary pass, and the
+    RNG advances exactly as that pass would; with fresh masks it differs."""
+    model = tiny_bert(dropout=0.3)
+
+    def plain(model, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        ctx = make_ctx(model, batch)
+        ctx.loss(ctx.forward()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, torch.rand(3)
+
+    expected, next_random = plain(model, batch)
+    same = FreeLB(FreeLBConfig(steps=3, adv_lr=0.0, init_magnitude=0.0))
+    grads = step_grads(same, model, batch)
+    assert_grads_close(grads, expected)
+    torch.manual_seed(0)
+    same.training_step(make_ctx(model, batch))
+    assert torch.equal(torch.rand(3), next_random)
+    model.zero_grad(set_to_none=True)
+    fresh = step_grads(
+        FreeLB(FreeLBConfig(steps=3, adv_lr=0.0, init_magnitude=0.0, same_dropout_mask=False)), model, batch
+    )
+    assert not torch.allclose(fresh["classifier.weight"], expected["classifier.weight"], rtol=1e-3)
