@@ -451,13 +451,30 @@ def _merge_csv(parts: list[str]) -> str:
 
 
 def rich_table(table: ExperimentTable, metric: str = "best") -> Any:
+    """The main table for a terminal: one column per task, each cell on up to three lines (accuracy,
+    Δ vs baseline, the study's figure), so it fits an 80-column terminal."""
     from rich.table import Table
 
-    header, rows = table_rows(table, metric)
-    out = Table(title=f"{table.experiment}: {METRICS[metric][1]}", caption=method_note(table, metric))
-    for i, h in enumerate(header):
-        out.add_column(h, justify="left" if i == 0 else "right", overflow="fold")
-    for row in rows:
+    caption = method_note(table, metric)
+    if table.has_reference:
+        caption += " study: the study's published figure (one run, BERT-base)."
+    out = Table(
+        title=f"{table.experiment}: {METRICS[metric][1]}", caption=caption, caption_justify="left", show_lines=True
+    )
+    out.add_column("strategy", overflow="fold")
+    for task in table.tasks:
+        out.add_column(TASK_NAMES.get(task, task), justify="right", overflow="fold")
+    for tag in table.tags:
+        row = [tag]
+        for task in table.tasks:
+            cell = table.cell(task, tag)
+            lines = [accuracy_text(cell, metric)]
+            delta = delta_text(cell, metric, table.baseline)
+            if delta and delta != "baseline":
+                lines.append(f"Δ {delta}")
+            if cell is not None and cell.reference is not None:
+                lines.append(f"study: {cell.reference:.2f}")
+            row.append("\n".join(lines))
         out.add_row(*row)
     return out
 

@@ -44,7 +44,15 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from rich.console import Console
 
-from clue_adv.config import TASKS, RunConfig, _yaml_load, apply_override, dump_config, format_validation_errors
+from clue_adv.config import (
+    TASKS,
+    RunConfig,
+    _yaml_load,
+    apply_override,
+    dump_config,
+    format_validation_errors,
+    merge,
+)
 from clue_adv.errors import ClueAdvError, ConfigError, RunFailed
 from clue_adv.rundir import atomic_write_json, existing_state, read_summary, run_dir
 from clue_adv.schema import StrictModel
@@ -91,10 +99,10 @@ class SweepConfig(StrictModel):
     """A grid of runs. Every cell is a run config: the base, then `overrides`, `per_task`, the task, the
     strategy block, the grid values, the seed."""
 
-    base: str | None = Field(
+    base: str | list[str] | None = Field(
         None,
-        description="Run config every cell starts from, relative to the sweep file's directory. "
-        "Omitted: the RunConfig defaults (BERT-base from the hub).",
+        description="Run config(s) every cell starts from, relative to the sweep file's directory; a list is "
+        "merged in order like repeated `--config`. Omitted: the RunConfig defaults (BERT-base from the hub).",
     )
     experiment: str | None = Field(None, description="Experiment name (directory level); default: the base's.")
     output_dir: str | None = Field(None, description="Root of the run directories; default: the base's.")
@@ -301,13 +309,13 @@ def plan_sweep(
     problems: list[str] = []
 
     base: dict[str, Any] = {}
-    if sweep.base is not None:
-        base_path = (source.parent / sweep.base).expanduser()
+    for name in [sweep.base] if isinstance(sweep.base, str) else sweep.base or []:
+        base_path = (source.parent / name).expanduser()
         if not base_path.is_file():
             raise ConfigError(
                 f"{source}: base: run config not found: {base_path} (paths are relative to the sweep file's directory)"
             )
-        base = _yaml_load(base_path)
+        base = merge(base, _yaml_load(base_path))
     for assignment in overrides or []:  # `--set` on the command line: applied like `overrides`
         key = assignment.partition("=")[0].strip()
         problem = _check_reserved("--set", key) or (
@@ -436,6 +444,16 @@ def plan_sweep(
                             continue  # the same cell listed twice (e.g. a grid value equal to the default)
                         seen[directory] = cfg.resolved()
                         cells.append(Cell(cfg, directory, "absent"))
+    # Files and directories the cells name (data, model, tokenizer), as `clue-adv validate` checks them:
+    # a wrong path fails here, not in the middle of the sweep.
+    from clue_adv.validate import check_paths
+
+    checked: set[str] = set()
+    for cell in cells:
+        key = json.dumps([cell.config.data.model_dump(), cell.config.model.model_dump(), cell.config.max_length])
+        if key not in checked:
+            checked.add(key)
+            problems += [f"{cell.config.experiment}/{cell.config.task}: {p}" for p in check_paths(cell.config)]
     problems = list(dict.fromkeys(problems))
     for cell in cells:
         try:
@@ -605,10 +623,13 @@ def _classify(cell: Cell, returncode: int | None, seconds: float, log: Path | No
 
 
 def _log_tail(log: Path | None) -> str:
+    """The worker's error line (it prints `error: ...`), else its last line; cut to one readable line."""
     if log is None or not log.is_file():
         return ""
     lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-    return lines[-1][-300:] if lines else ""
+    errors = [ln.removeprefix("error: ") for ln in lines if ln.startswith("error: ")]
+    line = errors[-1] if errors else (lines[-1] if lines else "")
+    return line if len(line) <= 300 else line[:300] + "…"
 
 
 def _run_in_process(cells: list[Cell], force: bool, progress: SweepProgress, console: Console) -> SweepResult:
@@ -720,10 +741,15 @@ def _run_subprocesses(
     return SweepResult(results, interrupted)
 
 
-def run_cell(resolved: dict[str, Any], force: bool = False) -> dict[str, Any]:
-    """One cell, in whatever process runs it (a submitit job); picklable by reference."""
+def run_cell(resolved: dict[str, Any], force: bool = False, threads: int | None = None) -> dict[str, Any]:
+    """One cell, in whatever process runs it (a submitit job); picklable by reference. `threads`: the
+    job's CPU allocation; torch would otherwise start one thread per core it can see on the node."""
+    import torch
+
     from clue_adv.train import train
 
+    if threads:
+        torch.set_num_threads(max(1, min(threads, len(available_cores()))))
     cfg = RunConfig.model_validate(resolved)
     try:
         outcome = train(cfg, force=force, show_progress=False)
@@ -768,7 +794,8 @@ def _run_submitit(
     plan: SweepPlan, cells: list[Cell], force: bool, cluster: str, progress: SweepProgress, console: Console
 ) -> SweepResult:
     executor = submitit_executor(plan, cluster)
-    jobs = executor.map_array(run_cell, [c.config.resolved() for c in cells], [force] * len(cells))
+    threads = [plan.sweep.slurm.cpus_per_task] * len(cells)
+    jobs = executor.map_array(run_cell, [c.config.resolved() for c in cells], [force] * len(cells), threads)
     if jobs:
         ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
         console.print(f"submitted {len(jobs)} run(s) as job {', '.join(ids)} ({cluster})", highlight=False)

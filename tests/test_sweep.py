@@ -1,0 +1,334 @@
+"""Sweeps: grid expansion and naming, validation, resume, parallel workers, the submitit path, the
+shipped sweep files, and the smoke sweep end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from rich.console import Console
+from typer.testing import CliRunner
+
+from clue_adv.cli import app
+from clue_adv.config import parse_config
+from clue_adv.data import ASSETS
+from clue_adv.errors import ConfigError
+from clue_adv.regularizers import registry
+from clue_adv.rundir import read_summary, start_run, strategy_tag
+from clue_adv.sweep import core_sets, load_plan, load_sweep, run_sweep, submitit_executor
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+# A run small enough for a test: 64 examples (2 steps), 1 layer of hidden size 32, 1 epoch.
+TINY = {
+    "data.max_train_samples": 64,
+    "data.max_eval_samples": 64,
+    "model.architecture.num_hidden_layers": 1,
+    "model.architecture.hidden_size": 32,
+    "model.architecture.intermediate_size": 64,
+    "model.architecture.num_attention_heads": 2,
+    "max_length": 32,
+    "epochs": 1,
+    "log_every_n_steps": 1,
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """On 2 shared cores a second intra-op thread mostly waits for other processes (in-process runs)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_sweep(tmp_path: Path, body: dict, name: str = "sweep.yaml") -> Path:
+    """A sweep file next to a tiny base run config (`base` is relative to the sweep file)."""
+    base = {
+        "experiment": "sw",
+        "task": "tnews",
+        "data": {"path": str(ASSETS / "tnews")},
+        "model": {"name_or_path": str(ASSETS / "tokenizer"), "init": "random"},
+        "optim": {"lr": 1e-3},
+        "output_dir": str(tmp_path / "out"),
+    }
+    (tmp_path / "configs").mkdir(exist_ok=True)
+    (tmp_path / "configs" / "tiny.yaml").write_text(yaml.safe_dump(base))
+    sweep = {"base": "../configs/tiny.yaml", "overrides": dict(TINY), **body}
+    path = tmp_path / "sweeps" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+def tag_of(block: dict) -> str:
+    return strategy_tag(parse_config({"task": "tnews", "strategy": block}).strategy)
+
+
+def quiet() -> Console:
+    return Console(stderr=True, force_terminal=False, width=200)
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning
+
+
+def test_grid_expansion_run_names_and_paired_seeds(tmp_path):
+    path = write_sweep(
+        tmp_path,
+        {
+            "tasks": ["tnews", "iflytek"],
+            "seeds": 2,
+            "strategies": [{"name": "none"}, {"name": "fgm"}, {"name": "gaussian_noise", "sigma": 0.02}],
+            "grid": {"fgm.epsilon": [0.1, 0.2], "optim.lr": [0.001, 0.002]},
+            "overrides": {**TINY, "data.path": str(ASSETS) + "/{task}"},
+        },
+    )
+    plan = load_plan(path)
+    strategy_tags = [
+        tag_of({"name": "none"}),
+        tag_of({"name": "fgm", "epsilon": 0.1}),
+        tag_of({"name": "fgm", "epsilon": 0.2}),
+        tag_of({"name": "gaussian_noise", "sigma": 0.02}),
+    ]
+    expected = {
+        (f"sw+optim.lr={lr}", task, tag, seed)
+        for lr in ("0.001", "0.002")
+        for task in ("tnews", "iflytek")
+        for tag in strategy_tags
+        for seed in (1, 2)
+    }
+    got = [(c.config.experiment, c.config.task, c.directory.parent.name, c.config.seed) for c in plan.cells]
+    assert len(got) == len(expected) == 32 and set(got) == expected
+    assert all(c.state == "absent" for c in plan.cells)
+    cell = next(c for c in plan.cells if c.config.task == "iflytek" and c.config.strategy.name == "fgm")
+    assert cell.config.data.path == str(ASSETS / "iflytek")  # `{task}` substituted
+    assert cell.directory == (tmp_path / "out" / cell.config.experiment / "iflytek" / cell.directory.parent.name /
+                              f"seed-{cell.config.seed}").resolve()  # fmt: skip
+    assert {c.config.optim.lr for c in plan.cells if c.config.experiment.endswith("0.002")} == {0.002}
+    assert plan.cells[0].config.seed == 1 and plan.cells[-1].config.seed == 2  # seed-major: pairs finish early
+
+    # Paired seeds: within a task, lr and seed, the cells differ in the strategy block alone.
+    groups: dict[tuple, list[dict]] = {}
+    for c in plan.cells:
+        resolved = c.config.resolved()
+        resolved.pop("strategy")
+        groups.setdefault((c.config.experiment, c.config.task, c.config.seed), []).append(resolved)
+    assert len(groups) == 8 and all(len(v) == 4 and all(x == v[0] for x in v) for v in groups.values())
+
+
+def test_strategy_grid_keys_apply_only_where_the_parameter_exists(tmp_path):
+    path = write_sweep(
+        tmp_path,
+        {"seeds": [3], "strategies": [{"name": "none"}, {"name": "fgm"}], "grid": {"strategy.epsilon": [0.1, 0.3]}},
+    )
+    plan = load_plan(path)
+    assert [c.directory.parent.name for c in plan.cells] == [
+        "none",
+        tag_of({"name": "fgm", "epsilon": 0.1}),
+        tag_of({"name": "fgm", "epsilon": 0.3}),
+    ]
+    assert {c.config.experiment for c in plan.cells} == {"sw"} and {c.config.seed for c in plan.cells} == {3}
+    assert load_sweep(path).seed_list() == [3]
+    default = write_sweep(tmp_path, {"strategies": [{"name": "none"}]}, "default.yaml")
+    assert [c.config.seed for c in load_plan(default).cells] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "body,needles",
+    [
+        ({"grid": {"optim.lrr": [1, 2]}}, ["grid.optim.lrr: unknown field 'lrr' in 'optim' (did you mean 'lr'?)"]),
+        ({"grid": {"fgm.eps": [0.1]}, "strategies": [{"name": "fgm"}]}, ["grid.fgm.eps:", "did you mean 'epsilon'"]),
+        ({"grid": {"fgm.epsilon": [0.1]}}, ["grid.fgm.epsilon: no `fgm` block in strategies"]),
+        ({"grid": {"seed": [1, 2]}}, ["grid.seed: set it with the sweep's `seeds` field"]),
+        ({"strategies": [{"name": "nope"}]}, ["strategies[0] (nope): name: unknown strategy 'nope'"]),
+        ({"strategies": [{"name": "fgm", "epsilon": -1}]}, ["strategies[0] (fgm): epsilon: Input should be greater"]),
+        ({"overrides": {"epochs": 0}}, ["sw/tnews/none: epochs: Input should be greater than 0"]),
+        ({"overrides": {"strategy.epsilon": 1}}, ["overrides.strategy.epsilon: strategy fields belong in"]),
+        ({"overrides": {"data.path": "/no/such/dir"}}, ["sw/tnews: data.path: directory not found: /no/such/dir"]),
+        ({"seeds": [1, 1]}, ["seeds: Value error, seeds repeat"]),
+        ({"grids": {}}, ["grids: unknown field (did you mean 'grid'?)"]),
+        ({"base": "../configs/missing.yaml"}, ["base: run config not found", "relative to the sweep file's directory"]),
+    ],
+)
+def test_bad_sweeps_exit_2_naming_the_field(tmp_path, body, needles):
+    path = write_sweep(tmp_path, body)
+    result = runner.invoke(app, ["sweep", "-c", str(path), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    for needle in needles:
+        assert needle in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_changed_config_under_an_existing_run_is_refused(tmp_path):
+    path = write_sweep(tmp_path, {"seeds": 1, "strategies": [{"name": "none"}, {"name": "gaussian_noise"}]})
+    cell = load_plan(path).cells[1]
+    start_run(cell.config.model_copy(update={"epochs": 2}), cell.directory)  # someone else's run, another config
+    with pytest.raises(ConfigError) as e:
+        load_plan(path)
+    assert str(cell.directory) in str(e.value) and "differs in: epochs" in str(e.value)
+    result = runner.invoke(app, ["sweep", "-c", str(path)])
+    assert result.exit_code == 2 and "holds a run with a different config" in result.output
+    assert not (cell.directory.parent.parent / "none").exists()  # nothing ran
+    assert yaml.safe_load((cell.directory / "config.yaml").read_text())["epochs"] == 2  # nothing overwritten
+
+
+def test_core_sets_split_cores_between_workers():
+    assert core_sets([0, 1, 2, 3, 4], 2) == [[0, 1, 2], [3, 4]]
+    assert core_sets([0, 1], 2) == [[0], [1]]
+    assert core_sets([0, 1], 3) == [[0], [1], [0]]
+    assert core_sets([4, 5, 6, 7], 1) == [[4, 5, 6, 7]]
+
+
+def test_slurm_block_reaches_the_submitit_executor(tmp_path):
+    pytest.importorskip("submitit")
+    slurm = {"partition": "gpu", "time_min": 90, "cpus_per_task": 6, "gpus_per_node": 1, "mem_gb": 40}
+    slurm |= {"array_parallelism": 4, "account": "lab", "setup": ["module load cuda"], "additional": {"exclude": "n1"}}
+    path = write_sweep(tmp_path, {"seeds": 1, "slurm": slurm})
+    executor = submitit_executor(load_plan(path), "slurm")
+    script = executor._executor._make_submission_file_text("python -m x", "uid")
+    for line in ("--partition=gpu", "--time=90", "--cpus-per-task=6", "--gpus-per-node=1", "--mem=40GB"):
+        assert f"#SBATCH {line}" in script
+    assert "#SBATCH --account=lab" in script and "#SBATCH --exclude=n1" in script and "module load cuda" in script
+    assert executor._executor.parameters["array_parallelism"] == 4
+
+
+# --------------------------------------------------------------------------------------------------
+# Running (real training on the tiny model)
+
+
+def test_resume_after_interruption_reruns_exactly_the_unfinished_runs(tmp_path, monkeypatch):
+    import clue_adv.train
+    from clue_adv.regularizers.gaussian_noise import GaussianNoise
+
+    path = write_sweep(tmp_path, {"seeds": 2, "strategies": [{"name": "none"}, {"name": "gaussian_noise"}]})
+    # The first gaussian_noise run diverges (non-finite loss), the second is hit by Ctrl-C.
+    started = []
+    original_step = GaussianNoise.training_step
+
+    def setup(self, model):
+        started.append(1)
+
+    def step(self, ctx):
+        if len(started) == 1:
+            result = original_step(self, ctx)
+            result.loss = result.loss * float("nan")
+            return result
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(GaussianNoise, "setup", setup)
+    monkeypatch.setattr(GaussianNoise, "training_step", step)
+    plan = load_plan(path)
+    first = run_sweep(plan, console=quiet())
+    assert first.interrupted and first.exit_code == 130
+    assert [(r.cell.config.strategy.name, r.cell.config.seed, r.status) for r in first.results] == [
+        ("none", 1, "completed"),
+        ("gaussian_noise", 1, "failed"),
+        ("none", 2, "completed"),
+        ("gaussian_noise", 2, "interrupted"),
+    ]
+    assert "non-finite loss" in first.results[1].error
+    monkeypatch.undo()
+
+    plan = load_plan(path)
+    assert [c.state for c in plan.cells] == ["completed", "failed", "completed", "interrupted"]
+    done = {c.directory: (c.directory / "summary.json").read_bytes() for c in plan.cells if c.done}
+    ran = []
+    real_train = clue_adv.train.train
+
+    def recording_train(cfg, *args, **kwargs):
+        ran.append((cfg.strategy.name, cfg.seed))
+        return real_train(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(clue_adv.train, "train", recording_train)
+    second = run_sweep(plan, console=quiet())
+    assert ran == [("gaussian_noise", 1), ("gaussian_noise", 2)]
+    assert second.exit_code == 0 and len(second.by_status("skipped")) == 2 and len(second.by_status("completed")) == 2
+    assert all(d.joinpath("summary.json").read_bytes() == before for d, before in done.items())
+    assert all(c.state == "completed" for c in load_plan(path).cells)
+
+
+def test_parallel_workers_and_a_failed_run_does_not_stop_the_sweep(tmp_path):
+    bad = tmp_path / "bad-iflytek"
+    bad.mkdir()
+    for name in ("labels.json", "dev.json"):
+        (bad / name).write_bytes((ASSETS / "iflytek" / name).read_bytes())
+    (bad / "train.json").write_text(json.dumps({"label": "999", "sentence": "x"}) + "\n", encoding="utf-8")
+    path = write_sweep(
+        tmp_path,
+        {"tasks": ["tnews", "iflytek"], "seeds": [1], "per_task": {"iflytek": {"data.path": str(bad)}}},
+    )
+    result = run_sweep(load_plan(path), jobs=2, console=quiet())
+    assert result.exit_code == 1
+    by_task = {r.cell.config.task: r for r in result.results}
+    assert by_task["tnews"].status == "completed" and read_summary(by_task["tnews"].cell.directory)["status"] == (
+        "completed"
+    )
+    failed = by_task["iflytek"]
+    assert failed.status == "failed" and "'999' is not in labels.json" in failed.error
+    assert "'999' is not in labels.json" in (failed.cell.directory / "train.log").read_text()
+    # Each worker was pinned to its share of the cores and told so.
+    assert "done:" in (by_task["tnews"].cell.directory / "train.log").read_text()
+
+
+def test_submitit_local_executor_runs_the_grid(tmp_path):
+    pytest.importorskip("submitit")
+    path = write_sweep(tmp_path, {"seeds": [1], "slurm": {"gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 2}})
+    plan = load_plan(path)
+    result = run_sweep(plan, executor="submitit-local", console=quiet())
+    assert result.exit_code == 0 and [r.status for r in result.results] == ["completed"]
+    assert all(read_summary(c.directory)["status"] == "completed" for c in plan.cells)
+    assert list((tmp_path / "out" / "sw" / "slurm").glob("*/*_result.pkl"))  # went through submitit's files
+    again = run_sweep(load_plan(path), executor="submitit-local", console=quiet())
+    assert [r.status for r in again.results] == ["skipped"]  # nothing submitted the second time
+
+
+def test_smoke_sweep_end_to_end_prints_a_row_per_strategy(tmp_path):
+    sweep = load_sweep(REPO / "sweeps" / "smoke.yaml")
+    sets = [f"--set={k}={v}" for k, v in TINY.items()]
+    command = ["sweep", "-c", str(REPO / "sweeps" / "smoke.yaml"), "-o", str(tmp_path), *sets]
+    result = runner.invoke(app, command)
+    assert result.exit_code == 0, result.output
+    n = len(sweep.strategies) * len(sweep.seed_list())
+    assert f"{n} completed, 0 skipped, 0 failed" in result.output
+    assert f"[{n}/{n}] completed" in result.output  # plain progress lines when not a terminal
+    report = (tmp_path / "smoke" / "report.md").read_text()
+    table = report.split("### Dev accuracy at the best epoch (%)")[1].split("###")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| strategy")]
+    assert len(rows) == len(sweep.strategies)
+    assert {row.split(" | ")[0][2:] for row in rows} == {tag_of(block) for block in sweep.strategies}
+    assert all("(n=2)" in row for row in rows)
+    for block in sweep.strategies:
+        assert tag_of(block)[:10] in result.output  # the terminal table
+    assert len(list((tmp_path / "smoke" / "plots").glob("*.png"))) == 3
+    dry = runner.invoke(
+        app, ["sweep", "-c", str(REPO / "sweeps" / "smoke.yaml"), "-o", str(tmp_path), *sets, "--dry-run"]
+    )
+    assert dry.exit_code == 0 and f"{n} planned, {n} completed, 0 to run" in dry.output
+
+
+# --------------------------------------------------------------------------------------------------
+# Shipped sweeps
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_is_valid(path, tmp_path):
+    sweep = load_sweep(path)
+    wanted = {b["name"] for b in sweep.strategies or []}
+    missing = wanted - set(registry())
+    if missing:
+        pytest.skip(f"strategies not registered in this checkout: {', '.join(sorted(missing))}")
+    plan = load_plan(path, output_dir=tmp_path)
+    assert plan.cells and all(c.state == "absent" for c in plan.cells)
+    if path.name == "all-strategies.yaml":
+        assert {c.config.strategy.name for c in plan.cells} == set(registry())
+    if path.name == "reproduce.yaml":
+        assert {c.config.task for c in plan.cells} == {"tnews", "iflytek"}
+        assert {c.config.strategy.name for c in plan.cells} == {"none", "fgm", "gradient_penalty"}
+        assert {c.config.seed for c in plan.cells} == {1, 2, 3, 4, 5}
+        assert {c.config.model.name_or_path for c in plan.cells} == {"bert-base-chinese"}
