@@ -43,6 +43,7 @@ def _load(run: Path) -> tuple[Any, Any, Any, list[str]]:
     from clue_adv.model import use_cls_vector
 
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     if cfg.model.head == "cls":
