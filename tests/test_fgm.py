@@ -125,10 +125,18 @@ def test_padding_gets_no_perturbation_even_with_a_gradient_there(batch, target, 
     space = PerturbationSpace(ctx, target)
     fgm = FGM(FGMConfig(epsilon=0.3, norm=norm, target=target))
     g_x = torch.randn(*batch.input_ids.shape, 32)  # nonzero on padding too
-    r_x = space.to_x(fgm.perturbation(ctx, space, g_x))
+    r = fgm.perturbation(ctx, space, g_x)
+    r_x = space.to_x(r)
     padding = ~batch.attention_mask.bool()
     assert torch.all(r_x[padding] == 0)
     assert torch.all(r_x[~padding].abs().sum(-1) > 0)
+    if target == "embedding_output":
+        assert torch.all(r[padding] == 0)  # not just hidden by to_x: no share of ε was spent there
+    if norm == "l2":  # the whole budget ε lands on real tokens
+        torch.testing.assert_close(
+            r_x.flatten(1).norm(dim=1) if target == "embedding_output" else r.norm(), space.norms(r)
+        )
+        torch.testing.assert_close(space.norms(r), torch.full_like(space.norms(r), 0.3))
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -11,15 +11,14 @@ target the same with n·H = used rows × H. δ₀ is projected when max_norm > 0
 it only matters when init_magnitude > max_norm).
 
 Dropout: with `same_dropout_mask` (default) every step draws the same masks: steps 0 … K−2 run inside
-`torch.random.fork_rng`, which restores the RNG state (CPU and the batch's CUDA device) after each, and
-the last step then draws the same masks and advances the RNG as one ordinary forward would.
+`same_dropout` (torch.random.fork_rng: the RNG state of the CPU and the batch's CUDA device is restored
+after each), and the last step then draws the same masks and advances the RNG as one ordinary forward would.
 
 The loss returned for logging is the mean of the K losses (FreeLB's objective; there is no clean pass).
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Literal
 
 import torch
@@ -27,7 +26,7 @@ from pydantic import Field
 
 from clue_adv.regularizers import register
 from clue_adv.regularizers.base import StepContext, StepCost, StepResult, Strategy
-from clue_adv.regularizers.perturb import PerturbationConfig, PerturbationSpace
+from clue_adv.regularizers.perturb import PerturbationConfig, PerturbationSpace, same_dropout
 
 
 class FreeLBConfig(PerturbationConfig):
@@ -85,23 +84,14 @@ class FreeLB(Strategy):
         delta = self.initial_delta(space, cfg.init_magnitude * unit)
         if max_norm > 0:
             delta = space.project(delta, max_norm, "l2")
-        device = ctx.batch.input_ids.device
-        rng_devices = []  # CUDA generators fork_rng must restore besides the CPU one
-        if device.type == "cuda":
-            rng_devices = [device.index if device.index is not None else torch.cuda.current_device()]
         losses: list[torch.Tensor] = []
         self.iterates = []
         for step in range(cfg.steps):
             if self.keep_iterates:
                 self.iterates.append(delta.detach())
             last = step == cfg.steps - 1
-            fork = (
-                torch.random.fork_rng(devices=rng_devices)
-                if cfg.same_dropout_mask and not last
-                else contextlib.nullcontext()
-            )
             delta = delta.detach().requires_grad_(True)
-            with fork:
+            with same_dropout(ctx, cfg.same_dropout_mask and not last):
                 x = ctx.embed()  # fresh graph: the previous backward freed the last one
                 loss = ctx.loss(ctx.forward(x + space.to_x(delta).to(x.dtype)))
                 ctx.backward(loss / cfg.steps)

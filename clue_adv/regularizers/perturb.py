@@ -13,7 +13,8 @@ Two targets, both discussed by the study:
 
 from __future__ import annotations
 
-from typing import Literal
+import contextlib
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -150,6 +151,19 @@ def embedding_scale(ctx: StepContext, target: Target) -> float:
         if target == "embedding_output":
             return float(space.norms(x).mean())
         return float(ctx.embedding.weight[space.row_ids].float().norm())
+
+
+def same_dropout(ctx: StepContext, enabled: bool = True) -> contextlib.AbstractContextManager[Any]:
+    """Context for a pass after which the RNG (CPU, and the batch's CUDA device) is restored, so the next pass
+    draws the same dropout masks. Multi-pass methods run every pass but the last inside it: all passes share
+    one set of masks and the RNG ends where one ordinary forward would leave it."""
+    if not enabled:
+        return contextlib.nullcontext()
+    device = ctx.batch.input_ids.device
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.random.fork_rng(devices=devices)
 
 
 def coordinate_scale(ctx: StepContext, target: Target) -> float:
