@@ -34,7 +34,9 @@ class GaussianNoise(Strategy):
 
     def training_step(self, ctx: StepContext) -> StepResult:
         x = ctx.embed()
-        noise = torch.randn_like(x) * self.config.sigma * ctx.mask.to(x.dtype)
-        loss = ctx.loss(ctx.forward(x + noise))
+        if self.config.sigma > 0:
+            # Skipped at σ = 0 so the random stream, hence the dropout masks, match the baseline's exactly.
+            x = x + torch.randn_like(x) * self.config.sigma * ctx.mask.to(x.dtype)
+        loss = ctx.loss(ctx.forward(x))
         ctx.backward(loss)
         return StepResult(loss.detach())

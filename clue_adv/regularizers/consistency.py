@@ -1,0 +1,128 @@
+"""Consistency training: L(f(x), y) + λ·d(f(x + ε), f(x)), the study's eq. 7, and R-Drop.
+
+ε is whatever differs between two passes over the same batch: a second dropout mask (always, in training
+mode) plus, with `sigma` > 0, Gaussian noise σ·N(0, I) on the second pass's word-embedding output
+(zero on padding). Both passes run as ONE forward of the batch stacked on itself (2B examples): every
+example draws its own dropout mask, so the halves get independent masks, and one big forward is faster
+than two small ones. The counter counts it as one forward (of twice the batch), as `cost()` says.
+
+Divergences, per example and averaged over the batch, with q = f(x) (first pass) and p = f(x + ε):
+* `mse`: ‖p − q‖² summed over classes. For small Gaussian ε, E d ≈ σ²·Σᵢ‖∇ₓfᵢ‖² (the study's eq. 8), the
+  quantity `jacobian_penalty` estimates.
+* `kl`: KL(q ‖ p), the clean pass as the reference (the study's eq. 7 with a KL loss, as in VAT/UDA).
+* `sym_kl`: ½(KL(p ‖ q) + KL(q ‖ p)).
+
+R-Drop (Liang et al. 2021) is `sigma: 0, divergence: sym_kl, ce_on_both: true, stop_gradient_clean: false`.
+Its paper's per-example loss is CE₁ + CE₂ + α·½(KL(p₁‖p₂) + KL(p₂‖p₁)); the official README snippet averages
+the two CEs, ½(CE₁ + CE₂) + α·(...), which is what `ce_on_both` does, so `weight` = α of the README form and
+α/2 of the paper's. For GLUE fine-tuning the paper tunes α in {0.1, 0.5, 1.0} (as recalled; not re-checked
+offline). The README snippet sums the KL over the batch where this averages it: its α is B times ours.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from clue_adv.regularizers import register
+from clue_adv.regularizers.base import Batch, StepContext, StepCost, StepResult, Strategy, StrategyConfig
+
+Divergence = Literal["mse", "kl", "sym_kl"]
+
+
+class ConsistencyConfig(StrategyConfig):
+    name: Literal["consistency"] = Field(
+        "consistency", description="Consistency between two passes (dropout and/or Gaussian noise); R-Drop."
+    )
+    weight: float = Field(1.0, ge=0, description="λ: weight of the divergence (R-Drop's α in its README form).")
+    sigma: float = Field(
+        0.0,
+        ge=0,
+        description="Std of Gaussian noise on the second pass's word-embedding output (absolute units, as in "
+        "`gaussian_noise`); 0 = the two passes differ by their dropout masks only.",
+    )
+    divergence: Divergence = Field(
+        "sym_kl",
+        description="`mse`: ‖p − q‖² over classes; `kl`: KL(q‖p) with the first pass q as reference; "
+        "`sym_kl`: ½(KL(p‖q) + KL(q‖p)) (R-Drop). Per example, averaged over the batch.",
+    )
+    stop_gradient_clean: bool = Field(
+        False,
+        description="Treat the first pass's probabilities as a constant target in the divergence (VAT/UDA style); "
+        "false lets both passes move towards each other (R-Drop).",
+    )
+    ce_on_both: bool = Field(
+        False,
+        description="Task loss ½(CE₁ + CE₂) over both passes (R-Drop) instead of the first pass's CE alone.",
+    )
+
+
+def divergence(kind: Divergence, noisy_logits: torch.Tensor, clean_logits: torch.Tensor) -> torch.Tensor:
+    """d(p, q) per example (shape B), p = softmax(noisy_logits), q = softmax(clean_logits)."""
+    log_p = F.log_softmax(noisy_logits, dim=-1)
+    log_q = F.log_softmax(clean_logits, dim=-1)
+    if kind == "mse":
+        return (log_p.exp() - log_q.exp()).pow(2).sum(-1)
+    kl_q_p = (log_q.exp() * (log_q - log_p)).sum(-1)
+    if kind == "kl":
+        return kl_q_p
+    kl_p_q = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return 0.5 * (kl_p_q + kl_q_p)
+
+
+def doubled_context(ctx: StepContext) -> StepContext:
+    """A context over the batch stacked on itself (2B examples), sharing the model, precision, loss settings
+    and the pass counter; its forward of 2B examples counts as one forward."""
+    b = ctx.batch
+
+    def twice(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else torch.cat([t, t])
+
+    batch = Batch(
+        input_ids=twice(b.input_ids),
+        attention_mask=twice(b.attention_mask),
+        labels=twice(b.labels),
+        token_type_ids=twice(b.token_type_ids),
+    )
+    return StepContext(
+        ctx.model,
+        batch,
+        label_smoothing=ctx.label_smoothing,
+        loss_scale=ctx.loss_scale,
+        autocast=ctx._autocast,  # same precision context as the step's own passes
+        counter=ctx.counter,
+        special_token_ids=ctx.special_token_ids,
+    )
+
+
+@register
+class Consistency(Strategy):
+    config_class = ConsistencyConfig
+    summary = "L + λ·d(f(x + ε), f(x)), ε = dropout and/or σ·N(0, I); R-Drop with sym_kl + ce_on_both"
+    config: ConsistencyConfig
+
+    def cost(self) -> StepCost:
+        return StepCost(forward=1, backward=1, note="one forward of the batch stacked twice (2B examples)")
+
+    def training_step(self, ctx: StepContext) -> StepResult:
+        pair = doubled_context(ctx)
+        size = ctx.batch.size
+        x = pair.embed()
+        if self.config.sigma > 0:
+            # Noise on the second copy only; padding positions stay exact.
+            noise = torch.randn_like(x[size:]) * self.config.sigma * ctx.mask.to(x.dtype)
+            x = torch.cat([x[:size], x[size:] + noise])
+        logits = pair.forward(x)
+        clean_logits, noisy_logits = logits[:size], logits[size:]
+        clean_loss = ctx.loss(clean_logits)
+        noisy_loss = ctx.loss(noisy_logits)
+        task_loss = 0.5 * (clean_loss + noisy_loss) if self.config.ce_on_both else clean_loss
+        reference = clean_logits.detach() if self.config.stop_gradient_clean else clean_logits
+        d = divergence(self.config.divergence, noisy_logits, reference).mean()
+        ctx.backward(task_loss + self.config.weight * d)
+        return StepResult(
+            clean_loss.detach(), {"divergence": float(d.detach()), "noisy_loss": float(noisy_loss.detach())}
+        )
