@@ -127,7 +127,8 @@ def strategies(
         cost = f"{r['forward']} forward, {r['backward']} backward" + (
             " + double backward" if r["double_backward"] else ""
         )
-        out.print(f"cost per step: {cost}", highlight=False)
+        note = f" ({r['note']})" if r["note"] else ""
+        out.print(f"cost per step: {cost}{note}", highlight=False)
         table = Table("parameter", "default", "description", show_lines=True)
         for key, p in r["parameters"].items():
             table.add_row(key, repr(p["default"]), p["description"] or "")
@@ -139,8 +140,11 @@ def strategies(
     for r in rows:
         params = ", ".join(f"{k}={p['default']}" for k, p in r["parameters"].items())
         double = "yes" if r["double_backward"] else "no"
-        table.add_row(r["name"], r["summary"], str(r["forward"]), str(r["backward"]), double, params)
+        forward = f"{r['forward']}*" if r["note"] else str(r["forward"])
+        table.add_row(r["name"], r["summary"], forward, str(r["backward"]), double, params)
     out.print(table)
+    if any(r["note"] for r in rows):
+        out.print("* " + "; ".join(f"{r['name']}: {r['note']}" for r in rows if r["note"]), highlight=False)
 
 
 def main() -> None:  # pragma: no cover - console-script shim

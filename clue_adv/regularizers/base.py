@@ -118,6 +118,10 @@ class StepContext:
         """B×T×1 float mask: 1 on real tokens, 0 on padding (padding is never perturbed)."""
         return self.batch.attention_mask.unsqueeze(-1).to(torch.float32)
 
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The run's precision context, for a strategy's own forward passes (e.g. an EMA teacher)."""
+        return self._autocast()
+
     def embed(self) -> torch.Tensor:
         """The word-embedding output x for this batch, in the embedding's dtype (fp32 outside autocast)."""
         return self.embedding(self.batch.input_ids)

@@ -116,7 +116,7 @@ class SMART(Strategy):
             self.setup(ctx.model)
         b = ctx.batch
         # The run's precision context (StepContext keeps it private; the teacher is not ctx.model).
-        with torch.no_grad(), ctx._autocast():
+        with torch.no_grad(), ctx.autocast():
             out = self.teacher(input_ids=b.input_ids, attention_mask=b.attention_mask, token_type_ids=b.token_type_ids)
         return out.logits.float()
 
