@@ -39,7 +39,7 @@ from pydantic import Field
 
 from clue_adv.regularizers import register
 from clue_adv.regularizers.base import StepContext, StepCost, StepResult, Strategy, StrategyConfig, Target
-from clue_adv.regularizers.perturb import PerturbationSpace
+from clue_adv.regularizers.perturb import PerturbationSpace, same_dropout
 
 Mode = Literal["exact", "normalized", "finite_difference"]
 
@@ -114,9 +114,9 @@ class GradientPenalty(Strategy):
 
     def _finite_difference_step(self, ctx: StepContext, space: PerturbationSpace) -> StepResult:
         h, epsilon = self.config.h, self.config.epsilon
-        rng = _random_state(ctx)
         x = ctx.embed()
-        loss = ctx.loss(ctx.forward(x))
+        with same_dropout(ctx):  # the second pass draws the same masks
+            loss = ctx.loss(ctx.forward(x))
         clean_weight = 1.0 - 1.0 / h
         if clean_weight == 0.0:
             g_x = ctx.grad(loss, x)
@@ -126,7 +126,6 @@ class GradientPenalty(Strategy):
             ctx.backward(clean_weight * loss)
             g_x = x.grad / (clean_weight * ctx.loss_scale)
         g = space.from_x_grad(g_x.detach())
-        _restore_random_state(ctx, rng)
         step = space.to_x(h * epsilon * g).to(x.dtype)
         shifted_loss = ctx.loss(ctx.forward(ctx.embed() + step))
         ctx.backward(shifted_loss / h)
@@ -142,17 +141,3 @@ def _metrics(space: PerturbationSpace, g: torch.Tensor, penalty: torch.Tensor) -
         "input_grad_norm": float(space.squared_norm_sum(g).sqrt()),
         "special_token_share": space.special_token_share(g),
     }
-
-
-def _random_state(ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The generators dropout draws from, so a second pass can reuse the first pass's mask."""
-    device = ctx.batch.input_ids.device
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _restore_random_state(ctx: StepContext, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, ctx.batch.input_ids.device)
