@@ -693,8 +693,9 @@ def build_report(
         parts.append(
             "### Cost\n\n" + _markdown(header, rows) + "\nStep time: mean seconds per optimizer step (the first step "
             "excluded); × baseline: ratio of mean step times on the same task. Runs sharing a machine (parallel "
-            "jobs) slow each other, so compare costs within one sweep. Peak memory: GPU allocations on CUDA, the "
-            "process's peak resident memory on CPU."
+            "jobs) slow each other, so compare costs within one sweep. Peak memory: GPU allocations on CUDA; on CPU "
+            "the peak resident memory of the process, which for a one-job sweep (runs share the process) is the "
+            "largest so far, not the run's own."
         )
         if figures.get(table.experiment):
             images = [f"![{title}]({path.relative_to(out).as_posix()})" for title, path in figures[table.experiment]]

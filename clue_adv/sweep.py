@@ -96,8 +96,8 @@ class SlurmConfig(StrictModel):
 
 
 class SweepConfig(StrictModel):
-    """A grid of runs. Every cell is a run config: the base, then `overrides`, `per_task`, the task, the
-    strategy block, the grid values, the seed."""
+    """A grid of runs. Every cell is a run config: the base, then `overrides`, `per_task`, the command
+    line's `--set`, the task, the strategy block, the grid values, the seed."""
 
     base: str | list[str] | None = Field(
         None,
@@ -413,13 +413,13 @@ def plan_sweep(
                 for block in blocks:
                     for variant in strategy_variants(block):
                         data = copy.deepcopy(base)
-                        for assignment in overrides or []:
-                            key, _, raw = assignment.partition("=")
-                            apply_override(data, f"{key}={_with_task(raw, task)}")
                         for key, value in sweep.overrides.items():
                             set_dotted(data, key, _with_task(value, task))
                         for key, value in sweep.per_task.get(task, {}).items():
                             set_dotted(data, key, _with_task(value, task))
+                        for assignment in overrides or []:  # the command line has the last word
+                            key, _, raw = assignment.partition("=")
+                            apply_override(data, f"{key}={_with_task(raw, task)}")
                         for key, value in zip(run_grid, run_values, strict=True):
                             set_dotted(data, key, value)
                         data["task"] = task
@@ -450,7 +450,8 @@ def plan_sweep(
 
     checked: set[str] = set()
     for cell in cells:
-        key = json.dumps([cell.config.data.model_dump(), cell.config.model.model_dump(), cell.config.max_length])
+        c = cell.config
+        key = json.dumps([c.task, c.data.model_dump(), c.model.model_dump(), c.max_length])
         if key not in checked:
             checked.add(key)
             problems += [f"{cell.config.experiment}/{cell.config.task}: {p}" for p in check_paths(cell.config)]
@@ -590,7 +591,8 @@ class SweepProgress:
             style = {"completed": "green", "failed": "red", "interrupted": "yellow"}.get(result.status, "")
             self._progress.console.print(f"[{style}]{line}[/]" if style else line, highlight=False, soft_wrap=True)
         else:
-            self.console.print(f"{line}; ETA {self.eta()}", highlight=False, soft_wrap=True)
+            eta = f"; ETA {self.eta()}" if result.status != "interrupted" else ""
+            self.console.print(line + eta, highlight=False, soft_wrap=True)
 
 
 def _duration(seconds: float) -> str:
@@ -633,12 +635,16 @@ def _log_tail(log: Path | None) -> str:
 
 
 def _run_in_process(cells: list[Cell], force: bool, progress: SweepProgress, console: Console) -> SweepResult:
+    import torch
+
     from clue_adv.train import train
 
     results: list[CellResult] = []
     for cell in cells:
         progress.started(cell)
         start = time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # each run reports its own peak, not the sweep's so far
         try:
             outcome = train(cell.config, force=force, show_progress=progress.bar or None, console=console)
         except KeyboardInterrupt:
