@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
@@ -246,6 +247,21 @@ def test_ce_on_both_averages_the_two_cross_entropies(batch):
     onehot = torch.nn.functional.one_hot(batch.labels, 4).repeat(2, 1)
     expected = 0.5 * (torch.softmax(logits.detach(), -1) - onehot) / batch.size
     torch.testing.assert_close(logits.grad, expected, rtol=1e-4, atol=1e-8)
+
+
+def test_doubled_batch_shares_the_step_precision_and_counter(batch):
+    """The 2B forward runs under the run's autocast context and counts on the step's own counter."""
+    entered = []
+
+    @contextlib.contextmanager
+    def tracking_autocast():
+        entered.append(True)
+        yield
+
+    ctx = make_ctx(tiny_bert(4, hidden=16, layers=1), batch, autocast=tracking_autocast)
+    Consistency(ConsistencyConfig()).training_step(ctx)
+    assert entered == [True]
+    assert ctx.counter.forward == 1
 
 
 def test_mse_consistency_approximates_sigma_squared_jacobian(tokenizer):

@@ -92,7 +92,7 @@ def doubled_context(ctx: StepContext) -> StepContext:
         batch,
         label_smoothing=ctx.label_smoothing,
         loss_scale=ctx.loss_scale,
-        autocast=ctx._autocast,  # same precision context as the step's own passes
+        autocast=ctx.autocast,  # the bound method is a factory of the step's precision context
         counter=ctx.counter,
         special_token_ids=ctx.special_token_ids,
     )
