@@ -77,8 +77,11 @@ def accuracy_by_seed(table: ExperimentTable, path: Path, metric: str = "best") -
 
 def dev_curves(table: ExperimentTable, path: Path) -> Path:
     """Per task: mean dev accuracy over seeds per evaluation, with a band of ±1 std."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = _figure(len(table.tasks))
     for ax, task in zip(axes, table.tasks, strict=True):
+        by_epoch = True
         for tag in table.tags:
             histories = [
                 r.summary.get("dev_history") or []
@@ -91,14 +94,16 @@ def dev_curves(table: ExperimentTable, path: Path) -> Path:
             length = min(len(h) for h in histories)  # runs of one cell share a schedule; guard anyway
             acc = np.array([[100 * e["accuracy"] for e in h[:length]] for h in histories])
             epochs = [e["epoch"] for e in histories[0][:length]]
-            x = np.array(epochs if len(set(epochs)) == length else [e["step"] for e in histories[0][:length]])
+            by_epoch = len(set(epochs)) == length  # else several evaluations per epoch: use steps
+            x = np.array(epochs if by_epoch else [e["step"] for e in histories[0][:length]])
             mean = acc.mean(axis=0)
             (line,) = ax.plot(x, mean, marker="o", ms=3, label=f"{tag} (n={len(histories)})")
             if len(histories) > 1:
                 std = acc.std(axis=0, ddof=1)
                 ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_title(_task_name(task))
-        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch" if by_epoch else "optimizer step")
         ax.set_ylabel("dev accuracy (%)")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
