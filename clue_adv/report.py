@@ -320,7 +320,7 @@ def table_rows(table: ExperimentTable, metric: str) -> tuple[list[str], list[lis
 
 
 def method_note(table: ExperimentTable, metric: str) -> str:
-    n_tests = sum(1 for c in table.cells.values() if c.p_holm.get(metric) is not None)
+    n_tests = sum(1 for c in table.cells.values() if metric in c.delta and math.isfinite(c.delta[metric].p))
     text = "Cells: mean ± sample std over seeds (n = completed seeds), accuracy in %."
     if table.baseline is not None:
         text += (
@@ -442,11 +442,7 @@ def render(tables: list[ExperimentTable], fmt: str, metric: str = "best") -> str
             parts.append(_csv(["experiment", *header], [[table.experiment, *row] for row in rows]))
         else:
             raise ClueAdvError(f"--format: unknown format {fmt!r} (valid: {', '.join(FORMATS)})")
-    return "\n".join(parts) if fmt != "csv" else _merge_csv(parts)
-
-
-def _merge_csv(parts: list[str]) -> str:
-    # Experiments can have different task sets; a header per experiment keeps every column honest.
+    # CSV: one block (with its own header) per experiment, since experiments can differ in their tasks.
     return "\n".join(parts)
 
 
