@@ -33,19 +33,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-class Float64Context(StepContext):
-    """StepContext whose forward returns the model's own-dtype logits (no fp32 rounding)."""
-
-    def forward(self, x: torch.Tensor | None = None) -> torch.Tensor:
-        if x is None:
-            x = self.embed()
-        self.counter.forward += 1
-        out = self.model(
-            inputs_embeds=x, attention_mask=self.batch.attention_mask, token_type_ids=self.batch.token_type_ids
-        )
-        return out.logits
-
-
 def model64(dropout: float = 0.0, attn: str = "eager") -> torch.nn.Module:
     return tiny_bert(4, hidden=16, layers=1, dtype=torch.float64, dropout=dropout, attn=attn)
 
@@ -56,7 +43,7 @@ def flat_grad(model: torch.nn.Module) -> torch.Tensor:
     )
 
 
-def step(strategy, model, batch, *, context=Float64Context):
+def step(strategy, model, batch, *, context=StepContext):
     """Run one training step from zero gradients; return (flat parameter gradient, result, counter)."""
     model.zero_grad(set_to_none=True)
     ctx = context(model, batch, special_token_ids=SPECIAL_IDS)
@@ -67,7 +54,7 @@ def step(strategy, model, batch, *, context=Float64Context):
 def penalty_by_hand(model, batch, mode: str, target: str, epsilon: float) -> torch.Tensor:
     """The penalty at the model's current θ, computed without PerturbationSpace: g from autograd w.r.t. x
     (masked), or w.r.t. the dense V×H embedding weight itself for the matrix."""
-    ctx = Float64Context(model, batch)
+    ctx = StepContext(model, batch)
     x = ctx.embed()
     loss = ctx.loss(ctx.forward(x))
     if target == "embedding_output":
@@ -152,11 +139,11 @@ def test_h_one_is_training_on_the_unnormalised_step(batch):
     """h = 1: the update is ∇θL(x + εg) alone, g held constant (the study's eq. 15)."""
     model = model64()
     epsilon = 0.5
-    ctx = Float64Context(model, batch)
+    ctx = StepContext(model, batch)
     x = ctx.embed()
     (g,) = torch.autograd.grad(ctx.loss(ctx.forward(x)), x)
     model.zero_grad(set_to_none=True)
-    ctx = Float64Context(model, batch)
+    ctx = StepContext(model, batch)
     ctx.loss(ctx.forward(ctx.embed() + epsilon * g * batch.attention_mask.unsqueeze(-1))).backward()
     expected = flat_grad(model)
     strategy = GradientPenalty(GradientPenaltyConfig(mode="finite_difference", h=1.0, epsilon=epsilon))
@@ -183,7 +170,7 @@ def test_normalized_is_fgm_adversarial_only_to_first_order(batch, target):
 def test_matrix_penalty_is_the_squared_dense_embedding_gradient(batch):
     """‖∇_E L‖² from the used rows equals the squared norm of the dense V×H gradient w.r.t. the weight."""
     model = model64()
-    ctx = Float64Context(model, batch)
+    ctx = StepContext(model, batch)
     loss = ctx.loss(ctx.forward())
     (dense,) = torch.autograd.grad(loss, model.get_input_embeddings().weight)
     epsilon = 2.0
@@ -201,7 +188,7 @@ def test_pitfall_squaring_plain_grad_is_a_constant(batch):
     the exact mode (create_graph) really changes the parameter gradient."""
     model = model64()
     model.zero_grad(set_to_none=True)
-    ctx = Float64Context(model, batch)
+    ctx = StepContext(model, batch)
     x = ctx.embed()
     x.retain_grad()
     loss = ctx.loss(ctx.forward(x))
@@ -258,6 +245,6 @@ def test_gradient_accumulation_scales_the_whole_objective(batch, mode):
     strategy = GradientPenalty(GradientPenaltyConfig(mode=mode))
     full, full_result, _ = step(strategy, model, batch)
     model.zero_grad(set_to_none=True)
-    scaled_result = strategy.training_step(Float64Context(model, batch, loss_scale=0.25))
+    scaled_result = strategy.training_step(StepContext(model, batch, loss_scale=0.25))
     torch.testing.assert_close(flat_grad(model), 0.25 * full, rtol=1e-6, atol=1e-12)
     assert scaled_result.metrics["gradient_penalty"] == pytest.approx(full_result.metrics["gradient_penalty"])

@@ -34,19 +34,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-class Float64Context(StepContext):
-    """StepContext whose forward returns the model's own-dtype logits (the real one rounds them to fp32)."""
-
-    def forward(self, x: torch.Tensor | None = None) -> torch.Tensor:
-        if x is None:
-            x = self.embed()
-        self.counter.forward += 1
-        out = self.model(
-            inputs_embeds=x, attention_mask=self.batch.attention_mask, token_type_ids=self.batch.token_type_ids
-        )
-        return out.logits
-
-
 def small_model(dtype=torch.float64, dropout: float = 0.0) -> torch.nn.Module:
     return tiny_bert(CLASSES, hidden=8, layers=1, dtype=dtype, dropout=dropout)
 
@@ -80,7 +67,7 @@ def test_rademacher_expectation_by_enumerating_every_sign_vector(tokenizer, targ
     for the matrix target also across examples that share rows)."""
     model = small_model()
     batch = encode(tokenizer, SENTENCES[1:3], [0, 2])  # two titles of different lengths: padding
-    ctx = Float64Context(model, batch)
+    ctx = StepContext(model, batch)
     space = PerturbationSpace(ctx, target)
     exact = exact_jacobian_terms(ctx, space)
     x = ctx.embed()
@@ -97,7 +84,7 @@ def test_rademacher_sample_mean_matches_exact_sum(tokenizer):
     """jacobian_estimate over 2000 copies × 2 samples = 4000 random draws: within 5 standard errors (the exact
     variance of one draw is 4·Σ_{i<j}(∇fᵢ·∇fⱼ)², from the same per-class gradients)."""
     model = small_model()
-    single = Float64Context(model, copies(tokenizer, 1))
+    single = StepContext(model, copies(tokenizer, 1))
     x = single.embed()
     probs = torch.softmax(single.forward(x), dim=-1)
     jac = torch.stack([torch.autograd.grad(probs[0, i], x, retain_graph=True)[0].flatten() for i in range(CLASSES)])
@@ -106,7 +93,7 @@ def test_rademacher_sample_mean_matches_exact_sum(tokenizer):
     variance = 4 * float(gram.triu(diagonal=1).pow(2).sum())
 
     n, samples = 2000, 2
-    ctx = Float64Context(model, copies(tokenizer, n))
+    ctx = StepContext(model, copies(tokenizer, n))
     space = PerturbationSpace(ctx, "embedding_output")
     x = ctx.embed()
     probs = torch.softmax(ctx.forward(x), dim=-1)
@@ -127,14 +114,14 @@ def test_jacobian_penalty_gradient_matches_finite_differences(batch):
     def grads(s) -> torch.Tensor:
         model.zero_grad(set_to_none=True)
         torch.manual_seed(7)
-        s.training_step(Float64Context(model, batch))
+        s.training_step(StepContext(model, batch))
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
     contribution = grads(strategy) - grads(NoRegularizer(NoneConfig()))
 
     def penalty() -> float:
         # By hand in float64 (PerturbationSpace keeps g in fp32, whose rounding 1/t would amplify).
-        ctx = Float64Context(model, batch)
+        ctx = StepContext(model, batch)
         x = ctx.embed()
         probs = torch.softmax(ctx.forward(x), dim=-1)
         torch.manual_seed(7)
@@ -267,7 +254,7 @@ def test_doubled_batch_shares_the_step_precision_and_counter(batch):
 def test_mse_consistency_approximates_sigma_squared_jacobian(tokenizer):
     """The study's eq. 8: for small σ, E‖f(x + σξ) − f(x)‖² ≈ σ²·Σᵢ‖∇ₓfᵢ‖² (2000 noise draws, 10%)."""
     model = small_model()
-    single = Float64Context(model, copies(tokenizer, 1))
+    single = StepContext(model, copies(tokenizer, 1))
     exact = exact_jacobian_terms(single, PerturbationSpace(single, "embedding_output"))
     sigma = 2e-3
     torch.manual_seed(0)

@@ -79,6 +79,13 @@ class Batch:
         return int(self.input_ids.shape[0])
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Upcast half precision (bf16/fp16 under autocast) to fp32, leave fp32/fp64 as they are: losses,
+    divergences and perturbation norms are computed in fp32 at least (fp16 norms overflow; float64 tests
+    must not be rounded)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class StepContext:
     """Everything a strategy may touch for one micro-batch.
 
@@ -137,8 +144,7 @@ class StepContext:
                 attention_mask=self.batch.attention_mask,
                 token_type_ids=self.batch.token_type_ids,
             )
-        # Losses and divergences are computed in fp32 whatever the autocast dtype.
-        return out.logits.float()
+        return at_least_fp32(out.logits)
 
     def loss(self, logits: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy on the batch labels (with the configured label smoothing)."""

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from clue_adv.regularizers.base import StepContext, StrategyConfig, Target
+from clue_adv.regularizers.base import StepContext, StrategyConfig, Target, at_least_fp32
 
 Norm = Literal["l2", "sign", "linf"]
 
@@ -48,7 +48,7 @@ class PerturbationSpace:
     # -- moving between x-space and target space ----------------------------------------------------
     def from_x_grad(self, g_x: torch.Tensor) -> torch.Tensor:
         """∇ in target space from ∇ₓ (differentiable, so it also serves the gradient penalties)."""
-        g_x = g_x.float() * self.mask
+        g_x = at_least_fp32(g_x) * self.mask  # type promotion keeps float64 as float64
         if self.target == "embedding_output":
             return g_x
         flat = g_x.reshape(-1, self.shape[-1])[self._positions]
