@@ -6,7 +6,6 @@ import subprocess
 import time
 
 import pytest
-
 from slurm_cluster import slurm_cluster  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.slurm
