@@ -19,8 +19,10 @@ Choices worth knowing:
   runs of different strategies with the same seed differ only by the strategy.
 * Local parallel runs (`jobs > 1`, or any `devices`) are subprocesses (`python -m clue_adv.sweep`): a
   crash or an out-of-memory kill in one run cannot take the sweep down; each worker gets its share of
-  the CPU cores (threads and affinity) or one GPU (CUDA_VISIBLE_DEVICES). One job runs in-process and
-  shows the run's own progress bar under the sweep's.
+  the CPU cores (threads and affinity) and, with `devices`, one GPU (CUDA_VISIBLE_DEVICES). One job runs
+  in-process and shows the run's own progress bar under the sweep's.
+* `executor="slurm"` submits the cells as one Slurm job array through submitit (resources from the
+  sweep's `slurm` block) and waits for it; `submitit-local` runs the same path on this machine.
 """
 
 from __future__ import annotations
