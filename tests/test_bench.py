@@ -1,0 +1,154 @@
+"""Regression guard for the strategy benchmark: pass counts are exact, step-time ratios stay below a loose bound.
+
+The counts are deterministic, so they are checked exactly, against each strategy's declared cost and against
+REGULARIZERS.md's table. The ratios are timings on a shared machine, so the bound is twice the issue's target
+(or twice the pass-count estimate for strategies without one): only a grossly slow change fails.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from clue_adv.regularizers import registry
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+# The shape of conftest's tiny_bert: milliseconds per step.
+SMALL = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def _load(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load("bench_strategies")
+
+
+@pytest.fixture(scope="module")
+def measured(bench):
+    # One thread, as the benchmark itself runs: with two threads on busy shared cores, one descheduled thread
+    # stalls every parallel region and single steps swing tenfold.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        contenders, results = bench.run(
+            rows=bench.strategy_rows(),
+            architecture=SMALL,
+            device=torch.device("cpu"),
+            batch_size=16,
+            max_length=64,
+            steps=7,
+            warmup=1,
+            batch_count=4,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return {c.row.label: c for c in contenders}, results
+
+
+def expected_passes(label: str, config) -> tuple[int, int, int] | None:
+    """(forward, backward, double backward) per step from REGULARIZERS.md's cost table, where it fixes them."""
+    name = config.name
+    if name in ("none", "gaussian_noise"):
+        return 1, 1, 0
+    if name == "fgm":
+        return 2, 2, 0
+    if name == "pgd":
+        return config.steps + 1, config.steps + 1, 0
+    if name == "freelb":
+        return config.steps, config.steps, 0
+    if name == "vat":
+        return 2 + config.iterations, 1 + config.iterations, 0
+    if label == "gradient_penalty[finite_difference]":
+        return 2, 2, 0
+    if label in ("gradient_penalty[exact]", "gradient_penalty[normalized]"):
+        return 1, 2, 1  # ∇ₓL with create_graph, then one backward through L + penalty
+    return None
+
+
+def test_every_registered_strategy_is_a_row(bench):
+    rows = bench.strategy_rows()
+    assert rows[0].label == "none"
+    assert {r.strategy_name for r in rows} == set(registry())
+    labels = [r.label for r in rows]
+    assert len(labels) == len(set(labels))
+    if "gradient_penalty" in registry():
+        assert {"gradient_penalty[exact]", "gradient_penalty[finite_difference]"} <= set(labels)
+        assert "gradient_penalty" not in labels  # one row per mode, none for the bare name
+
+
+def test_selection_keeps_the_baseline_and_rejects_unknown_names(bench):
+    assert [r.label for r in bench.strategy_rows(["fgm"])] == ["none", "fgm"]
+    with pytest.raises(SystemExit, match="unknown"):
+        bench.strategy_rows(["no_such_strategy"])
+
+
+def test_pass_counts_are_exact(measured):
+    contenders, results = measured
+    for label, c in contenders.items():
+        passes = set(c.passes)
+        assert len(passes) == 1, f"{label}: the pass count changed between steps: {passes}"
+        (fwd, bwd, dbl) = passes.pop()
+        declared = c.strategy.cost()
+        assert (fwd, bwd) == (declared.forward, declared.backward), f"{label}: ran {fwd}/{bwd}, declares {declared}"
+        assert (dbl > 0) == declared.double_backward, f"{label}: double backward {dbl} vs declared {declared}"
+        expected = expected_passes(label, c.row.config)
+        if expected is not None:
+            assert (fwd, bwd, dbl) == expected, f"{label}: ran {(fwd, bwd, dbl)}, REGULARIZERS.md says {expected}"
+        r = results[label]
+        assert (r["forward_passes"], r["backward_passes"]) == (fwd, bwd)
+        # A double backward needs eager attention; everything else must keep the fused SDPA kernels.
+        assert r["attn_implementation"] == ("eager" if declared.double_backward else "sdpa"), label
+
+
+def test_no_strategy_is_grossly_slow(bench, measured):
+    contenders, results = measured
+    assert results["none"]["ratio_to_none"] == pytest.approx(1.0)
+    too_slow = {}
+    for label, r in results.items():
+        reference = r["target"] if r["target"] is not None else max(r["cost_estimate"], 1.25)
+        if not r["ratio_to_none"] < 2 * reference:
+            too_slow[label] = (round(r["ratio_to_none"], 2), 2 * reference)
+    assert not too_slow, f"step-time ratio to none above twice the target (ratio, bound): {too_slow}"
+
+
+def test_targets_cover_the_issue(bench):
+    # Issue 6's table: a silently dropped target would make the guard above toothless for that strategy.
+    assert bench.TARGETS["fgm"] == 2.0
+    assert bench.TARGETS["gradient_penalty[exact]"] == 2.6
+    assert bench.TARGETS["gradient_penalty[finite_difference]"] == 2.1
+    assert bench.TARGETS["vat"] == 2.1
+    assert bench.TARGETS["pgd"] == bench.TARGETS["freelb"] == 4.0
+
+
+def test_outputs_have_the_promised_fields(bench, tmp_path, monkeypatch):
+    monkeypatch.setitem(bench.common.SHAPES, "tiny", SMALL)
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--steps", "2", "--warmup", "1", "--strategies", "fgm", "--output-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)  # main() sets the benchmark's thread count for the whole process
+    payload = json.loads((tmp_path / "strategies-cpu.json").read_text())
+    for label in ("none", "fgm"):
+        row = payload["strategies"][label]
+        for key in ("ratio_to_none", "step_ms_median", "forward_passes", "backward_passes", "peak_memory_mb"):
+            assert key in row, (label, key)
+        peak = row["peak_memory_mb"]
+        assert peak is not None, f"{label}: the memory probe process failed (its stderr is printed above)"
+        assert peak > 100  # RSS of a whole Python + torch process
+    md = (tmp_path / "strategies-cpu.md").read_text()
+    assert "scripts/bench_strategies.py" in md and payload["machine"]["versions"]["torch"] in md
