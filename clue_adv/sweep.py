@@ -803,7 +803,10 @@ def _run_submitit(
 ) -> SweepResult:
     executor = submitit_executor(plan, cluster)
     threads = [plan.sweep.slurm.cpus_per_task] * len(cells)
-    jobs = executor.map_array(run_cell, [c.config.resolved() for c in cells], [force] * len(cells), threads)
+    try:
+        jobs = executor.map_array(run_cell, [c.config.resolved() for c in cells], [force] * len(cells), threads)
+    except Exception as e:  # sbatch missing or refusing (bad partition, account...): say so, no traceback
+        raise ClueAdvError(f"could not submit the job array ({cluster}): {type(e).__name__}: {e}") from None
     if jobs:
         ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
         console.print(f"submitted {len(jobs)} run(s) as job {', '.join(ids)} ({cluster})", highlight=False)
