@@ -168,7 +168,9 @@ class Contender:
             self.passes.append((self.counter.forward, self.counter.backward, self.counter.double_backward))
 
 
-def build_contender(row: Row, architecture: dict[str, int], device: torch.device, task: str, seed: int) -> Contender:
+def build_contender(
+    row: Row, architecture: dict[str, int], device: torch.device, task: str, seed: int, fused_adamw: bool = False
+) -> Contender:
     from transformers import set_seed
 
     cfg = common.run_config(task=task, architecture=architecture, device=device, strategy=row.config.model_dump())
@@ -177,8 +179,13 @@ def build_contender(row: Row, architecture: dict[str, int], device: torch.device
     model = build_model(cfg, bundled_labels(task), strategy.needs_double_backward).to(device)
     model.train()
     strategy.setup(model)
+    # As clue_adv/train.py builds it (keep the two in step); `fused_adamw` is a what-if for a cheaper fixed cost.
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps
+        parameter_groups(model, cfg.optim.weight_decay),
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+        eps=cfg.optim.eps,
+        fused=True if fused_adamw else None,
     )
     precision, autocast = autocast_for(cfg, device)
     return Contender(
@@ -232,7 +239,7 @@ def probe_memory(args: argparse.Namespace) -> dict[str, float]:
     batches = common.fixed_batches(
         tokenizer, task=args.task, count=3, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed
     )
-    c = build_contender(row, common.SHAPES[args.shape], device, args.task, args.seed)
+    c = build_contender(row, common.SHAPES[args.shape], device, args.task, args.seed, args.fused_adamw)
     c.step(batches[0], record=False)  # allocates the optimizer state: part of the baseline, not of the step
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -258,6 +265,7 @@ def memory_in_subprocess(row: Row, args: argparse.Namespace) -> dict[str, float]
         *("--device", args.device, "--shape", args.shape, "--task", args.task),
         *("--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--seed", str(args.seed)),
         *("--threads", str(args.threads)),
+        *(["--fused-adamw"] if args.fused_adamw else []),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
@@ -342,6 +350,7 @@ def run(
     warmup: int = 3,
     seed: int = 1,
     batch_count: int = 8,
+    fused_adamw: bool = False,
 ) -> tuple[list[Contender], dict[str, dict[str, Any]]]:
     """Time every row interleaved; return the contenders (for profiling) and the per-row results."""
     torch.manual_seed(seed)
@@ -349,7 +358,7 @@ def run(
     batches = common.fixed_batches(
         tokenizer, task=task, count=batch_count, batch_size=batch_size, max_length=max_length, seed=seed
     )
-    contenders = [build_contender(row, architecture, device, task, seed) for row in rows]
+    contenders = [build_contender(row, architecture, device, task, seed, fused_adamw) for row in rows]
     interleave(contenders, batches, steps, warmup, seed)
     return contenders, summarize(contenders, {})
 
@@ -370,7 +379,8 @@ def markdown(payload: dict[str, Any]) -> str:
         *common.machine_markdown(info),
         f"- Model: {setup['shape']} ({setup['architecture'] or 'bert-base-chinese config'}), random init, "
         f"{setup['precision']}; batch {setup['batch_size']}, max length {setup['max_length']}, "
-        f"{setup['task']} batches (dynamic padding, mean padded length {setup['mean_padded_length']:.1f})",
+        f"{setup['task']} batches (dynamic padding, mean padded length {setup['mean_padded_length']:.1f}); "
+        f"optimizer {setup['optimizer']}",
         f"- Steps: {setup['warmup']} warm-up + {setup['steps']} measured per strategy, interleaved in a shuffled "
         "order each round",
         "",
@@ -381,7 +391,13 @@ def markdown(payload: dict[str, Any]) -> str:
         "step (the same for all). passes = forward / backward / double backward per step as counted by "
         "StepContext. Memory: peak "
         + ("CUDA max allocated" if info["device"] == "cuda" else "RSS of a fresh process")
-        + " over a few steps, and its rise over the state after the first step (params + grads + AdamW).",
+        + " over a few steps, and its rise over the state after the first step (params + AdamW state)"
+        + (
+            "."
+            if info["device"] == "cuda"
+            else "; on CPU the rise is blurred by the allocator keeping freed memory, so compare the peaks "
+            "(each from a fresh process, so the ~0.5 GB of Python + torch + model is in every one of them)."
+        ),
         "",
         "| strategy | target | ratio | ratio IQR | training_step ratio | est. | step ms (median, IQR) | "
         "passes f/b/db | attention | peak MB | step MB |",
@@ -397,7 +413,20 @@ def markdown(payload: dict[str, Any]) -> str:
             f"{r['attn_implementation']} | {common.fmt(r['peak_memory_mb'], 0)} | "
             f"{common.fmt(r['step_memory_mb'], 0)} |"
         )
-    lines += ["", "`est.` = (forward + 2·backward + 3·[double backward]) / 3 from the declared cost, for reference."]
+    lines += [
+        "",
+        "`est.` = (forward + 2·backward + 3·[double backward]) / 3 from the declared cost, for reference "
+        "(it counts passes, not their batch size: consistency runs one pass on the batch stacked twice).",
+    ]
+    missed = {label: r for label, r in results.items() if r["meets_target"] is False}
+    lines += ["", "## Targets", ""]
+    met = [f"{label} {r['ratio_to_none']:.2f} ≤ {r['target']}" for label, r in results.items() if r["meets_target"]]
+    lines.append("Met: " + ("; ".join(met) if met else "none") + ".")
+    for label, r in missed.items():
+        lines.append(
+            f"- **missed: {label}** {r['ratio_to_none']:.2f} > {r['target']} (training_step alone: "
+            f"{r['training_step_ratio_to_none']:.2f}); see results/bench/README.md for the analysis."
+        )
     if payload.get("notes"):
         lines += ["", "## Notes", "", *payload["notes"]]
     return "\n".join(lines) + "\n"
@@ -420,6 +449,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="CPU intra-op threads (default 1: on a shared machine one descheduled thread of two stalls every "
         "parallel region, which makes 2-thread timings swing several-fold)",
+    )
+    p.add_argument(
+        "--fused-adamw",
+        action="store_true",
+        help="what-if: fused AdamW (train.py uses the default implementation); writes strategies-<device>-fused-adamw",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the per-strategy memory processes")
     p.add_argument("--profile", help="comma-separated row labels to profile with torch.profiler after timing")
@@ -456,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps,
         warmup=args.warmup,
         seed=args.seed,
+        fused_adamw=args.fused_adamw,
     )
     memory: dict[str, dict[str, float] | None] = {}
     if not args.no_memory:
@@ -478,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
             "shape": args.shape,
             "architecture": architecture,
             "precision": contenders[0].precision,
+            "optimizer": "torch.optim.AdamW(fused=True) (what-if)"
+            if args.fused_adamw
+            else "torch.optim.AdamW, default implementation (as clue_adv/train.py)",
             "task": args.task,
             "batch_size": args.batch_size,
             "max_length": args.max_length,
@@ -490,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         "strategies": results,
         "notes": args.note,
     }
-    stem = f"strategies-{common.device_tag(device)}"
+    stem = f"strategies-{common.device_tag(device)}" + ("-fused-adamw" if args.fused_adamw else "")
     json_path, md_path = common.write_outputs(stem, payload, markdown(payload), args.output_dir)
     print(markdown(payload))
     print(f"wrote {json_path} and {md_path}")

@@ -152,3 +152,31 @@ def test_outputs_have_the_promised_fields(bench, tmp_path, monkeypatch):
         assert peak > 100  # RSS of a whole Python + torch process
     md = (tmp_path / "strategies-cpu.md").read_text()
     assert "scripts/bench_strategies.py" in md and payload["machine"]["versions"]["torch"] in md
+
+
+@pytest.mark.slow
+def test_throughput_contenders_train_on_the_same_examples(tmp_path, monkeypatch):
+    """One tiny round of the throughput benchmark: every contender runs, and the padding accounting is right."""
+    throughput = _load("bench_throughput")
+    monkeypatch.setenv("CLUE_ADV_CACHE", str(tmp_path / "cache"))
+    bench = throughput.run_task(
+        "tnews",
+        architecture=SMALL,
+        device=torch.device("cpu"),
+        train_examples=64,
+        eval_examples=64,
+        rounds=1,
+        seed=1,
+        workdir=tmp_path,
+        contenders=("clue_adv", "trainer", "pad128"),
+    )
+    summary = throughput.task_summary(bench)
+    assert set(summary["train"]) == {"clue_adv", "trainer", "pad128"}
+    assert set(summary["eval"]) == {"clue_adv", "trainer", "pad128", "clue_adv_sorted"}
+    assert all(r["samples_per_s_median"] > 0 for r in summary["train"].values())
+    tokens = bench.padded_tokens
+    # Padding to 128 holds every example's tokens plus padding; dynamic padding can only hold fewer positions.
+    assert tokens["pad128"] == 64 * 128
+    assert tokens["real_tokens"] <= tokens["clue_adv_fused_adamw_no_pad8"] <= tokens["clue_adv"] < tokens["pad128"]
+    assert tokens["clue_adv"] % 8 == 0  # clue_adv's collator pads to a multiple of 8
+    assert summary["targets"]["clue_adv_over_pad128"]["target"] == 3.0
