@@ -170,13 +170,19 @@ def train(
     set_seed(cfg.seed)  # before the model is built: init must be the same for every strategy
     model = build_model(cfg, data.labels, strategy.needs_double_backward).to(device)
     strategy.setup(model)
-    loader = train_loader(data.train, tokenizer, cfg)
-    dev_loader = eval_loader(data.dev, tokenizer, cfg.eval.batch_size)
+    pad_multiple = 8 if device.type == "cuda" else None  # tensor cores like multiples of 8; a CPU does not
+    loader = train_loader(data.train, tokenizer, cfg, pad_multiple)
+    dev_loader = eval_loader(data.dev, tokenizer, cfg.eval.batch_size, pad_multiple)
     accum = cfg.optim.grad_accum_steps
     steps_per_epoch = math.ceil(len(loader) / accum)
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps
+        parameter_groups(model, cfg.optim.weight_decay),
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+        eps=cfg.optim.eps,
+        # One fused kernel instead of a loop over tensors: about a third of a tiny model's CPU step otherwise.
+        fused=device.type in ("cpu", "cuda"),
     )
     warmup = round(cfg.optim.warmup_ratio * total_steps)
     scheduler = (

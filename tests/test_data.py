@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import smoke_config
 
-from clue_adv.data import ASSETS, load_task_data, read_labels, read_split, train_loader
+from clue_adv.data import ASSETS, eval_loader, load_task_data, read_labels, read_split, train_loader
 from clue_adv.errors import DataError
 
 
@@ -58,10 +58,19 @@ def test_tokenized_sample_and_dynamic_padding(tokenizer):
     assert len(data.train) == 512 and len(data.dev) == 256
     assert set(data.train.column_names) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
     batch = next(iter(train_loader(data.train, tokenizer, cfg)))
-    width = batch["input_ids"].shape[1]
-    assert width % 8 == 0 and width <= 48
-    # dynamic padding: the batch is only as wide as its longest member (rounded up to 8), not max_length
-    assert width - 8 < int(batch["attention_mask"].sum(1).max()) <= width
+    # dynamic padding: the batch is exactly as wide as its longest member, not max_length
+    assert batch["input_ids"].shape[1] == int(batch["attention_mask"].sum(1).max()) < 48
+    gpu_batch = next(iter(train_loader(data.train, tokenizer, cfg, pad_to_multiple_of=8)))
+    width = gpu_batch["input_ids"].shape[1]
+    assert width % 8 == 0 and width - 8 < int(gpu_batch["attention_mask"].sum(1).max()) <= width
+
+
+def test_eval_batches_are_sorted_by_length_and_cover_the_split(tokenizer):
+    data = load_task_data(smoke_config(), tokenizer)
+    loader = eval_loader(data.dev, tokenizer, 64)
+    widths = [b["input_ids"].shape[1] for b in loader]
+    assert widths == sorted(widths) and widths[0] < widths[-1]
+    assert sorted(loader.sampler) == list(range(len(data.dev)))
 
 
 def test_same_seed_same_batches_different_seed_different(tokenizer):
