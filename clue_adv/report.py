@@ -687,7 +687,7 @@ def build_report(
             parts.append(f"### {METRICS[metric][1]}\n\n" + _markdown(header, rows) + "\n" + method_note(table, metric))
         header, rows = cost_rows(table)
         parts.append(
-            "### Cost\n\n" + _markdown(header, rows) + "\nStep time: mean seconds per optimizer step (the first step "
+            "### Cost\n\n" + _markdown(header, rows) + "\nStep time: mean wall time per optimizer step (the first step "
             "excluded); × baseline: ratio of mean step times on the same task. Runs sharing a machine (parallel "
             "jobs) slow each other, so compare costs within one sweep. Peak memory: GPU allocations on CUDA; on CPU "
             "the peak resident memory of the process, which for a one-job sweep (runs share the process) is the "
