@@ -94,10 +94,12 @@ class JsonlWriter:
 def strategy_tag(strategy: StrictModel) -> str:
     """Directory name of a strategy: its name, plus every parameter that differs from the default,
     so that a hyperparameter grid gets one directory per value (e.g. `fgm-epsilon=0.1`)."""
+    if getattr(strategy, "tag", None):
+        return strategy.tag
     default = type(strategy)().model_dump()
     parts = [strategy.name]
     for key, value in strategy.model_dump().items():
-        if key != "name" and value != default[key]:
+        if key not in ("name", "tag") and value != default[key]:
             parts.append(f"{key}={value}")
     return "-".join(parts)
 

@@ -193,6 +193,8 @@ def train(
     special_ids = special_token_ids(tokenizer)
 
     start_run(cfg, directory)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not an earlier run's in the same process
     summary: dict[str, Any] = {
         "status": "running",
         "experiment": cfg.experiment,

@@ -27,6 +27,13 @@ class StrategyConfig(StrictModel):
     """Fields every strategy block has; each strategy subclasses it with a `name: Literal[...]`."""
 
     name: str = Field(description="Which strategy (see `clue-adv strategies`).")
+    tag: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$",
+        max_length=80,
+        description="Name of this variant in run directories and reports (e.g. `fgm-study`); default: the "
+        "strategy name plus every parameter that differs from its default.",
+    )
 
 
 @dataclass(frozen=True)
