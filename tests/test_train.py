@@ -149,3 +149,12 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path):
     # Same examples per optimizer step, so the same gradient up to float summation order (padding widths differ
     # between 16- and 32-example batches; with attention masks that changes nothing).
     assert grad_norms(small) == pytest.approx(grad_norms(big), rel=1e-4)
+
+
+def test_out_of_memory_marks_the_run_failed_with_advice(tmp_path, monkeypatch):
+    monkeypatch.setattr(NoRegularizer, "training_step", _fail_at(2, torch.OutOfMemoryError("CUDA out of memory")))
+    with pytest.raises(RunFailed, match="out of memory at step 2"):
+        train(smoke_config(), tmp_path, show_progress=False)
+    summary = json.loads((tmp_path / "test" / "tnews" / "none" / "seed-1" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["failed_step"] == 2
+    assert "grad_accum_steps" in summary["advice"]
