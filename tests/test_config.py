@@ -129,3 +129,11 @@ def test_validate_reports_missing_paths_and_positions(tmp_path):
     problems = validate_file(f)
     assert any("data.path: directory not found: /nonexistent/tnews" in p for p in problems)
     assert any("max_length: 1000 exceeds the model's 512 positions" in p for p in problems)
+
+
+def test_every_strategy_has_a_shipped_config_per_task():
+    from clue_adv.regularizers import registry
+
+    for task in ("tnews", "iflytek"):
+        shipped = {load_config(p).strategy.name for p in TASK_CONFIGS if p.parent.name == task}
+        assert shipped == set(registry()), set(registry()) ^ shipped
