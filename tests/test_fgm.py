@@ -12,15 +12,6 @@ from clue_adv.regularizers.perturb import PerturbationSpace
 TARGETS = ["embedding_output", "embedding_matrix"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """On 2 shared cores a second intra-op thread mostly waits for the other processes: measured 50× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def clean_gradients(model, batch):
     """By hand: x, g = ∇ₓL (B×T×H, unmasked) and G = ∇_E L for the whole V×H embedding matrix."""
     ctx = make_ctx(model, batch)

@@ -14,15 +14,6 @@ from clue_adv.regularizers.gaussian_noise import GaussianNoise, GaussianNoiseCon
 from clue_adv.regularizers.none import NoneConfig, NoRegularizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """On 2 shared cores a second intra-op thread mostly waits for other processes (see test_strategies_common)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class RecordingContext(StepContext):
     """Keeps what the strategy feeds to the model and what comes out; logits stay in the model's dtype (the
     real context rounds them to fp32, too coarse for the σ² differences below)."""

@@ -24,15 +24,6 @@ TARGETS = ["embedding_output", "embedding_matrix"]
 SPECIAL_IDS = (0, 100, 101, 102, 103)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """On 2 shared cores a second intra-op thread mostly waits for other processes (see test_strategies_common)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def model64(dropout: float = 0.0, attn: str = "eager") -> torch.nn.Module:
     return tiny_bert(4, hidden=16, layers=1, dtype=torch.float64, dropout=dropout, attn=attn)
 

@@ -25,15 +25,6 @@ from clue_adv.regularizers.perturb import PerturbationSpace
 CLASSES = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """On 2 shared cores a second intra-op thread mostly waits for other processes (see test_strategies_common)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_model(dtype=torch.float64, dropout: float = 0.0) -> torch.nn.Module:
     return tiny_bert(CLASSES, hidden=8, layers=1, dtype=dtype, dropout=dropout)
 

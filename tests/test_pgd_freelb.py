@@ -14,15 +14,6 @@ from clue_adv.regularizers.pgd import PGD, PGDConfig
 TARGETS = ["embedding_output", "embedding_matrix"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """On 2 shared cores a second intra-op thread mostly waits for the other processes: measured 50× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def step_grads(strategy, model, batch, seed: int = 0) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)

@@ -12,14 +12,6 @@ from conftest import make_ctx, tiny_bert
 from clue_adv.regularizers import build_strategy, registry
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: a second thread only adds contention
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(name: str):
     cls = registry()[name].config_class
     fields = cls.model_fields

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from conftest import smoke_config
 from typer.testing import CliRunner
 
@@ -19,18 +18,9 @@ runner = CliRunner()
 DEV_SAMPLES = 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory):
     """A finished tiny run with the study head (no pooler weights saved) and its best model."""
-    torch.set_num_threads(1)
     cfg = smoke_config(
         data={"path": str(ASSETS / "tnews"), "max_train_samples": 128, "max_eval_samples": DEV_SAMPLES},
         model__head="cls",
