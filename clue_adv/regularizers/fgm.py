@@ -14,7 +14,7 @@ from pydantic import Field
 
 from clue_adv.regularizers import register
 from clue_adv.regularizers.base import StepContext, StepCost, StepResult, Strategy
-from clue_adv.regularizers.perturb import PerturbationConfig, PerturbationSpace
+from clue_adv.regularizers.perturb import PerturbationConfig, PerturbationSpace, train_on_perturbed
 
 
 class FGMConfig(PerturbationConfig):
@@ -55,13 +55,4 @@ class FGM(Strategy):
         else:
             g_x = ctx.grad(clean_loss, x)
         r = self.perturbation(ctx, space, g_x)
-        adv_loss = ctx.loss(ctx.forward(ctx.embed() + space.to_x(r).to(x.dtype)))
-        ctx.backward(adv_loss)
-        return StepResult(
-            clean_loss.detach(),
-            {
-                "adv_loss": float(adv_loss.detach()),
-                "perturbation_norm": float(space.norms(r).mean()),
-                "special_token_share": space.special_token_share(r),
-            },
-        )
+        return train_on_perturbed(ctx, space, r, clean_loss)

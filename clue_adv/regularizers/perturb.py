@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from clue_adv.regularizers.base import StepContext, StrategyConfig, Target, at_least_fp32
+from clue_adv.regularizers.base import StepContext, StepResult, StrategyConfig, Target, at_least_fp32
 
 Norm = Literal["l2", "sign", "linf"]
 
@@ -208,3 +208,22 @@ class PerturbationConfig(StrategyConfig):
         if norm == "l2" or self.epsilon_unit == "absolute":
             return self.resolve(ctx, value)
         return value * coordinate_scale(ctx, self.target)
+
+
+def train_on_perturbed(
+    ctx: StepContext, space: PerturbationSpace, r: torch.Tensor, clean_loss: torch.Tensor
+) -> StepResult:
+    """The last pass of FGM/PGD: backpropagate L(x + r) into the parameters (through a fresh embedding lookup,
+    so the word-embedding weights get their gradient at the perturbed point) and report what a user needs to
+    judge ε: the adversarial loss, the perturbation's norm and its share on special tokens."""
+    x = ctx.embed()
+    adv_loss = ctx.loss(ctx.forward(x + space.to_x(r).to(x.dtype)))
+    ctx.backward(adv_loss)
+    return StepResult(
+        clean_loss.detach(),
+        {
+            "adv_loss": float(adv_loss.detach()),
+            "perturbation_norm": float(space.norms(r).mean()),
+            "special_token_share": space.special_token_share(r),
+        },
+    )

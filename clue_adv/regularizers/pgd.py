@@ -19,7 +19,7 @@ from pydantic import Field
 
 from clue_adv.regularizers import register
 from clue_adv.regularizers.base import StepContext, StepCost, StepResult, Strategy
-from clue_adv.regularizers.perturb import PerturbationConfig, PerturbationSpace
+from clue_adv.regularizers.perturb import PerturbationConfig, PerturbationSpace, train_on_perturbed
 
 
 class PGDConfig(PerturbationConfig):
@@ -80,16 +80,7 @@ class PGD(Strategy):
             if step < cfg.steps - 1:
                 g = self._input_grad(ctx, space, x, r)
 
-        adv_loss = ctx.loss(ctx.forward(ctx.embed() + space.to_x(r).to(x.dtype)))
-        ctx.backward(adv_loss)
-        return StepResult(
-            clean_loss.detach(),
-            {
-                "adv_loss": float(adv_loss.detach()),
-                "perturbation_norm": float(space.norms(r).mean()),
-                "special_token_share": space.special_token_share(r),
-            },
-        )
+        return train_on_perturbed(ctx, space, r, clean_loss)
 
     @staticmethod
     def _input_grad(ctx: StepContext, space: PerturbationSpace, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
