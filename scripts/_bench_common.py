@@ -94,18 +94,46 @@ def load_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
+def pad_to_multiple_of(device: torch.device | str) -> int | None:
+    """The padding multiple clue_adv/train.py gives its loaders: 8 on CUDA (tensor cores), none on a CPU.
+    A hand copy of train.py's rule; tests/test_bench.py checks that the two agree on CPU."""
+    return 8 if torch.device(device).type == "cuda" else None
+
+
+def adamw_as_train_py(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
+    """The optimizer clue_adv/train.py builds: AdamW over `parameter_groups`, fused on cpu/cuda.
+    A hand copy (train.py builds it inline); tests/test_bench.py checks that the two agree on CPU."""
+    from clue_adv.model import parameter_groups
+
+    return torch.optim.AdamW(
+        parameter_groups(model, cfg.optim.weight_decay),
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+        eps=cfg.optim.eps,
+        fused=device.type in ("cpu", "cuda"),
+    )
+
+
 def fixed_batches(
-    tokenizer: Any, *, task: str, count: int, batch_size: int, max_length: int, seed: int
+    tokenizer: Any,
+    *,
+    task: str,
+    count: int,
+    batch_size: int,
+    max_length: int,
+    seed: int,
+    pad_to_multiple_of: int | None,
 ) -> list[dict[str, torch.Tensor]]:
     """`count` batches of real training examples, drawn at random (as clue_adv's default sampler does) and
-    padded dynamically to a multiple of 8 (as its collator does)."""
+    padded dynamically to their longest example, rounded up to `pad_to_multiple_of` if given (as its
+    collator does: pass `pad_to_multiple_of(device)`)."""
     from transformers import DataCollatorWithPadding
 
     labels = read_labels(ASSETS / task / "labels.json")
     split = read_split(ASSETS / task / "train.json", labels)
     rng = random.Random(seed)
     order = rng.sample(range(len(split["sentence"])), min(count * batch_size, len(split["sentence"])))
-    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8, return_tensors="pt")
+    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
     batches = []
     for start in range(0, len(order) - batch_size + 1, batch_size):
         idx = order[start : start + batch_size]

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from clue_adv.config import RunConfig  # noqa: E402
 from clue_adv.data import bundled_labels  # noqa: E402
-from clue_adv.model import build_model, parameter_groups, special_token_ids  # noqa: E402
+from clue_adv.model import build_model, special_token_ids  # noqa: E402
 from clue_adv.regularizers import build_strategy, registry  # noqa: E402
 from clue_adv.regularizers.base import Batch, PassCounter, StepContext, Strategy, StrategyConfig  # noqa: E402
 from clue_adv.train import autocast_for  # noqa: E402
@@ -168,9 +168,7 @@ class Contender:
             self.passes.append((self.counter.forward, self.counter.backward, self.counter.double_backward))
 
 
-def build_contender(
-    row: Row, architecture: dict[str, int], device: torch.device, task: str, seed: int, fused_adamw: bool = False
-) -> Contender:
+def build_contender(row: Row, architecture: dict[str, int], device: torch.device, task: str, seed: int) -> Contender:
     from transformers import set_seed
 
     cfg = common.run_config(task=task, architecture=architecture, device=device, strategy=row.config.model_dump())
@@ -179,14 +177,7 @@ def build_contender(
     model = build_model(cfg, bundled_labels(task), strategy.needs_double_backward).to(device)
     model.train()
     strategy.setup(model)
-    # As clue_adv/train.py builds it (keep the two in step); `fused_adamw` is a what-if for a cheaper fixed cost.
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, cfg.optim.weight_decay),
-        lr=cfg.optim.lr,
-        betas=cfg.optim.betas,
-        eps=cfg.optim.eps,
-        fused=True if fused_adamw else None,
-    )
+    optimizer = common.adamw_as_train_py(model, cfg, device)
     precision, autocast = autocast_for(cfg, device)
     return Contender(
         row=row,
@@ -237,9 +228,15 @@ def probe_memory(args: argparse.Namespace) -> dict[str, float]:
     row = Row(config["name"], registry()[config["name"]].config_class.model_validate(config))
     tokenizer = common.load_tokenizer()
     batches = common.fixed_batches(
-        tokenizer, task=args.task, count=3, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed
+        tokenizer,
+        task=args.task,
+        count=3,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+        pad_to_multiple_of=common.pad_to_multiple_of(device),
     )
-    c = build_contender(row, common.SHAPES[args.shape], device, args.task, args.seed, args.fused_adamw)
+    c = build_contender(row, common.SHAPES[args.shape], device, args.task, args.seed)
     c.step(batches[0], record=False)  # allocates the optimizer state: part of the baseline, not of the step
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -265,7 +262,6 @@ def memory_in_subprocess(row: Row, args: argparse.Namespace) -> dict[str, float]
         *("--device", args.device, "--shape", args.shape, "--task", args.task),
         *("--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--seed", str(args.seed)),
         *("--threads", str(args.threads)),
-        *(["--fused-adamw"] if args.fused_adamw else []),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
@@ -350,15 +346,20 @@ def run(
     warmup: int = 3,
     seed: int = 1,
     batch_count: int = 8,
-    fused_adamw: bool = False,
 ) -> tuple[list[Contender], dict[str, dict[str, Any]]]:
     """Time every row interleaved; return the contenders (for profiling) and the per-row results."""
     torch.manual_seed(seed)
     tokenizer = common.load_tokenizer()
     batches = common.fixed_batches(
-        tokenizer, task=task, count=batch_count, batch_size=batch_size, max_length=max_length, seed=seed
+        tokenizer,
+        task=task,
+        count=batch_count,
+        batch_size=batch_size,
+        max_length=max_length,
+        seed=seed,
+        pad_to_multiple_of=common.pad_to_multiple_of(device),
     )
-    contenders = [build_contender(row, architecture, device, task, seed, fused_adamw) for row in rows]
+    contenders = [build_contender(row, architecture, device, task, seed) for row in rows]
     interleave(contenders, batches, steps, warmup, seed)
     return contenders, summarize(contenders, {})
 
@@ -373,13 +374,14 @@ def markdown(payload: dict[str, Any]) -> str:
         "CUDA path (CUDA-event timing, bf16 autocast, `torch.cuda.max_memory_allocated`) exists but is not "
         "measured here."
     )
+    multiple = f" to a multiple of {setup['pad_to_multiple_of']}" if setup.get("pad_to_multiple_of") else ""
     lines = [
         f"# Strategy cost benchmark ({setup['shape']} BERT, {info['device']})",
         "",
         *common.machine_markdown(info),
         f"- Model: {setup['shape']} ({setup['architecture'] or 'bert-base-chinese config'}), random init, "
         f"{setup['precision']}; batch {setup['batch_size']}, max length {setup['max_length']}, "
-        f"{setup['task']} batches (dynamic padding, mean padded length {setup['mean_padded_length']:.1f}); "
+        f"{setup['task']} batches (dynamic padding{multiple}, mean padded length {setup['mean_padded_length']:.1f}); "
         f"optimizer {setup['optimizer']}",
         f"- Steps: {setup['warmup']} warm-up + {setup['steps']} measured per strategy, interleaved in a shuffled "
         "order each round",
@@ -450,11 +452,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CPU intra-op threads (default 1: on a shared machine one descheduled thread of two stalls every "
         "parallel region, which makes 2-thread timings swing several-fold)",
     )
-    p.add_argument(
-        "--fused-adamw",
-        action="store_true",
-        help="what-if: fused AdamW (train.py uses the default implementation); writes strategies-<device>-fused-adamw",
-    )
     p.add_argument("--no-memory", action="store_true", help="skip the per-strategy memory processes")
     p.add_argument("--profile", help="comma-separated row labels to profile with torch.profiler after timing")
     p.add_argument("--profile-steps", type=int, default=5)
@@ -490,7 +487,6 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps,
         warmup=args.warmup,
         seed=args.seed,
-        fused_adamw=args.fused_adamw,
     )
     memory: dict[str, dict[str, float] | None] = {}
     if not args.no_memory:
@@ -506,16 +502,17 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,
+        pad_to_multiple_of=common.pad_to_multiple_of(device),
     )
+    defaults = contenders[0].optimizer.defaults
     payload = {
         "machine": info,
         "setup": {
             "shape": args.shape,
             "architecture": architecture,
             "precision": contenders[0].precision,
-            "optimizer": "torch.optim.AdamW(fused=True) (what-if)"
-            if args.fused_adamw
-            else "torch.optim.AdamW, default implementation (as clue_adv/train.py)",
+            "optimizer": f"torch.optim.AdamW(fused={defaults['fused']}), as clue_adv/train.py builds it",
+            "pad_to_multiple_of": common.pad_to_multiple_of(device),
             "task": args.task,
             "batch_size": args.batch_size,
             "max_length": args.max_length,
@@ -528,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         "strategies": results,
         "notes": args.note,
     }
-    stem = f"strategies-{common.device_tag(device)}" + ("-fused-adamw" if args.fused_adamw else "")
+    stem = f"strategies-{common.device_tag(device)}"
     json_path, md_path = common.write_outputs(stem, payload, markdown(payload), args.output_dir)
     print(markdown(payload))
     print(f"wrote {json_path} and {md_path}")
@@ -536,7 +533,13 @@ def main(argv: list[str] | None = None) -> int:
         by_label = {c.row.label: c for c in contenders}
         tokenizer = common.load_tokenizer()
         batches = common.fixed_batches(
-            tokenizer, task=args.task, count=4, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed
+            tokenizer,
+            task=args.task,
+            count=4,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            seed=args.seed,
+            pad_to_multiple_of=common.pad_to_multiple_of(device),
         )
         for label in args.profile.split(","):
             if label not in by_label:

@@ -8,12 +8,15 @@ REGULARIZERS.md's table. The ratios are timings on a shared machine, so the boun
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from conftest import smoke_config
 
 from clue_adv.regularizers import registry
 
@@ -168,15 +171,104 @@ def test_throughput_contenders_train_on_the_same_examples(tmp_path, monkeypatch)
         rounds=1,
         seed=1,
         workdir=tmp_path,
-        contenders=("clue_adv", "trainer", "pad128"),
+        contenders=("clue_adv", "trainer", "trainer_grouped", "pad128"),
     )
     summary = throughput.task_summary(bench)
-    assert set(summary["train"]) == {"clue_adv", "trainer", "pad128"}
-    assert set(summary["eval"]) == {"clue_adv", "trainer", "pad128", "clue_adv_sorted"}
+    assert set(summary["train"]) == {"clue_adv", "trainer", "trainer_grouped", "pad128"}
+    assert set(summary["eval"]) == {"clue_adv", "trainer", "pad128"}
     assert all(r["samples_per_s_median"] > 0 for r in summary["train"].values())
     tokens = bench.padded_tokens
     # Padding to 128 holds every example's tokens plus padding; dynamic padding can only hold fewer positions.
     assert tokens["pad128"] == 64 * 128
-    assert tokens["real_tokens"] <= tokens["clue_adv_fused_adamw_no_pad8"] <= tokens["clue_adv"] < tokens["pad128"]
-    assert tokens["clue_adv"] % 8 == 0  # clue_adv's collator pads to a multiple of 8
+    assert tokens["real_tokens"] <= tokens["length_grouped_minimum"] <= tokens["clue_adv"] < tokens["pad128"]
+    # On CPU clue_adv pads each batch to its longest example only (no multiple of 8), and its length-grouped
+    # sampler sorts windows of 50 batches: on 64 examples that is the whole epoch, so the minimum exactly.
+    assert tokens["clue_adv"] <= 1.05 * tokens["length_grouped_minimum"]
+    assert tokens["clue_adv"] < tokens["clue_adv_random"]
     assert summary["targets"]["clue_adv_over_pad128"]["target"] == 3.0
+    # Only pairs whose both sides ran (clue_adv_random did not); the token ratio is the sampler's, not a timing.
+    assert set(summary["like_with_like"]) == {"clue_adv_over_trainer_grouped"}
+    pair = summary["like_with_like"]["clue_adv_over_trainer_grouped"]
+    assert pair["padded_token_ratio"] == tokens["trainer_grouped"] / tokens["clue_adv"]
+    setup = {"shape": "small", "architecture": SMALL, "precision": "fp32", "batch_size": 32, "max_length": 128}
+    setup |= {"eval_batch_size": 128, "rounds": 1, "wall_time_s": 1.0}
+    info = throughput.common.machine_info(torch.device("cpu"), "python scripts/bench_throughput.py")
+    md = throughput.markdown({"machine": info, "setup": setup, "tasks": {"tnews": summary}, "notes": []})
+    for name in summary["train"]:
+        assert f"| {name} | " in md
+    assert "clue_adv_over_trainer_grouped (like with like" in md and "clue_adv_over_trainer: " in md
+
+
+def test_length_grouped_minimum_is_the_least_padding():
+    throughput = _load("bench_throughput")
+    lengths = [5, 1, 4, 2, 3, 3, 9]
+    # Cut from the shortest: (1, 2) (3, 3) (4, 5) (9) -> 2·2 + 2·3 + 2·5 + 9 = 29; the lone batch takes the 9.
+    assert throughput.length_grouped_minimum(lengths, 2) == 29
+    assert throughput.length_grouped_minimum(lengths, 2, multiple=8) == 2 * 8 + 2 * 8 + 2 * 8 + 16
+    for batch_size, multiple in ((2, None), (3, None), (2, 4), (3, 4)):
+        # Brute force: every order of the seven lengths, cut into consecutive batches as a DataLoader does.
+        best = min(
+            sum(
+                len(chunk) * (max(chunk) if multiple is None else -(-max(chunk) // multiple) * multiple)
+                for chunk in (order[i : i + batch_size] for i in range(0, len(order), batch_size))
+            )
+            for order in itertools.permutations(lengths)
+        )
+        assert throughput.length_grouped_minimum(lengths, batch_size, multiple) == best, (batch_size, multiple)
+
+
+def test_benchmarks_build_what_train_py_builds(monkeypatch, tmp_path):
+    """The benchmarks copy train.py's optimizer and padding choices by hand; catch the copies drifting.
+
+    train() runs up to the optimizer's construction, which is recorded and then aborts it: nothing is trained
+    or written."""
+    import clue_adv.train as train_module
+
+    common = _load("_bench_common")
+    seen: dict[str, Any] = {}
+
+    class Stop(Exception):
+        pass
+
+    original_adamw, original_loader, original_build = (
+        torch.optim.AdamW,
+        train_module.train_loader,
+        train_module.build_model,
+    )
+
+    class RecordingAdamW(original_adamw):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            seen["optimizer"] = self
+            raise Stop
+
+    def recording_loader(*args: Any, **kwargs: Any) -> Any:
+        seen["loader"] = (args, kwargs)
+        return original_loader(*args, **kwargs)
+
+    def recording_build(*args: Any, **kwargs: Any) -> Any:
+        seen["model"] = original_build(*args, **kwargs)
+        return seen["model"]
+
+    cfg = smoke_config(device="cpu")
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.optim, "AdamW", RecordingAdamW)
+        patch.setattr(train_module, "train_loader", recording_loader)
+        patch.setattr(train_module, "build_model", recording_build)
+        with pytest.raises(Stop):
+            train_module.train(cfg, tmp_path, show_progress=False)
+
+    device = torch.device("cpu")
+    args, kwargs = seen["loader"]
+    pad = kwargs.get("pad_to_multiple_of", args[3] if len(args) > 3 else None)
+    assert pad == common.pad_to_multiple_of(device)
+
+    theirs = seen["optimizer"]
+    ours = common.adamw_as_train_py(seen["model"], cfg, device)
+    assert type(ours) is original_adamw
+    assert ours.defaults == theirs.defaults  # lr, betas, eps, fused, foreach, ...
+    assert ours.defaults["fused"] is True
+    assert len(ours.param_groups) == len(theirs.param_groups)
+    for mine, other in zip(ours.param_groups, theirs.param_groups):
+        assert [id(p) for p in mine["params"]] == [id(p) for p in other["params"]]
+        assert {k: v for k, v in mine.items() if k != "params"} == {k: v for k, v in other.items() if k != "params"}
