@@ -3,13 +3,17 @@
 #   scripts/local-slurm.sh install   apt-get install slurm-wlm munge (Debian), if missing
 #   scripts/local-slurm.sh start     start the daemons (idempotent); prints the SLURM_CONF to export
 #   scripts/local-slurm.sh status    exit 0 when the node is up and idle/allocated
-#   scripts/local-slurm.sh stop      stop what `start` started, by pid files (idempotent)
-# Needs root. State (config, spool, logs, pid files) lives in $CLUE_ADV_SLURM_DIR (default /tmp/clue-adv-slurm);
-# nothing under /etc/slurm is touched: clients find the config through SLURM_CONF.
+#   scripts/local-slurm.sh stop      cancel its jobs, stop what `start` started, by pid files (idempotent)
+# Needs root. Everything (config, munge key and socket, spool, logs, pid files) lives in $CLUE_ADV_SLURM_DIR
+# (default /tmp/clue-adv-slurm); nothing under /etc is touched: clients find the config through SLURM_CONF,
+# and the config names this cluster's own munge socket. Several such clusters can run side by side (one per
+# state dir) when each gets its own ports: $CLUE_ADV_SLURM_PORT (slurmctld; slurmd uses the next one).
 # Recipe checked on these machines: ../shared/SLURM.md (Slurm 22.05 from Debian).
 set -euo pipefail
 STATE=${CLUE_ADV_SLURM_DIR:-/tmp/clue-adv-slurm}
 CONF=$STATE/slurm.conf
+PORT=${CLUE_ADV_SLURM_PORT:-6817}
+MUNGE_SOCKET=$STATE/munge/munge.socket
 export SLURM_CONF=$CONF
 HOST=$(hostname -s)
 
@@ -17,7 +21,9 @@ die() { echo "local-slurm: $*" >&2; exit 1; }
 need_root() { [ "$(id -u)" = 0 ] || die "needs root (munged and slurmd run as root here)"; }
 have_binaries() { command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
                   && command -v sbatch >/dev/null; }
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# (read once: a daemon removes its pid file as it exits)
+alive() { local pid; pid=$(cat "$1" 2>/dev/null) && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
+munge_ok() { munge -n -S "$MUNGE_SOCKET" 2>/dev/null | unmunge -S "$MUNGE_SOCKET" >/dev/null 2>&1; }
 
 node_up() {
   local state
@@ -32,18 +38,30 @@ install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge
 }
 
+# This cluster's own munged (key, socket, seed, log in the state dir): the machine's munge, if any, is left
+# alone, and stopping one cluster cannot break another's authentication.
 start_munge() {
-  if [ -S /run/munge/munge.socket.2 ] && munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then return 0; fi
-  mkdir -p /etc/munge /run/munge /var/lib/munge /var/log/munge
-  if [ ! -s /etc/munge/munge.key ]; then
-    dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
+  alive "$STATE/munged.pid" && munge_ok && return 0
+  mkdir -p "$STATE/munge"
+  chmod 700 "$STATE/munge"
+  if [ ! -s "$STATE/munge/munge.key" ]; then
+    dd if=/dev/urandom of="$STATE/munge/munge.key" bs=1024 count=1 status=none
+    chmod 400 "$STATE/munge/munge.key"
   fi
-  chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge
-  chmod 400 /etc/munge/munge.key
-  # as root munged refuses to start without --force; it then warns about log ownership (harmless)
-  munged --force --pid-file "$STATE/munged.pid" 2>>"$STATE/log/munged.err" || die "munged failed to start"
-  for _ in $(seq 20); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && return 0; sleep 0.5; done
-  die "munge does not answer (see $STATE/log/munged.err)"
+  # as root munged refuses to start without --force
+  munged --force --socket="$MUNGE_SOCKET" --key-file="$STATE/munge/munge.key" --pid-file="$STATE/munged.pid" \
+    --seed-file="$STATE/munge/munged.seed" --log-file="$STATE/log/munged.log" 2>>"$STATE/log/munged.err" \
+    || die "munged failed to start (see $STATE/log/munged.err)"
+  for _ in $(seq 20); do munge_ok && return 0; sleep 0.5; done
+  die "munge does not answer (see $STATE/log/munged.log)"
+}
+
+# The node's memory in MB, less a margin for the daemons, so that a job's --mem is checked against the real
+# machine (a RealMemory above what the node has would put it in state DRAIN).
+real_memory_mb() {
+  local kb
+  kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo 2>/dev/null || true)
+  if [ -n "$kb" ]; then echo $(( kb / 1024 * 9 / 10 )); else echo 2000; fi
 }
 
 write_conf() {
@@ -51,9 +69,13 @@ write_conf() {
   cat >"$CONF" <<CONF
 ClusterName=clueadv
 SlurmctldHost=$HOST
+SlurmctldPort=$PORT
+SlurmdPort=$((PORT + 1))
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$MUNGE_SOCKET
 MpiDefault=none
 StateSaveLocation=$STATE/state
 SlurmdSpoolDir=$STATE/spool
@@ -67,7 +89,9 @@ JobAcctGatherType=jobacct_gather/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
-NodeName=$HOST CPUs=$(nproc) RealMemory=2000 State=UNKNOWN
+# scancel: SIGTERM, then SIGKILL this many seconds later (submitit's jobs ignore SIGTERM); 30 s by default
+KillWait=2
+NodeName=$HOST CPUs=$(nproc) RealMemory=$(real_memory_mb) State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 CONF
 }
@@ -92,16 +116,32 @@ start() {
   die "the node did not come up (see $STATE/log/)"
 }
 
-stop() {
-  for name in slurmd slurmctld munged; do
-    local pidfile=$STATE/$name.pid
-    if alive "$pidfile"; then
-      kill "$(cat "$pidfile")" 2>/dev/null || true
-      for _ in $(seq 20); do alive "$pidfile" || break; sleep 0.25; done
-      alive "$pidfile" && kill -9 "$(cat "$pidfile")" 2>/dev/null || true
-    fi
-    rm -f "$pidfile"
+# SIGTERM the named daemons (by their pid files), wait up to 5 s, then SIGKILL what is left.
+terminate() {
+  local name pid pids=()
+  for name in "$@"; do
+    pid=$(cat "$STATE/$name.pid" 2>/dev/null || true)
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill "$pid" 2>/dev/null || true; pids+=("$pid"); fi
   done
+  for _ in $(seq 20); do
+    local left=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && left=1; done
+    [ "$left" = 0 ] && break
+    sleep 0.25
+  done
+  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+  for name in "$@"; do rm -f "$STATE/$name.pid"; done
+}
+
+stop() {
+  # Jobs first: their processes belong to slurmstepd, which outlives slurmd.
+  if alive "$STATE/slurmctld.pid"; then
+    scancel --user "$(id -un)" >/dev/null 2>&1 || true
+    for _ in $(seq 20); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.5; done
+  fi
+  # Both Slurm daemons at once (each takes a couple of seconds to save its state), munge after them.
+  terminate slurmd slurmctld
+  terminate munged
   echo "stopped"
 }
 
