@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from clue_adv.errors import ClueAdvError
+
+if TYPE_CHECKING:  # the sweep module is imported when a sweep command runs, not at start-up
+    from clue_adv.sweep import SweepPlan
 
 app = typer.Typer(
     help="Noise, adversarial training and gradient penalties for BERT on CLUE TNEWS/IFLYTEK.",
@@ -163,7 +166,22 @@ def sweep(
         typer.Option("--set", "-s", help="Override a run field in every cell: --set epochs=1 (repeatable)."),
     ] = None,
     output_dir: OutputOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the planned runs and which are done.")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="List the planned runs and which are done; with --executor slurm also the sbatch script and "
+            "which array task holds which run. Submits nothing.",
+        ),
+    ] = False,
+    status: Annotated[
+        bool,
+        typer.Option(
+            "--status",
+            help="Show each run's state from its directory (completed, running, pending in Slurm, failed, not "
+            "started), whatever executor ran it. Runs nothing.",
+        ),
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Rerun every cell, completed ones too.")] = False,
     jobs: Annotated[
         int | None, typer.Option("--jobs", "-j", min=1, help="Runs at once (default: 1, or one per device).")
@@ -184,27 +202,20 @@ def sweep(
     ] = True,
 ) -> None:
     """Run a grid of runs (tasks × strategies × hyperparameters × seeds); resumes where it stopped."""
-    from clue_adv.sweep import load_plan, run_sweep
+    from clue_adv.sweep import EXECUTORS, load_plan, run_sweep
 
+    if executor not in EXECUTORS:
+        _fail(ClueAdvError(f"--executor: unknown executor {executor!r} (valid: {', '.join(EXECUTORS)})"))
     try:
         plan = load_plan(config, output_dir, set_ or [])
     except ClueAdvError as e:
         _fail(e)
     done = sum(c.done for c in plan.cells)
+    if status:
+        _print_status(plan, config)
+        return
     if dry_run:
-        table = Table(title=f"{config}: {len(plan.cells)} run(s), {done} already completed")
-        for col in ("#", "experiment", "task", "strategy", "seed", "state"):
-            table.add_column(col, overflow="fold")
-        for i, cell in enumerate(plan.cells, start=1):
-            state = {"completed": "done (skip)", "absent": "to run"}.get(cell.state, f"rerun ({cell.state})")
-            if force:
-                state = "rerun (--force)" if cell.done else state
-            c = cell.config
-            table.add_row(str(i), c.experiment, c.task, cell.directory.parent.name, str(c.seed), state)
-        out.print(table)
-        to_run = len(plan.to_run(force))
-        out.print(f"{len(plan.cells)} planned, {done} completed, {to_run} to run", highlight=False)
-        out.print(f"run directories under {plan.output_dir.resolve()}", highlight=False)
+        _print_dry_run(plan, config, force, executor)
         return
     device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices is not None else None
     err.print(f"sweep {config}: {len(plan.cells)} run(s), {done} already completed", highlight=False)
@@ -233,6 +244,61 @@ def sweep(
         err.print("interrupted: rerun the same command to resume", highlight=False)
     if result.exit_code:
         raise typer.Exit(result.exit_code)
+
+
+def _print_status(plan: SweepPlan, config: Path) -> None:
+    from rich.markup import escape
+
+    from clue_adv.sweep import STATUS_ORDER, sweep_status
+
+    statuses = sweep_status(plan)
+    table = Table(title=f"{config}: {len(plan.cells)} run(s)")
+    for col in ("#", "experiment", "task", "strategy", "seed", "status", "detail"):
+        table.add_column(col, overflow="fold")
+    style = {"completed": "green", "failed": "red", "interrupted": "yellow", "running": "cyan"}
+    for i, st in enumerate(statuses, start=1):
+        c = st.cell.config
+        shown = f"[{style[st.status]}]{st.status}[/]" if st.status in style else st.status
+        tag = st.cell.directory.parent.name
+        table.add_row(str(i), c.experiment, c.task, escape(tag), str(c.seed), shown, escape(st.detail))
+    out.print(table)
+    counts = {s: sum(st.status == s for st in statuses) for s in STATUS_ORDER}
+    out.print(", ".join(f"{n} {s}" for s, n in counts.items()), highlight=False)
+    out.print(f"run directories under {plan.output_dir.resolve()}", highlight=False)
+
+
+def _print_dry_run(plan: SweepPlan, config: Path, force: bool, executor: str) -> None:
+    from clue_adv.sweep import sbatch_script, submission
+
+    todo, queued = submission(plan, force)
+    array = {cell.directory: i for i, cell in enumerate(todo)}
+    slurm = executor == "slurm"
+    done = sum(c.done for c in plan.cells)
+    table = Table(title=f"{config}: {len(plan.cells)} run(s), {done} already completed")
+    for col in ("#", "experiment", "task", "strategy", "seed", "state") + (("array task",) if slurm else ()):
+        table.add_column(col, overflow="fold")
+    for i, cell in enumerate(plan.cells, start=1):
+        state = {"completed": "done (skip)", "absent": "to run"}.get(cell.state, f"rerun ({cell.state})")
+        if force:
+            state = "rerun (--force)" if cell.done else state
+        if cell.directory in queued:
+            state = f"in the queue: job {queued[cell.directory][1]['job_id']} (wait)"
+        c = cell.config
+        row = [str(i), c.experiment, c.task, cell.directory.parent.name, str(c.seed), state]
+        if slurm:
+            row.append(str(array[cell.directory]) if cell.directory in array else "-")
+        table.add_row(*row)
+    out.print(table)
+    out.print(f"{len(plan.cells)} planned, {done} completed, {len(todo)} to run", highlight=False)
+    out.print(f"run directories under {plan.output_dir.resolve()}", highlight=False)
+    if slurm and todo:
+        try:
+            script = sbatch_script(plan, len(todo))
+        except ClueAdvError as e:
+            _fail(e)
+        kind = f"a job array of {len(todo)} task(s)" if len(todo) > 1 else "one job"
+        out.print(f"\nsbatch script ({kind}; submitit writes it at submission):", highlight=False)
+        out.print(script, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -22,7 +22,12 @@ Choices worth knowing:
   the CPU cores (threads and affinity) and, with `devices`, one GPU (CUDA_VISIBLE_DEVICES). One job runs
   in-process and shows the run's own progress bar under the sweep's.
 * `executor="slurm"` submits the cells as one Slurm job array through submitit (resources from the
-  sweep's `slurm` block) and waits for it; `submitit-local` runs the same path on this machine.
+  sweep's `slurm` block) and waits for it; `submitit-local` runs the same path on this machine. Each run
+  directory records its job (`slurm.json`) and links the job's logs (`slurm.out`, `slurm.err`), so
+  `--status` tells pending from running and a later sweep waits for a run still in the queue instead of
+  submitting it twice. The wait watches the queue with squeue (sacct needs accounting, which many
+  clusters lack): a job that leaves it without a result (scancel, time limit, out of memory) is a failed
+  run, rerun by the next sweep.
 """
 
 from __future__ import annotations
@@ -30,9 +35,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import getpass
 import itertools
 import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +49,7 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -93,7 +103,9 @@ class SlurmConfig(StrictModel):
         description="Extra sbatch options, e.g. {exclude: node12} for `--exclude=node12`.",
     )
     log_dir: str | None = Field(
-        None, description="Where submitit keeps job scripts and logs; default: <output_dir>/<experiment>/slurm."
+        None,
+        description="Where submitit keeps job scripts, pickles and logs (one folder per array task); default: "
+        "<output_dir>/<experiment>/slurm. Each run directory links its job's logs as slurm.out and slurm.err.",
     )
 
 
@@ -606,9 +618,12 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def _classify(cell: Cell, returncode: int | None, seconds: float, log: Path | None = None) -> CellResult:
+def _classify(
+    cell: Cell, returncode: int | None, seconds: float, log: Path | None = None, fallback: str | None = None
+) -> CellResult:
     """What a finished worker left in its run directory; a run that died without saying so (killed,
-    out of host memory) still says `running` and is marked failed here, so the directory is honest."""
+    out of host memory) still says `running` and is marked failed here, so the directory is honest.
+    `fallback`: how the worker ended, where its exit code says nothing (a job that left the queue)."""
     summary = read_summary(cell.directory) or {}
     status = summary.get("status")
     if returncode == 0 and status == "completed":
@@ -619,7 +634,7 @@ def _classify(cell: Cell, returncode: int | None, seconds: float, log: Path | No
     if error is None:
         tail = _log_tail(log)
         how = f"exit code {returncode}" if returncode is None or returncode >= 0 else f"signal {-returncode}"
-        error = f"worker ended with {how}" + (f": {tail}" if tail else "")
+        error = fallback or f"worker ended with {how}" + (f": {tail}" if tail else "")
         if status == "running":
             summary.update(status="failed", error=error)
             atomic_write_json(cell.directory / "summary.json", summary)
@@ -749,9 +764,14 @@ def _run_subprocesses(
     return SweepResult(results, interrupted)
 
 
-def run_cell(resolved: dict[str, Any], force: bool = False, threads: int | None = None) -> dict[str, Any]:
+def run_cell(
+    resolved: dict[str, Any], force: bool = False, threads: int | None = None, cwd: str | None = None
+) -> dict[str, Any]:
     """One cell, in whatever process runs it (a submitit job); picklable by reference. `threads`: the
-    job's CPU allocation; torch would otherwise start one thread per core it can see on the node."""
+    job's CPU allocation; torch would otherwise start one thread per core it can see on the node. `cwd`:
+    the sweep's working directory, which relative paths in the config (data.path) are relative to."""
+    if cwd and os.path.isdir(cwd):
+        os.chdir(cwd)
     import torch
 
     from clue_adv.train import train
@@ -766,70 +786,333 @@ def run_cell(resolved: dict[str, Any], force: bool = False, threads: int | None 
     return {"status": "skipped" if outcome.skipped else "completed", "directory": str(outcome.directory)}
 
 
-def submitit_executor(plan: SweepPlan, cluster: str) -> Any:
-    """A submitit executor configured from the sweep's `slurm` block (`cluster`: slurm, local or debug)."""
+# --------------------------------------------------------------------------------------------------
+# Slurm through submitit: sbatch parameters, what each run directory records, the queue, status
+
+SLURM_RECORD = "slurm.json"  # in a run directory: the job last submitted for it (id, log files, submitter)
+SLURM_LOGS = {"stdout": "slurm.out", "stderr": "slurm.err"}  # links beside the run's files to that job's logs
+# A job that left the queue without a result file: how long to wait for the file anyway (a shared file
+# system can show it late) before calling the run failed; and how often to ask squeue.
+RESULT_GRACE_S = 15.0
+QUEUE_POLL_S = 5.0
+
+
+def _submitit() -> Any:
     try:
         import submitit
     except ImportError:
         raise ClueAdvError("--executor slurm needs submitit: pip install 'clue-adv[slurm]'") from None
+    return submitit
+
+
+def slurm_folder(plan: SweepPlan) -> Path:
+    """Where submitit keeps the job scripts, pickles and logs (`<folder>/<job id>/`)."""
     s = plan.sweep.slurm
-    folder = Path(s.log_dir) if s.log_dir else plan.output_dir / plan.experiments[0] / "slurm"
-    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster)
-    gpus = s.gpus_per_node
-    if cluster != "slurm":
+    return (Path(s.log_dir) if s.log_dir else plan.output_dir / plan.experiments[0] / "slurm").absolute()
+
+
+def sbatch_parameters(plan: SweepPlan) -> dict[str, Any]:
+    """The sweep's `slurm` block as submitit SlurmExecutor parameters (sbatch option names)."""
+    s = plan.sweep.slurm
+    params: dict[str, Any] = {
+        "job_name": f"clue-adv-{plan.experiments[0]}",
+        "time": s.time_min,
+        "cpus_per_task": s.cpus_per_task,
+        "gpus_per_node": s.gpus_per_node or None,  # 0: no GPU request at all (CPU partitions may refuse one)
+        "mem": f"{s.mem_gb}GB",
+        "array_parallelism": s.array_parallelism,
+        "partition": s.partition,
+        "account": s.account,
+        "qos": s.qos,
+        "constraint": s.constraint,
+        "setup": s.setup or None,
+        "additional_parameters": s.additional or None,
+    }
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def sbatch_script(plan: SweepPlan, n_tasks: int) -> str:
+    """The batch script `--executor slurm` submits for `n_tasks` runs: submitit's own rendering of the
+    same parameters, so a dry run shows exactly what sbatch will get."""
+    _submitit()
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    folder = slurm_folder(plan) / "%j"
+    command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    # One run is submitted as a plain job, more as an array (as submitit's map_array does).
+    count = n_tasks if n_tasks > 1 else None
+    return _make_sbatch_string(command=command, folder=folder, map_count=count, **sbatch_parameters(plan))
+
+
+def submitit_executor(plan: SweepPlan, cluster: str) -> Any:
+    """A submitit executor configured from the sweep's `slurm` block (`cluster`: slurm, local or debug)."""
+    submitit = _submitit()
+    executor = submitit.AutoExecutor(folder=slurm_folder(plan) / "%j", cluster=cluster)
+    params = sbatch_parameters(plan)
+    if cluster == "slurm":
+        executor.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})
+    else:
         import torch
 
-        gpus = min(gpus, torch.cuda.device_count())  # the local executor refuses GPUs it cannot see
-    params: dict[str, Any] = {
-        "name": f"clue-adv-{plan.experiments[0]}",
-        "timeout_min": s.time_min,
-        "cpus_per_task": s.cpus_per_task,
-        "gpus_per_node": gpus,
-        "mem_gb": s.mem_gb,
-        "slurm_array_parallelism": s.array_parallelism,
-        "slurm_partition": s.partition,
-        "slurm_account": s.account,
-        "slurm_qos": s.qos,
-        "slurm_constraint": s.constraint,
-        "slurm_setup": s.setup or None,
-        "slurm_additional_parameters": s.additional or None,
-    }
-    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+        s = plan.sweep.slurm
+        executor.update_parameters(
+            name=params["job_name"],
+            timeout_min=s.time_min,
+            cpus_per_task=s.cpus_per_task,
+            gpus_per_node=min(s.gpus_per_node, torch.cuda.device_count()),  # local: only GPUs it can see
+            mem_gb=s.mem_gb,
+        )
     return executor
 
 
-def _run_submitit(
-    plan: SweepPlan, cells: list[Cell], force: bool, cluster: str, progress: SweepProgress, console: Console
-) -> SweepResult:
-    executor = submitit_executor(plan, cluster)
-    threads = [plan.sweep.slurm.cpus_per_task] * len(cells)
+def slurm_queue() -> dict[str, str] | None:
+    """This user's jobs and array tasks still in the Slurm queue (`123_4` -> PENDING, RUNNING, ...);
+    None where squeue is missing or fails, so that nothing is concluded from silence."""
+    if shutil.which("squeue") is None:
+        return None
+    command = ["squeue", "--noheader", "--array", "--format=%i %T"]
+    with contextlib.suppress(Exception):
+        command += ["--user", getpass.getuser()]
     try:
-        jobs = executor.map_array(run_cell, [c.config.resolved() for c in cells], [force] * len(cells), threads)
-    except Exception as e:  # sbatch missing or refusing (bad partition, account...): say so, no traceback
-        raise ClueAdvError(f"could not submit the job array ({cluster}): {type(e).__name__}: {e}") from None
-    if jobs:
-        ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
-        console.print(f"submitted {len(jobs)} run(s) as job {', '.join(ids)} ({cluster})", highlight=False)
+        listing = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    queue: dict[str, str] = {}
+    for line in listing.splitlines():
+        job, _, state = line.strip().partition(" ")
+        packed = re.fullmatch(r"(\d+)_\[([\d,\-]+)(?:%\d+)?\]", job)  # pending tasks some versions keep packed
+        if not packed:
+            queue[job] = state.strip()
+            continue
+        for part in packed.group(2).split(","):
+            low, _, high = part.partition("-")
+            for index in range(int(low), int(high or low) + 1):
+                queue[f"{packed.group(1)}_{index}"] = state.strip()
+    return queue
+
+
+def read_slurm_record(directory: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads((directory / SLURM_RECORD).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) and record.get("job_id") else None
+
+
+def _record_submission(cell: Cell, job: Any, cluster: str, folder: Path) -> None:
+    """The run directory says which job holds it (for --status and for the next sweep) and links that
+    job's stdout/stderr beside its files (the links dangle until the job starts)."""
+    directory = cell.directory
+    directory.mkdir(parents=True, exist_ok=True)
+    record = {
+        "executor": cluster,
+        "job_id": str(job.job_id),
+        "folder": str(folder),
+        "stdout": str(job.paths.stdout),
+        "stderr": str(job.paths.stderr),
+        "submitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_json(directory / SLURM_RECORD, record)
+    for key, name in SLURM_LOGS.items():
+        link = directory / name
+        with contextlib.suppress(OSError):  # a file system without links: the record still names the logs
+            link.unlink(missing_ok=True)
+            link.symlink_to(os.path.relpath(record[key], directory))
+
+
+def in_queue(cells: list[Cell], queue: dict[str, str] | None = None) -> dict[Path, tuple[str, dict[str, Any]]]:
+    """Cells whose last Slurm job is still queued or running: directory -> (its queue state, its record).
+    Such a cell is not submitted again: a second job would write into the same directory."""
+    records = {}
+    for cell in cells:
+        record = read_slurm_record(cell.directory)
+        if record and record.get("executor") == "slurm":
+            records[cell.directory] = record
+    if not records:
+        return {}
+    queue = slurm_queue() if queue is None else queue
+    if not queue:
+        return {}
+    return {d: (queue[r["job_id"]], r) for d, r in records.items() if r["job_id"] in queue}
+
+
+@dataclass
+class CellStatus:
+    cell: Cell
+    status: str  # pending | running | completed | failed | interrupted | not started
+    detail: str = ""
+    job_id: str | None = None
+
+
+STATUS_ORDER = ("completed", "running", "pending", "failed", "interrupted", "not started")
+
+
+def sweep_status(plan: SweepPlan) -> list[CellStatus]:
+    """What each cell's run directory says, whatever executor ran it; where the directory names a Slurm
+    job, squeue tells pending from running, and a run that says `running` although its job has left the
+    queue (cancelled, timed out, killed) is failed."""
+    records = {c.directory: read_slurm_record(c.directory) for c in plan.cells}
+    asks_slurm = any(r and r.get("executor") == "slurm" for r in records.values())
+    queue = slurm_queue() if asks_slurm else None
+    out = []
+    for cell in plan.cells:
+        record = records[cell.directory]
+        job = record["job_id"] if record else None
+        queued = queue.get(job) if queue is not None and job and record.get("executor") == "slurm" else None
+        summary = (read_summary(cell.directory) or {}) if cell.state != "absent" else {}
+        if queued == "PENDING":
+            out.append(CellStatus(cell, "pending", f"job {job} waiting in the queue", job))
+        elif queued is not None and cell.state != "running":
+            # The job runs but has not started training yet (the previous attempt's summary, if any, is stale).
+            out.append(CellStatus(cell, "running", f"job {job} {queued.lower()}, starting", job))
+        elif cell.state == "completed":
+            acc = summary.get("best_dev_accuracy")
+            out.append(CellStatus(cell, "completed", f"best dev {100 * acc:.2f}" if acc is not None else "", job))
+        elif cell.state in ("failed", "interrupted"):
+            out.append(CellStatus(cell, cell.state, str(summary.get("error") or ""), job))
+        elif cell.state == "running":
+            left = queued is None and queue is not None and record is not None and record.get("executor") == "slurm"
+            if left:
+                detail = f"job {job} left the queue without finishing (cancelled, timed out or killed); rerun the sweep"
+                out.append(CellStatus(cell, "failed", detail, job))
+            else:
+                where = f"job {job} {queued.lower()}, " if queued else ""
+                out.append(CellStatus(cell, "running", where + f"last update {_age(cell.directory)} ago", job))
+        else:
+            detail = f"job {job} left the queue before starting" if job and queue is not None else ""
+            out.append(CellStatus(cell, "not started", detail, job))
+    return out
+
+
+def _age(directory: Path) -> str:
+    times = [p.stat().st_mtime for p in (directory / "metrics.jsonl", directory / "summary.json") if p.is_file()]
+    return _duration(time.time() - max(times)) if times else "?"
+
+
+@contextlib.contextmanager
+def _quiet_submitit() -> Any:
+    """submitit warns on every failed sacct call (clusters without accounting); the sweep watches the queue
+    with squeue itself, so those warnings are noise."""
+    import logging
+
+    _submitit()  # importing it configures its logger: first, or the level set here is undone
+    logger = logging.getLogger("submitit")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _run_submitit(
+    plan: SweepPlan,
+    cells: list[Cell],
+    force: bool,
+    cluster: str,
+    progress: SweepProgress,
+    console: Console,
+    queued: list[tuple[Cell, dict[str, Any]]] | None = None,
+) -> SweepResult:
+    """Submit `cells` as one job array and wait for it, and for `queued` cells (still in the queue from
+    an earlier sweep: collected, not submitted again). A job that leaves the queue without a result
+    (scancel, time limit, out of memory) is a failed run; its directory says so and the next sweep reruns it."""
+    folder = slurm_folder(plan) / "%j"
+    jobs: list[Any] = []
+    with _quiet_submitit():
+        if cells:
+            executor = submitit_executor(plan, cluster)
+            n = len(cells)
+            try:
+                jobs = executor.map_array(
+                    run_cell,
+                    [c.config.resolved() for c in cells],
+                    [force] * n,
+                    [plan.sweep.slurm.cpus_per_task] * n,
+                    [os.getcwd()] * n,
+                )
+            except Exception as e:  # sbatch missing or refusing (bad partition, account...): say so, no traceback
+                raise ClueAdvError(f"could not submit the job array ({cluster}): {type(e).__name__}: {e}") from None
+            for cell, job in zip(cells, jobs, strict=True):
+                _record_submission(cell, job, cluster, folder)
+            ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
+            console.print(
+                f"submitted {len(jobs)} run(s) as job {', '.join(ids)} ({cluster}); each run's log: "
+                f"{'/'.join(SLURM_LOGS.values())} in its directory",
+                highlight=False,
+            )
+        cells = list(cells)
+        if queued:
+            from submitit.slurm.slurm import SlurmJob
+
+            for cell, record in queued:
+                cells.append(cell)
+                jobs.append(SlurmJob(folder=record.get("folder", folder), job_id=record["job_id"], tasks=[0]))
+            ids = sorted({r["job_id"].split("_")[0] for _, r in queued})
+            console.print(
+                f"{len(queued)} run(s) already in the queue (job {', '.join(ids)}): waiting for them, "
+                "not submitting them again",
+                highlight=False,
+            )
+        return _wait_for_jobs(cells, jobs, cluster, progress, console)
+
+
+def _has_result(job: Any) -> bool:
+    with contextlib.suppress(OSError):  # touching the folder refreshes a network file system's view of it
+        folder = job.paths.result_pickle.parent
+        folder.chmod(folder.stat().st_mode)
+    return job.paths.result_pickle.exists()
+
+
+def _wait_for_jobs(
+    cells: list[Cell], jobs: list[Any], cluster: str, progress: SweepProgress, console: Console
+) -> SweepResult:
     pending = dict(enumerate(jobs))
     starts = {i: time.perf_counter() for i in pending}
+    gone: dict[int, float] = {}  # job left the queue (or the scheduler says it ended) without a result file yet
+    next_poll = 0.0
+    queue: dict[str, str] | None = None
     results: list[CellResult] = []
     try:
         while pending:
+            now = time.monotonic()
+            if cluster == "slurm" and now >= next_poll:
+                # The queue from squeue, not job states from sacct (what submitit asks, and what clusters
+                # without accounting do not answer): a job that leaves the queue without a result would
+                # otherwise be waited for forever.
+                queue = slurm_queue()
+                next_poll = now + QUEUE_POLL_S
+                if queue is not None:
+                    for i, job in pending.items():
+                        if str(job.job_id) not in queue:
+                            gone.setdefault(i, now)
             for i, job in list(pending.items()):
-                if not job.done():
+                cell, seconds = cells[i], time.perf_counter() - starts[i]
+                if cluster == "slurm" and queue is not None:
+                    ended = _has_result(job)
+                else:  # submitit's own check (local processes; sacct where squeue failed)
+                    ended = job.done()
+                if ended and _has_result(job):
+                    try:
+                        outcome = job.result()
+                    except Exception as e:  # the job itself failed (exception, timeout, preemption, node failure)
+                        result = _classify(cell, 1, seconds)
+                        if result.status == "failed" and not result.summary.get("error"):
+                            result.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][-300:]}"
+                    else:
+                        result = _classify(cell, 0 if outcome["status"] != "failed" else 1, seconds)
+                        if outcome["status"] == "skipped":
+                            result.status = "skipped"
+                elif ended or i in gone:
+                    if time.monotonic() - gone.setdefault(i, time.monotonic()) < RESULT_GRACE_S:
+                        continue
+                    why = f"job {job.job_id} ended without a result (cancelled, timed out, out of memory, node failure)"
+                    tail = _log_tail(Path(job.paths.stderr))
+                    why += f"; its log ends: {tail}" if tail else ""
+                    result = _classify(cell, 1, seconds, fallback=why)
+                else:
                     continue
                 del pending[i]
-                cell, seconds = cells[i], time.perf_counter() - starts[i]
-                try:
-                    outcome = job.result()
-                except Exception as e:  # the job itself failed (exception, timeout, preemption, node failure)
-                    result = _classify(cell, 1, seconds)
-                    if result.status == "failed" and not result.summary.get("error"):
-                        result.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][-300:]}"
-                else:
-                    result = _classify(cell, 0 if outcome["status"] != "failed" else 1, seconds)
-                    if outcome["status"] == "skipped":
-                        result.status = "skipped"
                 results.append(result)
                 progress.finished(result)
             if pending:
@@ -843,6 +1126,15 @@ def _run_submitit(
         )
         return SweepResult(results, interrupted=True)
     return SweepResult(results)
+
+
+def submission(plan: SweepPlan, force: bool = False) -> tuple[list[Cell], dict[Path, tuple[str, dict[str, Any]]]]:
+    """The cells a sweep starts now, and those it leaves alone because their Slurm job from an earlier
+    sweep is still queued or running (directory -> (queue state, record)); with `--force` too, since a
+    second job would write into the same directory."""
+    candidates = list(plan.cells) if force else [c for c in plan.cells if not c.done]
+    queued = in_queue(candidates)
+    return [c for c in plan.to_run(force) if c.directory not in queued], queued
 
 
 def run_sweep(
@@ -864,15 +1156,24 @@ def run_sweep(
     jobs = jobs if jobs is not None else (len(devices) if devices else 1)
     if jobs < 1:
         raise ClueAdvError("--jobs must be at least 1")
-    todo = plan.to_run(force)
-    skipped = [CellResult(c, "skipped") for c in plan.cells if c not in todo]
+    todo, queued = submission(plan, force)
+    skipped = [CellResult(c, "skipped") for c in plan.cells if c not in todo and c.directory not in queued]
+    if queued and executor != "slurm":
+        ids = sorted({record["job_id"].split("_")[0] for _, record in queued.values()})
+        console.print(
+            f"{len(queued)} run(s) are still in the Slurm queue (job {', '.join(ids)}): not run here; "
+            f"see `clue-adv sweep --status`, or scancel {' '.join(ids)} and rerun",
+            highlight=False,
+        )
     progress = SweepProgress(len(plan.cells), len(skipped), console, show_progress)
     with progress:
-        if not todo:
+        if executor == "slurm" and (todo or queued):
+            waiting = [(c, queued[c.directory][1]) for c in plan.cells if c.directory in queued]
+            result = _run_submitit(plan, todo, force, "slurm", progress, console, waiting)
+        elif not todo:
             result = SweepResult([])
         elif executor != "local":
-            cluster = "slurm" if executor == "slurm" else "local"
-            result = _run_submitit(plan, todo, force, cluster, progress, console)
+            result = _run_submitit(plan, todo, force, "local", progress, console)
         elif jobs == 1 and not devices:
             result = _run_in_process(todo, force, progress, console)
         else:

@@ -332,3 +332,169 @@ def test_every_shipped_sweep_is_valid(path, tmp_path):
         assert {c.config.strategy.name for c in plan.cells} == {"none", "fgm", "gradient_penalty"}
         assert {c.config.seed for c in plan.cells} == {1, 2, 3, 4, 5}
         assert {c.config.model.name_or_path for c in plan.cells} == {"bert-base-chinese"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Slurm bookkeeping without a cluster (tests/test_slurm.py runs the real thing): dry run, status, the queue
+
+
+def _fake_run(cell, status: str | None = None, job: str | None = None, **summary) -> None:
+    """What a run (and a submission) leaves in a directory, without training."""
+    from clue_adv.rundir import atomic_write_json
+    from clue_adv.sweep import SLURM_RECORD
+
+    if status is not None:
+        start_run(cell.config, cell.directory)
+        atomic_write_json(cell.directory / "summary.json", {"status": status, **summary})
+    if job is not None:
+        cell.directory.mkdir(parents=True, exist_ok=True)
+        record = {"executor": "slurm", "job_id": job, "folder": str(cell.directory.parent / "%j")}
+        (cell.directory / SLURM_RECORD).write_text(json.dumps(record))
+
+
+def test_dry_run_with_slurm_shows_the_sbatch_script_and_which_task_holds_which_run(tmp_path):
+    pytest.importorskip("submitit")
+    from clue_adv.sweep import submission
+
+    slurm = {"partition": "gpu", "time_min": 90, "cpus_per_task": 6, "gpus_per_node": 1, "mem_gb": 40}
+    slurm |= {"array_parallelism": 2, "setup": ["module load cuda"], "additional": {"exclude": "n1"}}
+    path = write_sweep(tmp_path, {"seeds": 2, "strategies": [{"name": "none"}, {"name": "fgm"}], "slurm": slurm})
+    cells = load_plan(path).cells
+    _fake_run(cells[1], "completed", best_dev_accuracy=0.5)
+    plan = load_plan(path)
+    todo, queued = submission(plan)
+    assert [c.directory for c in todo] == [cells[i].directory for i in (0, 2, 3)] and not queued
+
+    result = runner.invoke(app, ["sweep", "-c", str(path), "--executor", "slurm", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "4 planned, 1 completed, 3 to run" in result.output and "array task" in result.output
+    script = result.output.split("sbatch script")[1]
+    for line in ("--array=0-2%2", "--partition=gpu", "--time=90", "--cpus-per-task=6", "--gpus-per-node=1"):
+        assert f"#SBATCH {line}\n" in script
+    assert "#SBATCH --mem=40GB\n" in script and "#SBATCH --exclude=n1\n" in script
+    assert "\nmodule load cuda\n" in script and "-m submitit.core._submit" in script
+    # Logs go to <output_dir>/<experiment>/slurm/<array>_<task>/ (linked from each run directory at submission).
+    assert f"--output={(tmp_path / 'out' / 'sw' / 'slurm').absolute()}/%A_%a/%A_%a_0_log.out" in script
+    assert not (tmp_path / "out" / "sw" / "slurm").exists()  # a dry run writes nothing
+
+    local = runner.invoke(app, ["sweep", "-c", str(path), "--dry-run"])
+    assert local.exit_code == 0 and "#SBATCH" not in local.output and "array task" not in local.output
+
+
+def test_slurm_queue_reads_squeue_and_says_none_when_it_cannot(monkeypatch):
+    import subprocess
+
+    import clue_adv.sweep as sweep_module
+
+    listing = "12_[2-4,7%2] PENDING\n12_0 RUNNING\n13 PENDING\n"
+    monkeypatch.setattr(sweep_module.shutil, "which", lambda name: "/usr/bin/squeue")
+    monkeypatch.setattr(
+        sweep_module.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a[0], 0, listing, "")
+    )
+    assert sweep_module.slurm_queue() == {
+        "12_2": "PENDING",
+        "12_3": "PENDING",
+        "12_4": "PENDING",
+        "12_7": "PENDING",
+        "12_0": "RUNNING",
+        "13": "PENDING",
+    }
+
+    def refuse(*args, **kwargs):
+        raise subprocess.CalledProcessError(1, args[0], "", "slurm_load_jobs error: Unable to contact controller")
+
+    monkeypatch.setattr(sweep_module.subprocess, "run", refuse)
+    assert sweep_module.slurm_queue() is None
+    monkeypatch.setattr(sweep_module.shutil, "which", lambda name: None)
+    assert sweep_module.slurm_queue() is None
+
+
+def test_status_from_run_directories_and_the_queue(tmp_path, monkeypatch):
+    import clue_adv.sweep as sweep_module
+
+    path = write_sweep(tmp_path, {"seeds": [1, 2, 3, 4], "strategies": [{"name": "none"}, {"name": "fgm"}]})
+    cells = load_plan(path).cells
+    _fake_run(cells[0], "completed", best_dev_accuracy=0.4321)
+    _fake_run(cells[1], "failed", error="non-finite loss at step 3")
+    _fake_run(cells[2], "running")  # a local run in progress (no job): its last write is shown
+    _fake_run(cells[3], "running", job="7_3")  # killed: says running, but its job left the queue
+    _fake_run(cells[4], job="7_4")  # queued, not started
+    _fake_run(cells[5], "failed", job="7_5", error="old")  # resubmitted and starting: the old summary is stale
+    _fake_run(cells[6], "interrupted")
+    monkeypatch.setattr(sweep_module, "slurm_queue", lambda: {"7_4": "PENDING", "7_5": "RUNNING"})
+    statuses = sweep_module.sweep_status(load_plan(path))
+    assert [(s.status, s.job_id) for s in statuses] == [
+        ("completed", None),
+        ("failed", None),
+        ("running", None),
+        ("failed", "7_3"),
+        ("pending", "7_4"),
+        ("running", "7_5"),
+        ("interrupted", None),
+        ("not started", None),
+    ]
+    details = [s.detail for s in statuses]
+    assert details[0] == "best dev 43.21" and details[1] == "non-finite loss at step 3"
+    assert details[2].startswith("last update ") and "left the queue without finishing" in details[3]
+    assert details[4] == "job 7_4 waiting in the queue" and details[5] == "job 7_5 running, starting"
+
+    result = runner.invoke(app, ["sweep", "-c", str(path), "--status"])
+    assert result.exit_code == 0, result.output
+    assert "1 completed, 2 running, 1 pending, 2 failed, 1 interrupted, 1 not started" in result.output
+
+    # Once the queue is empty the queued run has not started and the resubmitted one shows its old result.
+    monkeypatch.setattr(sweep_module, "slurm_queue", lambda: {})
+    statuses = sweep_module.sweep_status(load_plan(path))
+    assert [s.status for s in statuses[4:6]] == ["not started", "failed"]
+    assert "left the queue before starting" in statuses[4].detail
+
+
+def test_a_run_whose_job_is_still_queued_is_not_started_again(tmp_path, monkeypatch):
+    import clue_adv.sweep as sweep_module
+
+    path = write_sweep(tmp_path, {"seeds": [1], "strategies": [{"name": "none"}, {"name": "fgm"}]})
+    cells = load_plan(path).cells
+    _fake_run(cells[1], "running", job="9_1")
+    monkeypatch.setattr(sweep_module, "slurm_queue", lambda: {"9_1": "RUNNING"})
+    plan = load_plan(path)
+    todo, queued = sweep_module.submission(plan, force=True)
+    assert [c.directory for c in todo] == [cells[0].directory] and list(queued) == [cells[1].directory]
+    console = quiet()
+    with console.capture() as captured:
+        result = run_sweep(plan, console=console)
+    assert "1 run(s) are still in the Slurm queue (job 9): not run here" in captured.get()
+    assert [(r.cell.directory, r.status) for r in result.results] == [(cells[0].directory, "completed")]
+    assert read_summary(cells[1].directory)["status"] == "running"  # left to its job
+
+
+def test_a_job_that_leaves_the_queue_without_a_result_is_a_failed_run(tmp_path, monkeypatch):
+    import clue_adv.sweep as sweep_module
+
+    path = write_sweep(tmp_path, {"seeds": [1], "strategies": [{"name": "none"}]})
+    cell = load_plan(path).cells[0]
+    _fake_run(cell, "running", job="5_0")
+    log = tmp_path / "5_0_0_log.err"
+    log.write_text("tnews/none/seed-1 step 3/10 loss 2.7\n")
+
+    class Paths:
+        result_pickle = tmp_path / "5_0_0_result.pkl"  # never written: the job was killed
+        stderr = log
+
+    class Job:
+        job_id = "5_0"
+        paths = Paths()
+
+        def done(self) -> bool:
+            return False
+
+    monkeypatch.setattr(sweep_module, "slurm_queue", lambda: {})
+    monkeypatch.setattr(sweep_module, "RESULT_GRACE_S", 0.0)
+    console = quiet()
+    progress = sweep_module.SweepProgress(1, 0, console, show=False)
+    result = sweep_module._wait_for_jobs([cell], [Job()], "slurm", progress, console)
+    [r] = result.results
+    assert r.status == "failed" and r.error.startswith("job 5_0 ended without a result (cancelled")
+    assert "its log ends: tnews/none/seed-1 step 3/10" in r.error
+    summary = read_summary(cell.directory)
+    assert summary["status"] == "failed" and summary["error"] == r.error  # the next sweep reruns it
+    assert load_plan(path).cells[0].state == "failed"
