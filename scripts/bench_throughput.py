@@ -52,7 +52,7 @@ from clue_adv.evaluate import evaluate  # noqa: E402
 from clue_adv.model import build_model  # noqa: E402
 from clue_adv.train import autocast_for, configure_environment, train  # noqa: E402
 
-# Epoch sizes that keep a full run (3 rounds, both tasks) to a few minutes on 2 busy cores.
+# Epoch sizes that keep a full run (5 rounds, both tasks) to about 3 minutes on 2 busy cores.
 DEFAULT_TRAIN_EXAMPLES = {"tnews": 1280, "iflytek": 320}
 TARGETS = {"trainer": 1.5, "pad128": 3.0}  # clue_adv's samples/s must be at least this multiple (TNEWS)
 # Like-with-like pairs, reported beside the targets (which pit length-grouped clue_adv against random batches).
