@@ -91,6 +91,24 @@ def autocast_for(cfg: RunConfig, device: torch.device) -> tuple[str, Callable[[]
     return "bf16", lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def pad_multiple_for(device: torch.device) -> int | None:
+    """Batches are padded to their longest example, rounded up to a multiple of 8 on CUDA (tensor cores like
+    it); on a CPU the rounding only adds work (14% padding instead of 2% on TNEWS)."""
+    return 8 if device.type == "cuda" else None
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW without weight decay on biases and LayerNorm weights. Fused into one kernel on cpu/cuda: the
+    per-tensor loop was about a third of a tiny model's CPU step."""
+    return torch.optim.AdamW(
+        parameter_groups(model, cfg.optim.weight_decay),
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+        eps=cfg.optim.eps,
+        fused=device.type in ("cpu", "cuda"),
+    )
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -170,20 +188,13 @@ def train(
     set_seed(cfg.seed)  # before the model is built: init must be the same for every strategy
     model = build_model(cfg, data.labels, strategy.needs_double_backward).to(device)
     strategy.setup(model)
-    pad_multiple = 8 if device.type == "cuda" else None  # tensor cores like multiples of 8; a CPU does not
+    pad_multiple = pad_multiple_for(device)
     loader = train_loader(data.train, tokenizer, cfg, pad_multiple)
     dev_loader = eval_loader(data.dev, tokenizer, cfg.eval.batch_size, pad_multiple)
     accum = cfg.optim.grad_accum_steps
     steps_per_epoch = math.ceil(len(loader) / accum)
     total_steps = steps_per_epoch * cfg.epochs
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, cfg.optim.weight_decay),
-        lr=cfg.optim.lr,
-        betas=cfg.optim.betas,
-        eps=cfg.optim.eps,
-        # One fused kernel instead of a loop over tensors: about a third of a tiny model's CPU step otherwise.
-        fused=device.type in ("cpu", "cuda"),
-    )
+    optimizer = build_optimizer(model, cfg, device)
     warmup = round(cfg.optim.warmup_ratio * total_steps)
     scheduler = (
         get_linear_schedule_with_warmup(optimizer, warmup, total_steps)

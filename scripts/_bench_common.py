@@ -94,26 +94,6 @@ def load_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
-def pad_to_multiple_of(device: torch.device | str) -> int | None:
-    """The padding multiple clue_adv/train.py gives its loaders: 8 on CUDA (tensor cores), none on a CPU.
-    A hand copy of train.py's rule; tests/test_bench.py checks that the two agree on CPU."""
-    return 8 if torch.device(device).type == "cuda" else None
-
-
-def adamw_as_train_py(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
-    """The optimizer clue_adv/train.py builds: AdamW over `parameter_groups`, fused on cpu/cuda.
-    A hand copy (train.py builds it inline); tests/test_bench.py checks that the two agree on CPU."""
-    from clue_adv.model import parameter_groups
-
-    return torch.optim.AdamW(
-        parameter_groups(model, cfg.optim.weight_decay),
-        lr=cfg.optim.lr,
-        betas=cfg.optim.betas,
-        eps=cfg.optim.eps,
-        fused=device.type in ("cpu", "cuda"),
-    )
-
-
 def fixed_batches(
     tokenizer: Any,
     *,
@@ -126,7 +106,7 @@ def fixed_batches(
 ) -> list[dict[str, torch.Tensor]]:
     """`count` batches of real training examples, drawn at random (as clue_adv's default sampler does) and
     padded dynamically to their longest example, rounded up to `pad_to_multiple_of` if given (as its
-    collator does: pass `pad_to_multiple_of(device)`)."""
+    collator does: pass `clue_adv.train.pad_multiple_for(device)`)."""
     from transformers import DataCollatorWithPadding
 
     labels = read_labels(ASSETS / task / "labels.json")

@@ -38,7 +38,7 @@ from clue_adv.data import bundled_labels  # noqa: E402
 from clue_adv.model import build_model, special_token_ids  # noqa: E402
 from clue_adv.regularizers import build_strategy, registry  # noqa: E402
 from clue_adv.regularizers.base import Batch, PassCounter, StepContext, Strategy, StrategyConfig  # noqa: E402
-from clue_adv.train import autocast_for  # noqa: E402
+from clue_adv.train import autocast_for, build_optimizer, pad_multiple_for  # noqa: E402
 
 # Issue 6's targets: step time as a multiple of the `none` step. PGD and FreeLB targets are for K = 3.
 TARGETS: dict[str, float] = {
@@ -177,7 +177,7 @@ def build_contender(row: Row, architecture: dict[str, int], device: torch.device
     model = build_model(cfg, bundled_labels(task), strategy.needs_double_backward).to(device)
     model.train()
     strategy.setup(model)
-    optimizer = common.adamw_as_train_py(model, cfg, device)
+    optimizer = build_optimizer(model, cfg, device)
     precision, autocast = autocast_for(cfg, device)
     return Contender(
         row=row,
@@ -234,7 +234,7 @@ def probe_memory(args: argparse.Namespace) -> dict[str, float]:
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,
-        pad_to_multiple_of=common.pad_to_multiple_of(device),
+        pad_to_multiple_of=pad_multiple_for(device),
     )
     c = build_contender(row, common.SHAPES[args.shape], device, args.task, args.seed)
     c.step(batches[0], record=False)  # allocates the optimizer state: part of the baseline, not of the step
@@ -357,7 +357,7 @@ def run(
         batch_size=batch_size,
         max_length=max_length,
         seed=seed,
-        pad_to_multiple_of=common.pad_to_multiple_of(device),
+        pad_to_multiple_of=pad_multiple_for(device),
     )
     contenders = [build_contender(row, architecture, device, task, seed) for row in rows]
     interleave(contenders, batches, steps, warmup, seed)
@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,
-        pad_to_multiple_of=common.pad_to_multiple_of(device),
+        pad_to_multiple_of=pad_multiple_for(device),
     )
     defaults = contenders[0].optimizer.defaults
     payload = {
@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             "architecture": architecture,
             "precision": contenders[0].precision,
             "optimizer": f"torch.optim.AdamW(fused={defaults['fused']}), as clue_adv/train.py builds it",
-            "pad_to_multiple_of": common.pad_to_multiple_of(device),
+            "pad_to_multiple_of": pad_multiple_for(device),
             "task": args.task,
             "batch_size": args.batch_size,
             "max_length": args.max_length,
@@ -539,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             max_length=args.max_length,
             seed=args.seed,
-            pad_to_multiple_of=common.pad_to_multiple_of(device),
+            pad_to_multiple_of=pad_multiple_for(device),
         )
         for label in args.profile.split(","):
             if label not in by_label:

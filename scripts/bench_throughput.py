@@ -50,7 +50,13 @@ from clue_adv.config import RunConfig  # noqa: E402
 from clue_adv.data import TaskData, eval_loader, load_task_data  # noqa: E402
 from clue_adv.evaluate import evaluate  # noqa: E402
 from clue_adv.model import build_model  # noqa: E402
-from clue_adv.train import autocast_for, configure_environment, train  # noqa: E402
+from clue_adv.train import (  # noqa: E402
+    autocast_for,
+    build_optimizer,
+    configure_environment,
+    pad_multiple_for,
+    train,
+)
 
 # Epoch sizes that keep a full run (5 rounds, both tasks) to about 3 minutes on 2 busy cores.
 DEFAULT_TRAIN_EXAMPLES = {"tnews": 1280, "iflytek": 320}
@@ -210,7 +216,7 @@ def train_pad128(bench: Bench, tensors: dict[str, torch.Tensor]) -> float:
     model.train()
     _, autocast = autocast_for(cfg, device)
     # clue_adv's own optimizer: the ratio to clue_adv then measures padding, not the optimizer's implementation.
-    optimizer = common.adamw_as_train_py(model, cfg, device)
+    optimizer = build_optimizer(model, cfg, device)
     n = len(tensors["labels"])
     steps = math.ceil(n / cfg.batch_size)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(cfg.optim.warmup_ratio * steps), steps)
@@ -296,7 +302,7 @@ def length_grouped_minimum(lengths: list[int], batch_size: int, multiple: int | 
 def padded_token_counts(bench: Bench) -> dict[str, int]:
     from clue_adv.data import train_loader
 
-    multiple = common.pad_to_multiple_of(bench.device)  # as train.py pads on this device
+    multiple = pad_multiple_for(bench.device)  # as train.py pads on this device
     counts: dict[str, int] = {}
     for name, grouped in (("clue_adv", True), ("clue_adv_random", False)):
         cfg = bench.cfg.model_copy(deep=True)

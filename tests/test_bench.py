@@ -12,11 +12,9 @@ import itertools
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from conftest import smoke_config
 
 from clue_adv.regularizers import registry
 
@@ -215,60 +213,3 @@ def test_length_grouped_minimum_is_the_least_padding():
             for order in itertools.permutations(lengths)
         )
         assert throughput.length_grouped_minimum(lengths, batch_size, multiple) == best, (batch_size, multiple)
-
-
-def test_benchmarks_build_what_train_py_builds(monkeypatch, tmp_path):
-    """The benchmarks copy train.py's optimizer and padding choices by hand; catch the copies drifting.
-
-    train() runs up to the optimizer's construction, which is recorded and then aborts it: nothing is trained
-    or written."""
-    import clue_adv.train as train_module
-
-    common = _load("_bench_common")
-    seen: dict[str, Any] = {}
-
-    class Stop(Exception):
-        pass
-
-    original_adamw, original_loader, original_build = (
-        torch.optim.AdamW,
-        train_module.train_loader,
-        train_module.build_model,
-    )
-
-    class RecordingAdamW(original_adamw):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            seen["optimizer"] = self
-            raise Stop
-
-    def recording_loader(*args: Any, **kwargs: Any) -> Any:
-        seen["loader"] = (args, kwargs)
-        return original_loader(*args, **kwargs)
-
-    def recording_build(*args: Any, **kwargs: Any) -> Any:
-        seen["model"] = original_build(*args, **kwargs)
-        return seen["model"]
-
-    cfg = smoke_config(device="cpu")
-    with monkeypatch.context() as patch:
-        patch.setattr(torch.optim, "AdamW", RecordingAdamW)
-        patch.setattr(train_module, "train_loader", recording_loader)
-        patch.setattr(train_module, "build_model", recording_build)
-        with pytest.raises(Stop):
-            train_module.train(cfg, tmp_path, show_progress=False)
-
-    device = torch.device("cpu")
-    args, kwargs = seen["loader"]
-    pad = kwargs.get("pad_to_multiple_of", args[3] if len(args) > 3 else None)
-    assert pad == common.pad_to_multiple_of(device)
-
-    theirs = seen["optimizer"]
-    ours = common.adamw_as_train_py(seen["model"], cfg, device)
-    assert type(ours) is original_adamw
-    assert ours.defaults == theirs.defaults  # lr, betas, eps, fused, foreach, ...
-    assert ours.defaults["fused"] is True
-    assert len(ours.param_groups) == len(theirs.param_groups)
-    for mine, other in zip(ours.param_groups, theirs.param_groups):
-        assert [id(p) for p in mine["params"]] == [id(p) for p in other["params"]]
-        assert {k: v for k, v in mine.items() if k != "params"} == {k: v for k, v in other.items() if k != "params"}

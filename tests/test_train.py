@@ -158,3 +158,22 @@ def test_out_of_memory_marks_the_run_failed_with_advice(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "test" / "tnews" / "none" / "seed-1" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["failed_step"] == 2
     assert "grad_accum_steps" in summary["advice"]
+
+
+def test_optimizer_is_fused_and_spares_biases_and_layernorm():
+    from conftest import tnews_labels
+
+    from clue_adv.model import build_model
+    from clue_adv.train import build_optimizer, pad_multiple_for
+
+    cfg = smoke_config()
+    model = build_model(cfg, tnews_labels(), needs_double_backward=False)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    assert opt.defaults["fused"] is True and opt.defaults["lr"] == cfg.optim.lr
+    decay, no_decay = opt.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == cfg.optim.weight_decay and no_decay["weight_decay"] == 0.0
+    assert all(names[id(p)].endswith("bias") or "LayerNorm" in names[id(p)] for p in no_decay["params"])
+    assert not any(names[id(p)].endswith("bias") for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert pad_multiple_for(torch.device("cpu")) is None and pad_multiple_for(torch.device("cuda")) == 8
