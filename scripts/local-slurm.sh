@@ -89,7 +89,8 @@ JobAcctGatherType=jobacct_gather/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
-# scancel: SIGTERM, then SIGKILL this many seconds later (submitit's jobs ignore SIGTERM); 30 s by default
+# scancel: SIGTERM, then SIGKILL this many seconds later (30 by default). submitit's jobs ignore SIGTERM, so a
+# cancelled run trains on until the SIGKILL: here it stops about 5 s after scancel.
 KillWait=2
 NodeName=$HOST CPUs=$(nproc) RealMemory=$(real_memory_mb) State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP

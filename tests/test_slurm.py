@@ -17,7 +17,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import yaml
@@ -25,9 +27,10 @@ from slurm_cluster import slurm_cluster  # noqa: F401 - fixture
 
 from clue_adv.report import build_tables, collect_runs, render
 from clue_adv.rundir import read_summary
-from clue_adv.sweep import SLURM_LOGS, SLURM_RECORD, load_plan, run_sweep
+from clue_adv.sweep import SLURM_LOGS, SLURM_RECORD, Cell, load_plan, run_sweep
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
+T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
 # The smoke sweep at test size: 128 training examples, one layer of width 32, one epoch (about 10 s a job,
 # most of it Python start-up). One core and 1 GB per job: two jobs at once on a 2-core node.
@@ -77,7 +80,7 @@ def start_sweep(config: Path, out: Path, log: Path) -> subprocess.Popen:
         return subprocess.Popen(command, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT)
 
 
-def wait_for(what: str, check, timeout: float = 120, every: float = 0.1):  # noqa: ANN001 - a predicate
+def wait_for(what: str, check: Callable[[], T], timeout: float = 120, every: float = 0.1) -> T:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         value = check()
@@ -209,14 +212,15 @@ def test_a_second_sweep_submits_nothing(smoke):
 
 def test_a_run_killed_with_scancel_is_rerun_by_the_next_sweep_and_nothing_else(slurm_cluster, tmp_path):  # noqa: F811
     pytest.importorskip("submitit")
-    # Long enough runs (500 steps, several seconds) that the kill lands mid-training, after the step-1 log.
-    config = write_sweep(tmp_path / "kill.yaml", **{"data.max_train_samples": 4000, "epochs": 4})
+    # Runs long enough (1500 steps: 9 s at the fastest seen here, 15 s typically) that the kill lands mid-training:
+    # submitit's jobs ignore SIGTERM, and the local cluster's SIGKILL follows a scancel by about 5 s.
+    config = write_sweep(tmp_path / "kill.yaml", **{"data.max_train_samples": 4000, "epochs": 12})
     out = tmp_path / "out"
     first = start_sweep(config, out, tmp_path / "first.log")
     try:
         plan = load_plan(config, out)
 
-        def training() -> object:
+        def training() -> Cell | None:
             for cell in plan.cells:
                 summary = read_summary(cell.directory) or {}
                 metrics = cell.directory / "metrics.jsonl"
@@ -237,6 +241,9 @@ def test_a_run_killed_with_scancel_is_rerun_by_the_next_sweep_and_nothing_else(s
     assert "3 completed, 0 skipped, 1 failed" in log
     after_kill = run_state(config, out)
     assert after_kill[victim.name][0] == "failed"
+    trained = sum('"type": "train"' in line for line in (victim.directory / "metrics.jsonl").read_text().splitlines())
+    assert 0 < trained < 1500, trained  # killed mid-training
+    print(f"killed at step {trained} of 1500")
     assert sorted(s for s, _, _ in after_kill.values()) == ["completed"] * 3 + ["failed"]
     status = clue_adv("sweep", "-c", str(config), "-o", str(out), "--status")
     assert "3 completed, 0 running, 0 pending, 1 failed" in status.stdout, status.stdout
@@ -289,7 +296,7 @@ def test_a_run_killed_with_scancel_is_rerun_by_the_next_sweep_and_nothing_else(s
     assert others(final, victim) == others(after_kill, victim)  # nothing else ran again
 
 
-def others(state: dict, victim) -> dict:  # noqa: ANN001 - a Cell
+def others(state: dict, victim: Cell) -> dict:
     return {name: value for name, value in state.items() if name != victim.name}
 
 
