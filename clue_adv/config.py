@@ -7,6 +7,7 @@ AdamW lr 2e-5, 3 epochs, 10% warmup). The study's own protocol (Adam eps 1e-6, n
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 from pathlib import Path
@@ -214,16 +215,22 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    parts = key.strip().split(".")
+    set_dotted(data, key.strip(), value, what=f"--set {key.strip()}")
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any, what: str | None = None) -> None:
+    """Set `data["a"]["b"]["c"] = value` for key "a.b.c", creating blocks; `what` names the source in errors."""
+    parts = key.split(".")
     node = data
     for part in parts[:-1]:
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: '{part}' is not a block of fields")
+            raise ConfigError(f"{what or key}: '{part}' is not a block of fields")
         node = child
-    node[parts[-1]] = value
+    # a copy: one sweep value is set into many run configs, which must not share (and later mutate) it
+    node[parts[-1]] = copy.deepcopy(value)
 
 
 def _field_names(root: type[StrictModel], loc: tuple[Any, ...]) -> list[str]:

@@ -64,6 +64,7 @@ from clue_adv.config import (
     dump_config,
     format_validation_errors,
     merge,
+    set_dotted,
 )
 from clue_adv.errors import ClueAdvError, ConfigError, RunFailed
 from clue_adv.rundir import atomic_write_json, existing_state, read_summary, run_dir
@@ -227,19 +228,6 @@ def load_sweep(path: str | Path) -> SweepConfig:
     except ValidationError as e:
         problems = format_validation_errors(e, SweepConfig)
         raise ConfigError(f"{path}: {len(problems)} problem(s)", problems) from None
-
-
-def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"{key}: '{part}' is not a block of fields")
-        node = child
-    node[parts[-1]] = copy.deepcopy(value)
 
 
 def _model_of(annotation: Any) -> type[BaseModel] | None:
