@@ -20,6 +20,18 @@ from clue_adv.regularizers.base import Batch, StepContext  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = ASSETS / "tokenizer"
 SHARED = REPO.parent / "shared"
+# Sweep overrides for a run small enough for a test: 64 examples (2 steps), 1 layer of width 32, 1 epoch.
+TINY_RUN = {
+    "data.max_train_samples": 64,
+    "data.max_eval_samples": 64,
+    "model.architecture.num_hidden_layers": 1,
+    "model.architecture.hidden_size": 32,
+    "model.architecture.intermediate_size": 64,
+    "model.architecture.num_attention_heads": 2,
+    "max_length": 32,
+    "epochs": 1,
+    "log_every_n_steps": 1,
+}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -88,6 +100,30 @@ def batch(tokenizer) -> Batch:
 def make_ctx(model: torch.nn.Module, batch: Batch, **kwargs) -> StepContext:
     kwargs.setdefault("special_token_ids", (0, 100, 101, 102, 103))
     return StepContext(model, batch, **kwargs)
+
+
+def step_grads(strategy, model: torch.nn.Module, batch: Batch, seed: int | None = None) -> dict[str, torch.Tensor]:
+    """The parameter gradients one training_step leaves in .grad (from zero; .grad is cleared again after)."""
+    model.zero_grad(set_to_none=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    strategy.training_step(make_ctx(model, batch))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def assert_grads_close(
+    actual: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    rtol: float = 1e-4,
+    atol_scale: float | None = None,
+) -> None:
+    """Same parameters, close gradients; atol is relative to each tensor's largest entry (atol_scale, default rtol)."""
+    assert actual.keys() == expected.keys()
+    scale = rtol if atol_scale is None else atol_scale
+    for name, want in expected.items():
+        torch.testing.assert_close(actual[name], want, rtol=rtol, atol=scale * float(want.abs().max()) + 1e-9, msg=name)
 
 
 def smoke_config(**overrides) -> RunConfig:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_ctx, tiny_bert
+from conftest import assert_grads_close, make_ctx, step_grads, tiny_bert
 
 from clue_adv.regularizers.fgm import FGM, FGMConfig
 from clue_adv.regularizers.freelb import FreeLB, FreeLBConfig
@@ -12,21 +12,6 @@ from clue_adv.regularizers.perturb import PerturbationSpace
 from clue_adv.regularizers.pgd import PGD, PGDConfig
 
 TARGETS = ["embedding_output", "embedding_matrix"]
-
-
-def step_grads(strategy, model, batch, seed: int = 0) -> dict[str, torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    strategy.training_step(make_ctx(model, batch))
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return grads
-
-
-def assert_grads_close(actual, expected, rtol: float = 1e-4) -> None:
-    assert actual.keys() == expected.keys()
-    for name, want in expected.items():
-        torch.testing.assert_close(actual[name], want, rtol=rtol, atol=rtol * float(want.abs().max()) + 1e-9, msg=name)
 
 
 # -- PGD -------------------------------------------------------------------------------------------
@@ -70,10 +55,10 @@ def test_pgd_one_step_of_size_epsilon_is_fgm(batch, target):
     model = tiny_bert(dropout=0.1)
     pgd = PGD(PGDConfig(steps=1, epsilon=0.3, alpha=0.3, norm="l2", target=target))
     fgm = FGM(FGMConfig(epsilon=0.3, norm="l2", combine="sum", target=target))
-    pgd_grads, fgm_grads = step_grads(pgd, model, batch), step_grads(fgm, model, batch)
+    pgd_grads, fgm_grads = step_grads(pgd, model, batch, seed=0), step_grads(fgm, model, batch, seed=0)
     assert_grads_close(pgd_grads, fgm_grads, rtol=1e-5)
     # and not trivially: a second step moves r and changes the gradients
-    two = step_grads(PGD(PGDConfig(steps=2, epsilon=0.6, alpha=0.3, target=target)), model, batch)
+    two = step_grads(PGD(PGDConfig(steps=2, epsilon=0.6, alpha=0.3, target=target)), model, batch, seed=0)
     assert not torch.allclose(two["classifier.weight"], fgm_grads["classifier.weight"], rtol=1e-3)
 
 
@@ -104,7 +89,7 @@ def test_freelb_gradient_is_the_average_of_the_k_step_gradients(batch, target):
     freelb = FreeLB(FreeLBConfig(steps=steps, adv_lr=adv_lr, init_magnitude=0.3, target=target))
     freelb.keep_iterates = True
     model = tiny_bert(dropout=0.0)
-    grads = step_grads(freelb, model, batch)
+    grads = step_grads(freelb, model, batch, seed=0)
     assert len(freelb.iterates) == steps
     space = PerturbationSpace(make_ctx(model, batch), target)
     expected: dict[str, torch.Tensor] = {}
@@ -165,13 +150,13 @@ def test_freelb_reuses_the_dropout_mask(batch):
 
     expected, next_random = plain(model, batch)
     same = FreeLB(FreeLBConfig(steps=3, adv_lr=0.0, init_magnitude=0.0))
-    grads = step_grads(same, model, batch)
+    grads = step_grads(same, model, batch, seed=0)
     assert_grads_close(grads, expected)
     torch.manual_seed(0)
     same.training_step(make_ctx(model, batch))
     assert torch.equal(torch.rand(3), next_random)
     model.zero_grad(set_to_none=True)
     fresh = step_grads(
-        FreeLB(FreeLBConfig(steps=3, adv_lr=0.0, init_magnitude=0.0, same_dropout_mask=False)), model, batch
+        FreeLB(FreeLBConfig(steps=3, adv_lr=0.0, init_magnitude=0.0, same_dropout_mask=False)), model, batch, seed=0
     )
     assert not torch.allclose(fresh["classifier.weight"], expected["classifier.weight"], rtol=1e-3)

@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import pytest
 import yaml
+from conftest import TINY_RUN
 from slurm_cluster import slurm_cluster  # noqa: F401 - fixture
 
 from clue_adv.report import build_tables, collect_runs, render
@@ -34,17 +35,7 @@ T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
 # The smoke sweep at test size: 128 training examples, one layer of width 32, one epoch (about 10 s a job,
 # most of it Python start-up). One core and 1 GB per job: two jobs at once on a 2-core node.
-TINY = {
-    "data.max_train_samples": 128,
-    "data.max_eval_samples": 64,
-    "model.architecture.num_hidden_layers": 1,
-    "model.architecture.hidden_size": 32,
-    "model.architecture.intermediate_size": 64,
-    "model.architecture.num_attention_heads": 2,
-    "max_length": 32,
-    "epochs": 1,
-    "log_every_n_steps": 1,
-}
+TINY = {**TINY_RUN, "data.max_train_samples": 128}
 SLURM = {"cpus_per_task": 1, "gpus_per_node": 0, "mem_gb": 1, "time_min": 10, "array_parallelism": 2}
 
 

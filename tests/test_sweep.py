@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_RUN
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -21,18 +22,7 @@ from clue_adv.sweep import core_sets, load_plan, load_sweep, run_sweep, submitit
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
-# A run small enough for a test: 64 examples (2 steps), 1 layer of hidden size 32, 1 epoch.
-TINY = {
-    "data.max_train_samples": 64,
-    "data.max_eval_samples": 64,
-    "model.architecture.num_hidden_layers": 1,
-    "model.architecture.hidden_size": 32,
-    "model.architecture.intermediate_size": 64,
-    "model.architecture.num_attention_heads": 2,
-    "max_length": 32,
-    "epochs": 1,
-    "log_every_n_steps": 1,
-}
+TINY = TINY_RUN
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_ctx, tiny_bert
+from conftest import assert_grads_close, make_ctx, step_grads, tiny_bert
 
 from clue_adv.regularizers.perturb import PerturbationSpace
 from clue_adv.regularizers.smart import SMART, SMARTConfig, symmetric_kl
@@ -23,21 +23,6 @@ def param_grads_of(model, loss_fn) -> dict[str, torch.Tensor]:
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return grads
-
-
-def step_grads(strategy, model, batch) -> dict[str, torch.Tensor]:
-    """The parameter gradients one training_step leaves in .grad."""
-    model.zero_grad(set_to_none=True)
-    strategy.training_step(make_ctx(model, batch))
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return grads
-
-
-def assert_grads_close(actual, expected, rtol: float = 1e-4) -> None:
-    assert actual.keys() == expected.keys()
-    for name, want in expected.items():
-        torch.testing.assert_close(actual[name], want, rtol=rtol, atol=rtol * float(want.abs().max()) + 1e-9, msg=name)
 
 
 # -- power iteration on f(x) = softmax(Wx) ------------------------------------------------------------
