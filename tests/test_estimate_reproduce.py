@@ -1,0 +1,146 @@
+"""scripts/estimate_reproduce.py: its FLOP arithmetic, its scaling, and that it batches as clue_adv does.
+
+Fast (a few seconds): a meta-device model, the bundled data sample (tokenized once per module), no training.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from clue_adv.regularizers.base import StepCost
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+REPO = SCRIPTS.parent
+
+
+def _load(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def est():
+    return _load("estimate_reproduce")
+
+
+@pytest.fixture(scope="module")
+def cells(est):
+    return est.plan_cells(REPO / "sweeps" / "reproduce.yaml")
+
+
+@pytest.fixture(scope="module")
+def estimator(est, tmp_path_factory):
+    # An empty data root: the counter falls back to the bundled sample (small, fast, always present).
+    tokens = est.TokenCounter(tmp_path_factory.mktemp("no-clue-data"), sim_epochs=1)
+    return est.Estimator(tokens, double_backward_weight=2.0)
+
+
+def test_flops_of_a_tiny_config_match_the_hand_formula(est):
+    L, d, ff, C = 2, 32, 64, 3
+    config = est.bert_config(
+        {"num_hidden_layers": L, "hidden_size": d, "intermediate_size": ff, "num_attention_heads": 2}, num_labels=C
+    )
+    # Per layer: Q, K, V, O (d×d + bias), FFN in (d×ff + bias) and out (ff×d + bias), two LayerNorms (2·d each).
+    per_layer = 4 * (d * d + d) + (d * ff + ff) + (ff * d + d) + 2 * 2 * d
+    pooler = est.model_flops(config, head="pooler")
+    cls = est.model_flops(config, head="cls")
+    assert pooler.token_params == cls.token_params == L * per_layer
+    assert pooler.sequence_params == (d * d + d) + (d * C + C)  # tanh pooler + classifier
+    assert cls.sequence_params == d * C + C  # the study's head: the classifier on [CLS] only
+
+    # One batch of B examples padded to s: 6·N·B·s + 12·L·d·B·s² + 6·N_seq·B.
+    B, s = 4, 16
+    expected = 6 * L * per_layer * B * s + 12 * L * d * B * s * s + 6 * (d * C + C) * B
+    assert cls.train_flops(B * s, B * s * s, B) == expected
+    assert cls.forward_flops(B * s, B * s * s, B) == pytest.approx(expected / 3)
+
+
+def test_bert_base_has_the_known_non_embedding_count(est):
+    # bert-base: 12 layers of 7,087,872 parameters each (the bundled config.json is bert-base-chinese's).
+    assert est.model_flops(est.bert_config(num_labels=15), head="cls").token_params == 12 * 7_087_872
+
+
+def test_doubling_epochs_doubles_the_estimate(est, cells, estimator):
+    for cell in (cells[0], cells[-1]):  # iflytek and tnews
+        once = estimator.cost(cell)
+        twice = estimator.cost(replace(cell, epochs=2 * cell.epochs))
+        assert once.total_flops > 0
+        assert twice.total_flops == pytest.approx(2 * once.total_flops, rel=1e-12)
+        assert twice.steps == 2 * once.steps
+        assert est.seconds(twice.total_flops, 0.35) == pytest.approx(2 * est.seconds(once.total_flops, 0.35))
+
+
+def test_two_forward_two_backward_costs_twice_none(est, cells, estimator):
+    none = next(c for c in cells if c.cost == StepCost(forward=1, backward=1))
+    two = replace(none, cost=StepCost(forward=2, backward=2))
+    base, double = estimator.cost(none), estimator.cost(two)
+    assert double.train_flops_per_epoch == pytest.approx(2 * base.train_flops_per_epoch, rel=1e-12)
+    # Evaluation is one forward per epoch whatever the strategy, so the whole run is a little under 2×.
+    assert 1.9 < double.total_flops / base.total_flops < 2.0
+    # The shipped FGM cell declares exactly these passes.
+    fgm = next(c for c in cells if c.strategy == "fgm-study" and c.task == none.task and c.seed == none.seed)
+    assert estimator.cost(fgm).total_flops == pytest.approx(double.total_flops, rel=1e-12)
+
+
+def test_double_backward_is_counted_with_its_stated_weight(est):
+    gp = StepCost(forward=1, backward=2, double_backward=True)
+    assert est.step_multiplier(StepCost(1, 1)) == 1.0
+    assert est.step_multiplier(gp, 2.0) == pytest.approx((1 + 2 * 2 + 2) / 3)  # one backward counted twice
+    assert est.step_multiplier(gp, 1.0) == pytest.approx(5 / 3)  # ... or as a plain backward
+    assert est.analytic_step_multiplier(gp) == pytest.approx(2.0)
+
+
+def test_the_plan_is_the_shipped_grid(cells):
+    assert len(cells) == 30
+    assert {c.task for c in cells} == {"tnews", "iflytek"}
+    assert {c.strategy for c in cells} == {"none", "fgm-study", "gp-study"}
+    assert {(c.epochs, c.batch_size, c.max_length, c.head) for c in cells} == {(50, 32, 128, "cls")}
+
+
+def test_clue_protocol_takes_the_baseline_settings(est, cells):
+    clue = est.clue_protocol(cells[0])
+    assert (clue.epochs, clue.head, clue.strategy, clue.seed) == (3, "pooler", cells[0].strategy, cells[0].seed)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_simulated_batches_match_the_project_loader(est, tokenizer, grouped):
+    """The padded token counts come from the same batches clue_adv.data.train_loader makes on CUDA."""
+    sys.path.insert(0, str(SCRIPTS))
+    import _bench_common as common
+    from datasets import Dataset
+
+    from clue_adv.data import ASSETS, read_split, train_loader
+
+    sentences = read_split(ASSETS / "tnews" / "train.json", None)["sentence"][:400]
+    enc = tokenizer(sentences, truncation=True, max_length=128)
+    ds = Dataset.from_dict({**enc, "labels": [0] * len(sentences)})
+    # Batch 4: the 400 examples span two length-grouping windows (50 batches each), so the window size matters.
+    cfg = common.run_config(batch_size=4, seed=3, data={"length_grouped": grouped})
+    loader = train_loader(ds, tokenizer, cfg, pad_to_multiple_of=8)
+    lengths = [len(ids) for ids in enc["input_ids"]]
+    orders = est.train_epoch_orders(lengths, cfg.batch_size, grouped, cfg.seed, epochs=2)
+    for order in orders:  # two epochs: the generator carries over between epochs in both
+        shapes = [tuple(batch["input_ids"].shape) for batch in loader]
+        counted = est.batch_tokens(lengths, order, cfg.batch_size, 8)
+        assert counted.batches == len(shapes)
+        assert counted.padded_tokens == sum(b * s for b, s in shapes)
+        assert counted.padded_tokens_x_length == sum(b * s * s for b, s in shapes)
+
+
+def test_tiling_keeps_the_size_and_the_distribution(est):
+    lengths = [10, 20, 30]
+    tiled = est.tile_to(lengths, 10)
+    assert len(tiled) == 10
+    assert sorted(tiled[:9]) == sorted(lengths * 3)
+    assert tiled[9] in lengths
+    assert est.padded_length(17) == 24 and est.padded_length(16) == 16 and est.padded_length(17, None) == 17
