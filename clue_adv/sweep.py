@@ -38,6 +38,7 @@ import difflib
 import getpass
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -51,7 +52,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from rich.console import Console
@@ -79,6 +80,11 @@ _RESERVED = {
     "output_dir": "output_dir",
 }
 EXECUTORS = ("local", "slurm", "submitit-local")
+# Far past any real study (each run is a fine-tuning, minutes to hours of GPU time) but small
+# enough that expanding and validating the plan stays quick: a typo like `seeds: 200000` fails at once
+# instead of hanging `--dry-run` or exhausting memory.
+MAX_SEEDS = 1000
+MAX_RUNS = 100_000
 
 
 class SlurmConfig(StrictModel):
@@ -122,8 +128,10 @@ class SweepConfig(StrictModel):
     experiment: str | None = Field(None, description="Experiment name (directory level); default: the base's.")
     output_dir: str | None = Field(None, description="Root of the run directories; default: the base's.")
     tasks: list[Task] | None = Field(None, description="CLUE tasks; default: the base's task.")
-    seeds: int | list[int] = Field(
-        5, description="Seeds: a count N (seeds 1..N) or an explicit list. The same seeds for every strategy."
+    seeds: Annotated[int, Field(le=MAX_SEEDS)] | Annotated[list[int], Field(max_length=MAX_SEEDS)] = Field(
+        5,
+        description=f"Seeds: a count N (seeds 1..N) or an explicit list. The same seeds for every strategy. At "
+        f"most {MAX_SEEDS}, so that a typo (`seeds: 200000`) fails at once instead of stalling the plan.",
     )
     strategies: list[dict[str, Any]] | None = Field(
         None,
@@ -358,13 +366,19 @@ def plan_sweep(
         if not isinstance(block, dict) or "name" not in block:
             problems.append(f"strategies[{i}]: a block needs a `name` (valid: {', '.join(classes)})")
             continue
+        if not isinstance(block["name"], str):  # a list or mapping would also break the name lookups below
+            problems.append(
+                f"strategies[{i}].name: must be a strategy name (a string), got {block['name']!r} "
+                f"(valid: {', '.join(classes)})"
+            )
+            continue
         _, errs = _parse_cell({"task": "tnews", "strategy": block})
         problems += [f"strategies[{i}] ({block['name']}): {e.removeprefix('strategy.')}" for e in errs]
 
     # Grid keys: who each one applies to.
     strategy_grid: dict[str, tuple[str | None, str]] = {}  # key -> (strategy name or None for all, param)
     run_grid: list[str] = []
-    names_in_sweep = {b.get("name") for b in blocks if isinstance(b, dict)}
+    names_in_sweep = {b.get("name") for b in blocks if isinstance(b, dict) and isinstance(b.get("name"), str)}
     for key in sweep.grid:
         head, _, rest = key.partition(".")
         if head in _RESERVED:
@@ -391,17 +405,36 @@ def plan_sweep(
     if problems:
         raise ConfigError(f"{source}: {len(problems)} problem(s)", problems)
 
-    def strategy_variants(block: dict[str, Any]) -> list[dict[str, Any]]:
-        keys = [
+    def variant_keys(block: dict[str, Any]) -> list[tuple[str, str]]:
+        return [
             (key, param)
             for key, (target, param) in strategy_grid.items()
             if (target is None or target == block["name"]) and check_key(classes[block["name"]], param) is None
         ]
+
+    # Count before expanding: each cell is a validated RunConfig, so a huge grid would stall or run out of
+    # memory long before it could be refused.
+    n_variants = sum(math.prod(len(sweep.grid[k]) for k, _ in variant_keys(b)) for b in blocks)
+    n_runs = len(sweep.seed_list()) * len(tasks) * math.prod(len(sweep.grid[k]) for k in run_grid) * n_variants
+    if n_runs > MAX_RUNS:
+        raise ConfigError(
+            f"{source}: the sweep plans {n_runs} runs (seeds x tasks x grid x strategies); at most {MAX_RUNS}: "
+            "fewer seeds or grid values, or split it into several sweeps"
+        )
+
+    def strategy_variants(block: dict[str, Any]) -> list[dict[str, Any]]:
+        keys = variant_keys(block)
         variants = []
         for values in itertools.product(*(sweep.grid[k] for k, _ in keys)):
             variant = copy.deepcopy(block)
             for (_, param), value in zip(keys, values, strict=True):
                 set_dotted(variant, param, value)
+            # A tag replaces the parameters in the directory name (rundir.strategy_tag), so without the
+            # grid values every variant of a tagged block would share one directory.
+            if keys and variant.get("tag"):
+                variant["tag"] += "".join(
+                    f"-{param}={_format_value(value)}" for (_, param), value in zip(keys, values, strict=True)
+                )
             variants.append(variant)
         return variants
 

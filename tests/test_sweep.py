@@ -141,6 +141,14 @@ def test_strategy_grid_keys_apply_only_where_the_parameter_exists(tmp_path):
         ({"overrides": {"strategy.epsilon": 1}}, ["overrides.strategy.epsilon: strategy fields belong in"]),
         ({"overrides": {"data.path": "/no/such/dir"}}, ["sw/tnews: data.path: directory not found: /no/such/dir"]),
         ({"seeds": [1, 1]}, ["seeds: Value error, seeds repeat"]),
+        ({"strategies": [{"name": ["fgm"]}]}, ["strategies[0].name: must be a strategy name", "(valid: none, "]),
+        # Bounded so that a typo fails at once: these used to hang `--dry-run` or raise MemoryError.
+        ({"seeds": 200000}, ["seeds", "less than or equal to 1000"]),
+        ({"seeds": 1.3e16}, ["seeds", "less than or equal to 1000"]),
+        (
+            {"seeds": 1000, "tasks": ["tnews", "iflytek"], "grid": {"optim.lr": [i / 1e4 for i in range(1, 52)]}},
+            ["the sweep plans 102000 runs", "at most 100000"],
+        ),
         ({"grids": {}}, ["grids: unknown field (did you mean 'grid'?)"]),
         ({"base": "../configs/missing.yaml"}, ["base: run config not found", "relative to the sweep file's directory"]),
     ],
@@ -153,6 +161,27 @@ def test_bad_sweeps_exit_2_naming_the_field(tmp_path, body, needles):
         assert needle in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tagged_block_under_a_strategy_grid_gets_one_directory_per_value(tmp_path):
+    path = write_sweep(
+        tmp_path,
+        {
+            "seeds": 1,
+            "strategies": [{"name": "fgm", "tag": "fgm-study"}, {"name": "fgm"}],
+            "grid": {"fgm.epsilon": [0.1, 0.5]},
+        },
+    )
+    plan = load_plan(path)
+    assert [(c.directory.parent.name, c.config.strategy.epsilon) for c in plan.cells] == [
+        ("fgm-study-epsilon=0.1", 0.1),
+        ("fgm-study-epsilon=0.5", 0.5),
+        (tag_of({"name": "fgm", "epsilon": 0.1}), 0.1),  # untagged blocks keep their naming
+        (tag_of({"name": "fgm", "epsilon": 0.5}), 0.5),
+    ]
+    result = runner.invoke(app, ["sweep", "-c", str(path), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "fgm-study-epsilon=0.5" in result.output
 
 
 def test_a_changed_config_under_an_existing_run_is_refused(tmp_path):
