@@ -39,8 +39,20 @@ STUDY = {
     "gradient_penalty": {"iflytek": 62.31, "tnews": 57.81},
 }
 STUDY_LABELS = {"none": "baseline", "fgm": "FGM ε = 0.5", "gradient_penalty": "gradient penalty ε = 1"}
-# Which strategy parameters a run needs for its row to be the study's (checked when the field exists).
-STUDY_PARAMS = {"none": {}, "fgm": {"epsilon": 0.5}, "gradient_penalty": {"epsilon": 1.0}}
+# The exact variant each study row was measured with: a run's strategy block must match all of it (a field
+# its config lacks, written before the field existed, counts as the field's default). FGM's default is the
+# usual PyTorch variant (per-example output, summed losses), which the study's Keras code is not.
+STUDY_PARAMS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "fgm": {
+        "epsilon": 0.5,
+        "norm": "l2",
+        "target": "embedding_matrix",
+        "combine": "adversarial_only",
+        "epsilon_unit": "absolute",
+    },
+    "gradient_penalty": {"epsilon": 1.0, "mode": "exact", "target": "embedding_output"},
+}
 CLUE_DEV_BERT_BASE = {"iflytek": 60.37, "tnews": 56.09}  # CLUE's published dev scores, BERT-base
 CLUE_TEST_BERT_BASE = {"iflytek": 60.29, "tnews": 56.58}  # CLUE leaderboard test scores, BERT-base
 
@@ -147,6 +159,21 @@ class ExperimentTable:
         return any(c.reference is not None for c in self.cells.values())
 
 
+def _is_bundled_sample(path: Any) -> bool:
+    """Whether `data.path` points into the package's bundled sample data (clue_adv/assets), which is a
+    few hundred records, not CLUE. A relative path is judged both as written (its `clue_adv/assets`
+    segment) and resolved from the current directory, since the run may have started elsewhere."""
+    if path is None:
+        return False
+    from clue_adv.data import ASSETS
+
+    text = str(path).replace("\\", "/")
+    if "clue_adv/assets" in text:
+        return True
+    resolved = Path(text.replace("{task}", "x")).expanduser().resolve()
+    return resolved.is_relative_to(ASSETS.resolve())
+
+
 def _matches_study_setting(runs: Iterable[RunRecord]) -> bool:
     """BERT-base (bert-base-chinese, pretrained) on the full data: the setting of the study's numbers."""
     for r in runs:
@@ -157,15 +184,20 @@ def _matches_study_setting(runs: Iterable[RunRecord]) -> bool:
             return False
         if data.get("max_train_samples") is not None or data.get("max_eval_samples") is not None:
             return False
+        if _is_bundled_sample(data.get("path")):
+            return False
     return True
 
 
 def _study_row(strategy: str, runs: list[RunRecord]) -> str | None:
     if strategy not in STUDY_PARAMS or not runs:
         return None
+    from clue_adv.regularizers import registry
+
+    defaults = registry()[strategy].config_class().model_dump()
     for r in runs:
-        block = r.config["strategy"]
-        if any(key in block and block[key] != value for key, value in STUDY_PARAMS[strategy].items()):
+        block = {**defaults, **r.config["strategy"]}
+        if any(block.get(key) != value for key, value in STUDY_PARAMS[strategy].items()):
             return None
     return strategy
 
@@ -289,6 +321,8 @@ def delta_text(cell: CellStats | None, metric: str, baseline: str | None) -> str
         return "no shared seeds"
     if test.n == 1:
         return f"{_num(test.mean_difference, sign=True)} (1 pair, no test)"
+    if test.no_spread:
+        return f"{_num(test.mean_difference, sign=True)} ({test.n} pairs, no spread, no test)"
     p = cell.p_holm.get(metric, math.nan)
     star = "*" if math.isfinite(p) and p < 0.05 else ""
     ci = f"[{_num(test.ci_low, sign=True)}, {_num(test.ci_high, sign=True)}]"
@@ -633,7 +667,9 @@ def reference_section(tables: list[ExperimentTable]) -> str:
     matched = [t.experiment for t in tables if t.has_reference]
     where = (
         f"Experiment(s) {', '.join(f'`{m}`' for m in matched)} match that setting (pretrained bert-base-chinese, "
-        "full data), so their tables carry a study column."
+        "full data), so their tables carry a study column, filled only for runs of the study's exact variant "
+        "(FGM: ε = 0.5, L2, embedding matrix, adversarial loss only; gradient penalty: ε = 1, exact, embedding "
+        "output)."
         if matched
         else "None of these runs matches that setting (pretrained bert-base-chinese on the full data), so the "
         "tables have no study column."

@@ -43,10 +43,20 @@ class PairedTest:
     mean_difference: float
     std_difference: float
     t: float
-    p: float  # two-sided; NaN when it cannot be computed (n < 2, or every difference is 0)
+    p: float  # two-sided; NaN (no test) when n < 2 or every difference is the same (see `no_spread`)
     ci_low: float
     ci_high: float
     confidence: float = 0.95
+
+    @property
+    def no_spread(self) -> bool:
+        """Two or more pairs whose differences are all equal: there is no variance to test against."""
+        return self.n >= 2 and self.std_difference == 0.0
+
+
+# Differences of accuracies read back from JSON carry float noise (1.0000000000000071 vs 0.9999999999999929):
+# an sd this small relative to the differences is 0, not a real spread that would give t ≈ 1e14 and p = 0.
+_SPREAD_RTOL = 1e-9
 
 
 def paired_test(treatment: Sequence[float], baseline: Sequence[float], confidence: float = 0.95) -> PairedTest:
@@ -61,8 +71,12 @@ def paired_test(treatment: Sequence[float], baseline: Sequence[float], confidenc
     if n == 1:
         return PairedTest(1, mean, NAN, NAN, NAN, NAN, NAN, confidence)
     sd = float(d.std(ddof=1))
+    if sd <= _SPREAD_RTOL * max(1.0, float(np.abs(d).max())):
+        # Identical differences: scipy would give t = ±inf and p = 0 (or NaN when all are 0), a "significant"
+        # result from, e.g., two seeds that happen to move by the same amount. No spread, no test: p is NaN,
+        # so Holm does not count it, and the CI collapses onto the mean.
+        return PairedTest(n, mean, 0.0, NAN, NAN, mean, mean, confidence)
     with warnings.catch_warnings():
-        # Identical differences make sd 0: scipy warns and returns t = ±inf (p = 0) or NaN (all zero).
         warnings.simplefilter("ignore", RuntimeWarning)
         result = stats.ttest_rel(treatment, baseline)
     half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)

@@ -29,6 +29,8 @@ HAND = {
     ("iflytek", "gradient_penalty"): {1: 61, 2: 63},
 }
 STEP_TIME = {"none": 0.1, "fgm": 0.2, "gradient_penalty": 0.3}
+# The study's FGM variant (its Keras code); the config's default FGM is the usual PyTorch one.
+STUDY_FGM = {"name": "fgm", "epsilon": 0.5, "target": "embedding_matrix", "combine": "adversarial_only"}
 
 
 def write_run(root: Path, experiment: str, task: str, strategy: dict, seed: int, best: float | None, **config) -> Path:
@@ -62,7 +64,7 @@ def results(tmp_path: Path) -> Path:
     root = tmp_path / "results"
     # The study's setting (bert-base-chinese, pretrained, full data: the config defaults).
     for (task, name), seeds in HAND.items():
-        block = {"name": name, "epsilon": 0.5} if name == "fgm" else {"name": name}
+        block = STUDY_FGM if name == "fgm" else {"name": name}
         for seed, best in seeds.items():
             write_run(root, "hand", task, block, seed, best)
     # A tiny-model experiment: not the study's setting, one seed.
@@ -73,7 +75,7 @@ def results(tmp_path: Path) -> Path:
 
 
 def tag(name: str) -> str:
-    block = {"name": name, "epsilon": 0.5} if name == "fgm" else {"name": name}
+    block = STUDY_FGM if name == "fgm" else {"name": name}
     return strategy_tag(parse_config({"task": "tnews", "strategy": block}).strategy)
 
 
@@ -115,6 +117,67 @@ def test_study_column_only_where_the_runs_match_its_setting(results):
     assert "### Dev accuracy at the final epoch (%)" in md and "| TNEWS | fgm" in md  # final table, cost table
 
 
+def _references(root: Path, experiment: str) -> dict[str, float | None]:
+    table = next(t for t in build_report(root, plots=False).tables if t.experiment == experiment)
+    return {tag: table.cell("tnews", tag).reference for tag in table.tags}
+
+
+@pytest.mark.parametrize(
+    ("block", "expected"),
+    [
+        (STUDY_FGM, 57.66),
+        ({**STUDY_FGM, "epsilon_unit": "relative"}, None),
+        ({**STUDY_FGM, "norm": "sign"}, None),
+        ({"name": "fgm"}, None),  # the default FGM: per-example output, summed losses
+        ({"name": "gradient_penalty"}, 57.81),
+        ({"name": "gradient_penalty", "mode": "normalized"}, None),
+        ({"name": "gradient_penalty", "target": "embedding_matrix"}, None),
+        ({"name": "gradient_penalty", "epsilon": 0.5}, None),
+    ],
+)
+def test_study_row_needs_the_studys_exact_variant(tmp_path, block, expected):
+    write_run(tmp_path, "x", "tnews", {"name": "none"}, 1, 50)
+    write_run(tmp_path, "x", "tnews", block, 1, 51)
+    refs = _references(tmp_path, "x")
+    assert refs.pop("none") == 56.58
+    assert list(refs.values()) == [expected]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"path": str(ASSETS / "{task}")},  # the bundled sample, absolute
+        {"path": "clue_adv/assets/{task}"},  # ... and as the docs write it
+        {"max_train_samples": 1000},
+        {"max_eval_samples": 100},
+    ],
+)
+def test_no_study_column_without_the_full_data(tmp_path, data):
+    write_run(tmp_path, "x", "tnews", {"name": "none"}, 1, 50, data=data)
+    write_run(tmp_path, "x", "tnews", STUDY_FGM, 1, 51, data=data)
+    assert set(_references(tmp_path, "x").values()) == {None}
+
+
+def test_study_column_with_full_data_from_a_local_directory(tmp_path):
+    write_run(tmp_path, "x", "tnews", {"name": "none"}, 1, 50, data={"path": "/data/clue/{task}"})
+    assert _references(tmp_path, "x") == {"none": 56.58}
+
+
+def test_identical_differences_show_no_test(tmp_path):
+    # fgm beats the baseline by exactly 1 point on both seeds: scipy's p = 0 would print "p<0.001*".
+    for seed, best in ((1, 50), (2, 52)):
+        write_run(tmp_path, "x", "tnews", {"name": "none"}, seed, best)
+        write_run(tmp_path, "x", "tnews", STUDY_FGM, seed, best + 1)
+        write_run(tmp_path, "x", "tnews", {"name": "gradient_penalty"}, seed, best + 2 * seed)
+    tables = build_report(tmp_path, plots=False).tables
+    text = render(tables, "md")
+    assert f"| {tag('fgm')} | 52.00 ± 1.41 (n=2) | +1.00 (2 pairs, no spread, no test) |" in text
+    assert "p<0.001" not in text
+    assert "across the table's 1 comparison(s)" in text  # only gradient_penalty is tested
+    fgm = next(r for r in json.loads(render(tables, "json"))[0]["rows"] if r["strategy_name"] == "fgm")
+    assert fgm["delta"]["p"] is None and fgm["delta"]["p_holm"] is None
+
+
 def test_csv_files(results):
     build_report(results, plots=False)
     runs = list(csv.DictReader(open(results / "runs.csv", encoding="utf-8")))
@@ -146,17 +209,57 @@ def test_formats(results):
     assert rows[0][:3] == ["experiment", "strategy", "IFLYTEK"] and len(rows) == 4
 
 
-def test_plots_are_written_and_not_blank(results):
+def _data_points(ax) -> list[tuple[float, float]]:
+    """Every point the axes draws in data coordinates: line vertices (not axhline/axvline, whose transform
+    is blended with axes units) and scatter/errorbar-marker offsets. Titles, labels and grids are not data."""
+    points = []
+    for line in ax.lines:
+        if line.get_transform() is ax.transData:
+            points += [(float(x), float(y)) for x, y in line.get_xydata() if np.isfinite(x) and np.isfinite(y)]
+    for collection in ax.collections:
+        if collection.get_offset_transform() is ax.transData:
+            points += [(float(x), float(y)) for x, y in collection.get_offsets() if np.isfinite(x) and np.isfinite(y)]
+    return points
+
+
+def test_plots_are_written_and_draw_the_data(results, monkeypatch):
     from matplotlib.image import imread
 
+    import clue_adv.plots as plots
+
+    # Keep each figure as it is saved, to check what is drawn on it: an empty figure with titles and
+    # labels would pass any pixel-level check of the PNG.
+    figures = {}
+    save = plots._save
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
     report = build_report(results)
     pngs = [p for p in report.files if p.suffix == ".png"]
     assert {p.name for p in pngs} >= {"hand-accuracy.png", "hand-curves.png", "hand-gain-cost.png"}
     for path in pngs:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         image = imread(path)
-        assert image.shape[0] > 100 and np.std(image[..., :3]) > 0.05  # something is drawn
+        assert image.shape[0] > 100 and np.std(image[..., :3]) > 0.05
         assert f"]({path.relative_to(results).as_posix()})" in (results / "report.md").read_text()
+        assert all(_data_points(ax) for ax in figures[path.name].axes), f"{path.name}: an axes without data"
+
+    # Per seed: every completed run's accuracy is a point on its task's panel (x is jittered, y is not).
+    by_title = {ax.get_title(): ax for ax in figures["hand-accuracy.png"].axes}
+    for task, name in (("tnews", "TNEWS"), ("iflytek", "IFLYTEK")):
+        drawn = sorted(y for ax in [by_title[name]] for c in ax.collections for _, y in c.get_offsets())
+        expected = sorted(v for (t, _), seeds in HAND.items() if t == task for v in seeds.values() if v is not None)
+        assert drawn == pytest.approx(expected)
+    # Curves: one line of 3 evaluations per strategy and task.
+    for ax in figures["hand-curves.png"].axes:
+        assert sorted(len(line.get_xdata()) for line in ax.lines) == [3, 3, 3]
+    # Gain vs cost: one marker per strategy × task compared with the baseline, at its Δ (pp).
+    markers = [c.lines[0] for c in figures["hand-gain-cost.png"].axes[0].containers]  # errorbar's data line
+    ys = sorted(y for line in markers for y in line.get_ydata())
+    assert ys == pytest.approx(sorted([1.5, 2.5, 2.0, 1 / 3]))
 
 
 def test_cli_report_prints_the_table_and_fails_cleanly(results, tmp_path):

@@ -45,12 +45,25 @@ def test_degenerate_pairs_give_nan_not_errors():
     assert one.n == 1 and one.mean_difference == pytest.approx(0.1) and math.isnan(one.p) and math.isnan(one.ci_low)
     none = paired_test([], [])
     assert none.n == 0 and math.isnan(none.mean_difference)
-    constant = paired_test([2.0, 3.0, 4.0], [1.0, 2.0, 3.0])  # every difference is 1: sd 0, CI collapses
-    assert constant.ci_low == constant.ci_high == 1.0 and constant.p == 0.0
     zero = paired_test([1.0, 2.0], [1.0, 2.0])
-    assert zero.mean_difference == 0.0 and math.isnan(zero.p)
+    assert zero.mean_difference == 0.0 and math.isnan(zero.p) and zero.no_spread
     with pytest.raises(ValueError, match="differ in length"):
         paired_test([1.0], [1.0, 2.0])
+
+
+def test_identical_differences_are_not_tested():
+    # Every difference is 1: sd 0. scipy says t = inf, p = 0; that is no evidence, so no test at all.
+    constant = paired_test([2.0, 3.0, 4.0], [1.0, 2.0, 3.0])
+    assert constant.no_spread and constant.std_difference == 0.0
+    assert constant.ci_low == constant.ci_high == 1.0 and math.isnan(constant.p) and math.isnan(constant.t)
+    # Accuracies read back as fractions × 100 differ by float noise only: still no spread.
+    treatment, baseline = [100 * 0.5432, 100 * 0.6105, 100 * 0.5877], [100 * 0.5332, 100 * 0.6005, 100 * 0.5777]
+    assert 0 < np.subtract(treatment, baseline).std(ddof=1) < 1e-12  # the noise is there (scipy: p ≈ 5e-30)
+    noisy = paired_test(treatment, baseline)
+    assert noisy.no_spread and math.isnan(noisy.p) and noisy.mean_difference == pytest.approx(1.0)
+    assert holm([constant.p, 0.01, 0.02]) == pytest.approx([math.nan, 0.02, 0.02], nan_ok=True)  # m = 2
+    spread = paired_test([2.0, 3.0, 4.1], [1.0, 2.0, 3.0])
+    assert not spread.no_spread and 0 < spread.p < 1
 
 
 def test_pairing_uses_only_shared_seeds():
