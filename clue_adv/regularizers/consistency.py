@@ -13,10 +13,17 @@ Divergences, per example and averaged over the batch, with q = f(x) (first pass)
 * `sym_kl`: ½(KL(p ‖ q) + KL(q ‖ p)).
 
 R-Drop (Liang et al. 2021) is `sigma: 0, divergence: sym_kl, ce_on_both: true, stop_gradient_clean: false`.
-Its paper's per-example loss is CE₁ + CE₂ + α·½(KL(p₁‖p₂) + KL(p₂‖p₁)); the official README snippet averages
-the two CEs, ½(CE₁ + CE₂) + α·(...), which is what `ce_on_both` does, so `weight` = α of the README form and
-α/2 of the paper's. For GLUE fine-tuning the paper tunes α in {0.1, 0.5, 1.0} (as recalled; not re-checked
-offline). The README snippet sums the KL over the batch where this averages it: its α is B times ours.
+What this computes, CE and the divergence each averaged over the batch:
+    ½(CE₁ + CE₂) + weight·½(KL(p₁‖p₂) + KL(p₂‖p₁)),
+which is half of the paper's per-example loss CE₁ + CE₂ + α·½(KL(p₁‖p₂) + KL(p₂‖p₁)) with α = 2·weight.
+So `weight` = α/2, α being the paper's per-example coefficient; the overall factor ½ changes only the
+gradient's size (which AdamW largely ignores, though gradient clipping does not).
+The official code reduces differently, so its constants do not carry over as they are: its README snippet
+averages the CEs but SUMS the KL over the batch, ½(CE₁ + CE₂) + α·Σ_batch ½(KL + KL), i.e. weight = B·α;
+its BERT/GLUE `bert_kl` (huggingface_transformer_src, read in a stored copy) computes
+CE₁ + CE₂ + 0.5·Σ_batch ½(KL + KL), i.e. α = 0.5·B per example (weight = B/4: 8 at B = 32).
+The values α ∈ {0.1, 0.5, 1.0} tuned per GLUE task are quoted from memory of the paper, and it is not clear
+which of these reductions they refer to: treat the weight as a hyper-parameter to search, not a settled value.
 """
 
 from __future__ import annotations
@@ -37,7 +44,12 @@ class ConsistencyConfig(StrategyConfig):
     name: Literal["consistency"] = Field(
         "consistency", description="Consistency between two passes (dropout and/or Gaussian noise); R-Drop."
     )
-    weight: float = Field(1.0, ge=0, description="λ: weight of the divergence (R-Drop's α in its README form).")
+    weight: float = Field(
+        1.0,
+        ge=0,
+        description="λ: weight of the batch-mean divergence. For R-Drop (sym_kl + ce_on_both) weight = α/2, α being "
+        "the paper's per-example coefficient in CE₁ + CE₂ + α·½(KL(p₁‖p₂) + KL(p₂‖p₁)).",
+    )
     sigma: float = Field(
         0.0,
         ge=0,

@@ -65,7 +65,9 @@ class PerturbationSpace:
 
     # -- algebra in target space --------------------------------------------------------------------
     def norms(self, v: torch.Tensor) -> torch.Tensor:
-        """L2 norms: one per example (B,) for embedding_output, one scalar for embedding_matrix."""
+        """L2 norms: one per example (B,) for embedding_output, one scalar for embedding_matrix. In fp32 at least:
+        an fp16 norm overflows to inf above 65504 and, if squared in fp16, underflows to 0 for entries ~1e-5."""
+        v = at_least_fp32(v)
         if self.target == "embedding_output":
             return v.flatten(1).norm(dim=1)
         return v.norm()
@@ -80,7 +82,9 @@ class PerturbationSpace:
         return v.pow(2).sum()
 
     def direction(self, g: torch.Tensor, norm: Norm) -> torch.Tensor:
-        """Unit-size steepest-ascent direction: ĝ (L2) or sign(g) (sign/L∞), zero on padding."""
+        """Unit-size steepest-ascent direction: ĝ (L2) or sign(g) (sign/L∞), zero on padding, in fp32 at least
+        (in fp16 the clamp's 1e-12 rounds to 0, so a zero gradient would give 0/0 = NaN)."""
+        g = at_least_fp32(g)
         if norm == "l2":
             return g / self._broadcast(self.norms(g).clamp_min(_TINY))
         return torch.sign(g)

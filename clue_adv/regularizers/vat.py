@@ -46,6 +46,14 @@ def unit_l2(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
 
 
+def unit_direction(space: PerturbationSpace, v: torch.Tensor) -> torch.Tensor:
+    """v/‖v‖₂ per unit of `space` (per example, or one for the matrix), in fp32 or wider, pre-scaled by each
+    unit's max |v| so that tiny half-precision-born entries cannot underflow to a zero norm."""
+    v = v.to(torch.promote_types(v.dtype, torch.float32))
+    v = v / space.per_unit(space.linf_norms(v).clamp_min(torch.finfo(v.dtype).tiny))
+    return space.direction(v, "l2")
+
+
 def _autograd_grad(output: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     (g,) = torch.autograd.grad(output, inputs)
     return g
@@ -134,18 +142,13 @@ class VAT(Strategy):
             with same_dropout(ctx, cfg.same_dropout_mask):
                 return kl_divergence(target, ctx.forward(x_fixed + space.to_x(v).to(x.dtype)))
 
-        def normalize(v: torch.Tensor) -> torch.Tensor:
-            v = v.float()
-            v = v / space.per_unit(space.linf_norms(v).clamp_min(torch.finfo(v.dtype).tiny))
-            return space.direction(v, "l2")
-
         self.iterates = []
         d = power_iteration(
             kl_at,
             start,
             xi=xi,
             iterations=cfg.iterations,
-            normalize=normalize,
+            normalize=lambda v: unit_direction(space, v),
             grad=ctx.grad,
             trace=self.iterates if self.keep_iterates else None,
         )
