@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -20,6 +21,9 @@ from clue_adv.errors import ConfigError
 from clue_adv.regularizers import config_classes
 from clue_adv.regularizers.none import NoneConfig
 from clue_adv.schema import StrictModel
+
+# The same pattern as StrategyConfig.tag: run directory names that are safe on every filesystem.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*")
 
 TASKS: dict[str, int] = {"tnews": 15, "iflytek": 119}  # task -> number of labels
 
@@ -157,9 +161,13 @@ class RunConfig(StrictModel):
     @field_validator("experiment")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        # Names become directories: keep a run inside its output directory.
-        if not v or v in {".", ".."} or "/" in v or "\\" in v or v.startswith("."):
-            raise ValueError("must be a plain name (no '/', no leading '.')")
+        # Names become directories: a whitelist (the one strategy `tag` uses) keeps a run inside its output
+        # directory and rejects what a blacklist misses (NUL bytes, control characters, ':' on Windows).
+        if len(v) > 80 or not _SAFE_NAME.fullmatch(v):
+            raise ValueError(
+                "must be a plain name of at most 80 characters: letters, digits and '_.=+-', "
+                "starting with a letter or digit"
+            )
         return v
 
     @model_validator(mode="after")
@@ -193,6 +201,10 @@ def _yaml_load(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file is not a readable file: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid UTF-8 text (byte {e.start}); save the config as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

@@ -52,8 +52,18 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     U+2028, which str.splitlines() would treat as a line break."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    with open(path, encoding="utf-8", newline="\n") as f:
-        for lineno, line in enumerate(f, start=1):
+    # Read bytes and decode line by line: a text-mode file decodes in chunks, so a bad byte would surface
+    # as a UnicodeDecodeError with no line number, in the middle of iteration.
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - the with below closes it; open errors need their own message
+    except OSError as e:
+        raise DataError(f"cannot read data file {path}: {e.strerror or e}") from None
+    with f:
+        for lineno, raw in enumerate(f, start=1):  # binary lines end at b"\n" only
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:

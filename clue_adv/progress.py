@@ -24,6 +24,7 @@ class RunProgress:
         self._progress: Progress | None = None
         self._task: Any = None
         self._epoch = 0
+        self._last: tuple[float, float, int] | None = None  # (loss, lr, step) of the latest step, for the bar
         self._started = time.perf_counter()
 
     def __enter__(self) -> RunProgress:
@@ -58,6 +59,7 @@ class RunProgress:
         return f"ep {self._epoch}/{self.epochs} loss {loss:.4f} lr {lr:.2e} {rate:.1f} it/s{dev}"
 
     def step(self, step: int, loss: float, lr: float) -> None:
+        self._last = (loss, lr, step)
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=self._info(loss, lr, step))
 
@@ -70,3 +72,8 @@ class RunProgress:
         self.dev_acc = accuracy
         if self._progress is None:
             self.console.print(f"{self.name} epoch {self._epoch}: dev accuracy {100 * accuracy:.2f}", **self._plain)
+        else:
+            # Refresh the bar now: otherwise the new accuracy shows only at the next step, and never after the
+            # last evaluation (the bar stops with the previous one).
+            info = self._info(*self._last) if self._last else f"ep {self._epoch}/{self.epochs} dev {100 * accuracy:.2f}"
+            self._progress.update(self._task, info=info)

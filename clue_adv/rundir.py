@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from clue_adv.config import RunConfig, dump_config
-from clue_adv.errors import ConfigError
+from clue_adv.errors import ClueAdvError, ConfigError
 from clue_adv.schema import StrictModel
 
 STATUSES = ("running", "completed", "failed", "interrupted")
@@ -136,6 +136,7 @@ def read_config(directory: Path) -> dict[str, Any] | None:
 def existing_state(cfg: RunConfig, directory: Path) -> str:
     """What is already in `directory` for this config: 'absent', 'completed', or 'incomplete'.
     A directory holding a *different* config is an error, never silently overwritten."""
+    _check_can_be_a_directory(directory)  # before training setup, not after minutes of loading
     stored = read_config(directory)
     if stored is None:
         return "absent"
@@ -149,9 +150,23 @@ def existing_state(cfg: RunConfig, directory: Path) -> str:
     return "completed" if summary and summary.get("status") == "completed" else "incomplete"
 
 
+def _check_can_be_a_directory(directory: Path) -> None:
+    """Raise if `directory` or a folder above it exists but is a file (e.g. `-o` names a file): mkdir would
+    fail later with a bare NotADirectoryError / FileExistsError."""
+    for path in (directory, *directory.parents):
+        if path.exists() or path.is_symlink():
+            if not path.is_dir():
+                raise ClueAdvError(f"output folder {directory}: {path} exists and is not a directory")
+            return
+
+
 def start_run(cfg: RunConfig, directory: Path) -> None:
     """Make the directory a fresh run: config.yaml, empty metrics, summary status 'running'."""
-    directory.mkdir(parents=True, exist_ok=True)
+    _check_can_be_a_directory(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ClueAdvError(f"cannot create output folder {directory}: {e.strerror or e}") from None
     for name in ("metrics.jsonl", "summary.json"):
         (directory / name).unlink(missing_ok=True)
     atomic_write_text(directory / "config.yaml", dump_config(cfg))

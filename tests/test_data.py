@@ -46,6 +46,28 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
         read_split(tmp_path / "x.json", read_labels(ASSETS / "tnews" / "labels.json"))
 
 
+def test_invalid_utf8_line_names_file_and_line(tmp_path):
+    good = json.dumps({"label": "100", "sentence": "你好"}, ensure_ascii=False).encode()
+    (tmp_path / "x.json").write_bytes(good + b"\n" + good + b"\n" + b'{"label": "100", "sentence": "\xff"}\n')
+    with pytest.raises(DataError, match=r"x.json:3: not valid UTF-8"):
+        read_split(tmp_path / "x.json", read_labels(ASSETS / "tnews" / "labels.json"))
+
+
+def test_unreadable_data_file_is_a_data_error(tmp_path, monkeypatch):
+    import clue_adv.data
+
+    (tmp_path / "x.json").write_text('{"label": "100", "sentence": "a"}\n')
+    labels = read_labels(ASSETS / "tnews" / "labels.json")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    # chmod cannot make a file unreadable for root (CI containers), so fail the open itself.
+    monkeypatch.setattr(clue_adv.data, "open", denied, raising=False)
+    with pytest.raises(DataError, match=r"cannot read data file .*x.json: Permission denied"):
+        read_split(tmp_path / "x.json", labels)
+
+
 def test_empty_split_is_an_error(tmp_path):
     (tmp_path / "x.json").write_text("\n")
     with pytest.raises(DataError, match="no records"):
@@ -107,14 +129,17 @@ def test_hub_path_goes_through_the_same_label_mapping(monkeypatch, tokenizer):
     """The hub cannot be reached here: stand in for `datasets.load_dataset` and check the call and mapping."""
     import datasets
 
-    names = list(read_labels(ASSETS / "tnews" / "labels.json").ids)
+    ids = read_labels(ASSETS / "tnews" / "labels.json").ids
+    # The hub's ClassLabel order must not be labels.json order, or skipping the name mapping would still pass.
+    names = list(reversed(ids))
     features = datasets.Features({"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
     calls = []
 
     def fake_load_dataset(name, config):
         calls.append((name, config))
         cols = read_split(ASSETS / "tnews" / "dev.json", read_labels(ASSETS / "tnews" / "labels.json"), 64)
-        ds = datasets.Dataset.from_dict({"sentence": cols["sentence"], "label": cols["label"]}, features=features)
+        hub_labels = [names.index(ids[i]) for i in cols["label"]]
+        ds = datasets.Dataset.from_dict({"sentence": cols["sentence"], "label": hub_labels}, features=features)
         return datasets.DatasetDict({"train": ds, "validation": ds.select(range(32))})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
@@ -125,6 +150,7 @@ def test_hub_path_goes_through_the_same_label_mapping(monkeypatch, tokenizer):
     assert len(data.train) == 40 and len(data.dev) == 32
     local = read_split(ASSETS / "tnews" / "dev.json", read_labels(ASSETS / "tnews" / "labels.json"), 40)
     assert data.train["labels"] == local["label"]
+    assert local["label"] != [names.index(ids[i]) for i in local["label"]]  # the two orders differ on this sample
 
 
 def test_hub_failure_says_how_to_go_local(monkeypatch, tokenizer):

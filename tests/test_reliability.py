@@ -106,3 +106,27 @@ def test_experiment_name_cannot_escape_the_output_directory():
     for name in ("..", "../x", "a/b", ".hidden"):
         with pytest.raises(ConfigError, match="experiment"):
             smoke_config(experiment=name)
+    # A blacklist passes these; the name then fails deep in the filesystem (ValueError: embedded null byte).
+    for name in ("a\0b", "a\nb", "a:b", "a b", "", "x" * 81):
+        with pytest.raises(ConfigError, match="experiment"):
+            smoke_config(experiment=name)
+    assert smoke_config(experiment="clue-protocol_v2.1").experiment == "clue-protocol_v2.1"
+
+
+def test_config_file_that_is_not_utf8_exits_2(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_bytes(b"task: tnews\nexperiment: caf\xe9\n")  # Latin-1, as an editor might save it
+    result = runner.invoke(app, ["validate", str(f)])
+    assert result.exit_code == 2, result.output
+    assert f"{f}: not valid UTF-8" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+
+
+def test_output_dir_that_is_a_file_exits_2_naming_it(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(smoke_config().resolved(), allow_unicode=True), encoding="utf-8")
+    (tmp_path / "out").write_text("not a folder")
+    result = runner.invoke(app, ["train", "--config", str(f), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert f"{tmp_path / 'out'} exists and is not a directory" in " ".join(result.output.split())
