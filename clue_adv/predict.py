@@ -45,7 +45,10 @@ def _load(run: Path) -> tuple[Any, Any, Any, list[str]]:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    if not any(model_dir.glob("*.safetensors")):
+        # safetensors only: a pickled pytorch_model.bin (which could run code when loaded) is never read
+        raise ClueAdvError(f"{model_dir}: no .safetensors weights; pickled checkpoints (.bin) are not loaded")
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
     if cfg.model.head == "cls":
         # The saved weights have no pooler (the study head has none); loading built a fresh pooler,
         # which this removes again, exactly as training did.

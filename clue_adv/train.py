@@ -50,6 +50,10 @@ class RunOutcome:
     skipped: bool = False
 
 
+# Printed with an out-of-memory failure and kept in summary.json: the fix that keeps the effective batch.
+OOM_ADVICE = "lower batch_size and raise optim.grad_accum_steps to keep the effective batch"
+
+
 def all_sources_local(cfg: RunConfig) -> bool:
     names = [cfg.model.name_or_path, cfg.model.tokenizer or cfg.model.name_or_path]
     return cfg.data.is_local and all(looks_local(n) for n in names)
@@ -325,9 +329,9 @@ def train(
             status="failed",
             error="out of memory",
             failed_step=global_step + 1,
-            advice="lower batch_size and raise optim.grad_accum_steps to keep the effective batch",
+            advice=OOM_ADVICE,
         )
-        raise RunFailed(f"run failed: out of memory at step {global_step + 1} ({directory})") from None
+        raise RunFailed(f"run failed: out of memory at step {global_step + 1}: {OOM_ADVICE} ({directory})") from None
     except KeyboardInterrupt:
         summary.update(status="interrupted", interrupted_step=global_step)
         raise

@@ -82,3 +82,19 @@ def test_a_run_without_a_saved_model_is_a_clear_error(tmp_path):
         predict(run.directory, ASSETS / "iflytek" / "test.json")
     result = runner.invoke(app, ["predict", str(tmp_path), "--test-file", str(ASSETS / "iflytek" / "test.json")])
     assert result.exit_code == 2 and "not a run directory" in result.output
+
+
+def test_a_pickled_checkpoint_is_never_loaded(saved_run, tmp_path):
+    """Only safetensors weights are read: a run whose model is a pickled .bin is refused, not unpickled."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    shutil.copytree(saved_run.directory, run)
+    for weights in (run / "model").glob("*.safetensors"):
+        torch.save(load_file(weights), run / "model" / "pytorch_model.bin")
+        weights.unlink()
+    with pytest.raises(ClueAdvError, match="pickled"):
+        predict(run, ASSETS / "tnews" / "dev.json")

@@ -155,7 +155,7 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path):
 
 def test_out_of_memory_marks_the_run_failed_with_advice(tmp_path, monkeypatch):
     monkeypatch.setattr(NoRegularizer, "training_step", _fail_at(2, torch.OutOfMemoryError("CUDA out of memory")))
-    with pytest.raises(RunFailed, match="out of memory at step 2"):
+    with pytest.raises(RunFailed, match="out of memory at step 2: lower batch_size .*grad_accum_steps"):
         train(smoke_config(), tmp_path, show_progress=False)
     summary = json.loads((tmp_path / "test" / "tnews" / "none" / "seed-1" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["failed_step"] == 2
