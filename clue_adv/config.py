@@ -176,8 +176,8 @@ class RunConfig(StrictModel):
 
         if build_strategy(self.strategy).needs_double_backward and self.model.attn_implementation == "sdpa":
             raise ValueError(
-                f"strategy '{self.strategy.name}' differentiates a gradient (double backward), which fused SDPA "
-                "attention kernels cannot do: set model.attn_implementation to auto or eager"
+                f"model.attn_implementation: 'sdpa' cannot run strategy '{self.strategy.name}', which differentiates "
+                "a gradient (double backward) that fused SDPA attention kernels do not have: use auto or eager"
             )
         return self
 
@@ -286,6 +286,9 @@ def format_validation_errors(err: ValidationError, root: type[StrictModel] = Run
             problems.append(f"{path}: {e['msg']} (got {e.get('input')!r})")
         elif kind == "missing":
             problems.append(f"{path}: required field is missing")
+        elif kind == "value_error" and not shown:
+            # A whole-config check (model_validator) names its fields at the start of its own message.
+            problems.append(str(e["msg"]).removeprefix("Value error, "))
         else:
             got = e.get("input")
             shown_input = "" if isinstance(got, dict) else f" (got {got!r})"

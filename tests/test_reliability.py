@@ -130,3 +130,21 @@ def test_output_dir_that_is_a_file_exits_2_naming_it(tmp_path):
     assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert f"{tmp_path / 'out'} exists and is not a directory" in " ".join(result.output.split())
+
+
+def test_double_backward_with_fused_attention_names_the_field():
+    """A strategy that differentiates a gradient cannot run on SDPA kernels: the error names the field to change."""
+    result = runner.invoke(
+        app,
+        [
+            "validate",
+            str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"),
+            "--set",
+            "strategy={name: gradient_penalty, mode: exact}",
+            "--set",
+            "model.attn_implementation=sdpa",
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert "model.attn_implementation: 'sdpa' cannot run strategy 'gradient_penalty'" in result.output
+    assert "(top level)" not in result.output
