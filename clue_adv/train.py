@@ -197,6 +197,9 @@ def train(
     dev_loader = eval_loader(data.dev, tokenizer, cfg.eval.batch_size, pad_multiple)
     accum = cfg.optim.grad_accum_steps
     steps_per_epoch = math.ceil(len(loader) / accum)
+    # Micro-batches in full accumulation windows; an epoch's last, shorter window averages over fewer micro-batches.
+    full_windows = (len(loader) // accum) * accum
+    tail_window = len(loader) - full_windows
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = build_optimizer(model, cfg, device)
     warmup = round(cfg.optim.warmup_ratio * total_steps)
@@ -269,7 +272,7 @@ def train(
                         model,
                         batch,
                         label_smoothing=cfg.label_smoothing,
-                        loss_scale=1.0 / accum,
+                        loss_scale=1.0 / (accum if micro <= full_windows else tail_window),
                         autocast=autocast,
                         counter=counter,
                         special_token_ids=special_ids,
