@@ -736,6 +736,7 @@ def _run_subprocesses(
                         OMP_NUM_THREADS=str(len(cpus)),
                         MKL_NUM_THREADS=str(len(cpus)),
                         TOKENIZERS_PARALLELISM="false",
+                        CLUE_ADV_PARENT_PID=str(os.getpid()),
                     )
                     where = ""
                     if devices:
@@ -1207,8 +1208,32 @@ def run_sweep(
 # The worker process: `python -m clue_adv.sweep CONFIG.yaml [--force]`
 
 
+def _stop_with_the_sweep() -> None:
+    """Ask the kernel to send SIGINT to this worker when the sweep that started it dies, even by kill -9.
+
+    Workers run in their own session (so a terminal's Ctrl-C reaches the sweep only), so nothing else would
+    stop them: they would train on, and a rerun of the sweep would start a second writer into the same run
+    directory. SIGINT, not SIGKILL: the run is then marked interrupted with whole files, and the next sweep
+    reruns it. Linux only (prctl); the sweep runs its workers from its main thread, as PR_SET_PDEATHSIG needs.
+    """
+    parent = os.environ.get("CLUE_ADV_PARENT_PID")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGINT)
+    if os.getppid() != int(parent):  # the sweep died before prctl took effect
+        raise KeyboardInterrupt
+
+
 def worker_main(argv: list[str]) -> int:
     """Train one resolved config; exit 0 completed, 1 failed, 2 bad input, 130 interrupted."""
+    try:
+        _stop_with_the_sweep()
+    except KeyboardInterrupt:
+        return 130
     cpus = os.environ.get("CLUE_ADV_CPUS")
     if cpus:
         with contextlib.suppress(AttributeError, OSError, ValueError):

@@ -43,9 +43,9 @@ strategies:
 """
 
 
-def _sweep(config: Path, out: Path) -> subprocess.Popen:
+def _sweep(config: Path, out: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "clue_adv", "sweep", "-c", str(config), "-o", str(out), "--no-report"]
+    cmd = [sys.executable, "-m", "clue_adv", "sweep", "-c", str(config), "-o", str(out), "--no-report", *extra]
     # its own process group, so the kill reaches any child too
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
@@ -113,3 +113,32 @@ def test_random_kills_then_resume_gives_the_uninterrupted_result(tmp_path):
     assert len(done) == 4
     assert all(done[k] == v for k, v in seen_completed.items()), "a completed run was rerun"
     assert _tables(out) == _tables(tmp_path / "ref")
+
+
+def _status(directory: Path) -> str:
+    return json.loads((directory / "summary.json").read_text())["status"]
+
+
+def test_kill_9_of_a_parallel_sweep_stops_its_workers(tmp_path):
+    """Workers run in their own session; kill -9 of the sweep must still stop them (marked interrupted), or they
+    would train on and a rerun would start a second writer into the same run directory."""
+    (tmp_path / "run.yaml").write_text(RUN.replace("epochs: 2", "epochs: 20"))  # long enough to be caught mid-run
+    config = tmp_path / "sweep.yaml"
+    config.write_text(SWEEP)
+    out = tmp_path / "out"
+    proc = _sweep(config, out, "--jobs", "2")
+    deadline = time.monotonic() + 120
+    while not _running(out) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victims = _running(out)
+    assert victims, "no run started"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 60
+    while any(_status(v) == "running" for v in victims) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [_status(v) for v in victims] == ["interrupted"] * len(victims)
+    _files_whole(out)
+    final = _sweep(config, out, "--jobs", "2")
+    assert final.wait(timeout=300) == 0, final.stderr.read().decode()[-2000:]
+    assert len(_completed(out)) == 4
