@@ -341,6 +341,19 @@ class CellSpec:
     cost: StepCost
 
 
+def protocol_fields(cfg: RunConfig) -> dict[str, Any]:
+    """The CellSpec fields a training protocol sets (what `clue_protocol` swaps in from another config)."""
+    return {
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "max_length": cfg.max_length,
+        "eval_batch_size": cfg.eval.batch_size,
+        "grad_accum_steps": cfg.optim.grad_accum_steps,
+        "length_grouped": cfg.data.length_grouped,
+        "head": cfg.model.head,
+    }
+
+
 def cell_spec(cfg: RunConfig, name: str, strategy_tag: str) -> CellSpec:
     strategy = build_strategy(cfg.strategy)
     mode = getattr(cfg.strategy, "mode", None)
@@ -350,13 +363,7 @@ def cell_spec(cfg: RunConfig, name: str, strategy_tag: str) -> CellSpec:
         strategy=strategy_tag,
         strategy_row=f"{cfg.strategy.name}[{mode}]" if mode else cfg.strategy.name,
         seed=cfg.seed,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        max_length=cfg.max_length,
-        eval_batch_size=cfg.eval.batch_size,
-        grad_accum_steps=cfg.optim.grad_accum_steps,
-        length_grouped=cfg.data.length_grouped,
-        head=cfg.model.head,
+        **protocol_fields(cfg),
         num_labels=cfg.num_labels,
         architecture=tuple(sorted(cfg.model.architecture.overrides().items())),
         precision=cfg.precision,
@@ -375,17 +382,7 @@ def plan_cells(sweep: Path, overrides: list[str] | None = None) -> list[CellSpec
 def clue_protocol(cell: CellSpec, configs_dir: Path = REPO / "configs") -> CellSpec:
     """The same cell (task, strategy, seed) under configs/<task>/baseline.yaml's protocol: CLUE's 3 epochs,
     pooler head, and that file's batch size, max length, eval batch and batching."""
-    base = load_config(configs_dir / cell.task / "baseline.yaml")
-    return replace(
-        cell,
-        epochs=base.epochs,
-        batch_size=base.batch_size,
-        max_length=base.max_length,
-        eval_batch_size=base.eval.batch_size,
-        grad_accum_steps=base.optim.grad_accum_steps,
-        length_grouped=base.data.length_grouped,
-        head=base.model.head,
-    )
+    return replace(cell, **protocol_fields(load_config(configs_dir / cell.task / "baseline.yaml")))
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 # Tests never touch the hub; set before transformers/datasets are imported anywhere.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -95,6 +98,17 @@ def batch(tokenizer) -> Batch:
     enc = tokenizer(SENTENCES, padding=True, return_tensors="pt")
     enc["labels"] = torch.tensor([0, 1, 2, 3])
     return Batch.from_mapping(dict(enc), torch.device("cpu"))
+
+
+def load_script(name: str) -> ModuleType:
+    """Import scripts/<name>.py (scripts are not a package) once per test session."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_ctx(model: torch.nn.Module, batch: Batch, **kwargs) -> StepContext:

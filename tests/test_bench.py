@@ -7,36 +7,22 @@ REGULARIZERS.md's table. The ratios are timings on a shared machine, so the boun
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from clue_adv.regularizers import registry
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 # The shape of conftest's tiny_bert: milliseconds per step.
 SMALL = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
 
 
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bench():
-    return _load("bench_strategies")
+    return load_script("bench_strategies")
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +144,7 @@ def test_outputs_have_the_promised_fields(bench, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_throughput_contenders_train_on_the_same_examples(tmp_path, monkeypatch):
     """One tiny round of the throughput benchmark: every contender runs, and the padding accounting is right."""
-    throughput = _load("bench_throughput")
+    throughput = load_script("bench_throughput")
     monkeypatch.setenv("CLUE_ADV_CACHE", str(tmp_path / "cache"))
     bench = throughput.run_task(
         "tnews",
@@ -198,7 +184,7 @@ def test_throughput_contenders_train_on_the_same_examples(tmp_path, monkeypatch)
 
 
 def test_length_grouped_minimum_is_the_least_padding():
-    throughput = _load("bench_throughput")
+    throughput = load_script("bench_throughput")
     lengths = [5, 1, 4, 2, 3, 3, 9]
     # Cut from the shortest: (1, 2) (3, 3) (4, 5) (9) -> 2·2 + 2·3 + 2·5 + 9 = 29; the lone batch takes the 9.
     assert throughput.length_grouped_minimum(lengths, 2) == 29

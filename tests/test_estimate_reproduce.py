@@ -5,12 +5,12 @@ Fast (a few seconds): a meta-device model, the bundled data sample (tokenized on
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from clue_adv.regularizers.base import StepCost
 
@@ -18,19 +18,9 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 REPO = SCRIPTS.parent
 
 
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def est():
-    return _load("estimate_reproduce")
+    return load_script("estimate_reproduce")
 
 
 @pytest.fixture(scope="module")
