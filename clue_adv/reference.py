@@ -70,7 +70,13 @@ def config_reference() -> str:
             "",
             f"### `{name}`: {cls.summary}",
             "",
-            f"Cost per step: {cost.forward} forward, {cost.backward} backward{double}."
+            f"Cost per step: {cost.forward} forward, {cost.backward} backward{double}"
+            + (
+                f" on {cost.batch_factor}×B examples (= {cost.forward_at_batch} forward, "
+                f"{cost.backward_at_batch} backward at batch B)."
+                if cost.batch_factor > 1
+                else "."
+            )
             + (f" {cost.note}" if cost.note else ""),
         ]
         rows = [r.replace("| `", "| `strategy.", 1) for r in _rows(cls.config_class) if not r.startswith("| `name`")]

@@ -101,7 +101,8 @@ def cost_estimate(strategy: Strategy) -> float:
     """Step-time ratio the declared passes suggest (backward ≈ 2 forwards; a double backward ≈ one more
     forward + backward): the reference for strategies the issue sets no target for."""
     cost = strategy.cost()
-    return (cost.forward + 2 * cost.backward + (3 if cost.double_backward else 0)) / 3
+    # In passes over B examples: consistency's one pass of the batch stacked twice costs two.
+    return (cost.forward_at_batch + 2 * cost.backward_at_batch + (3 if cost.double_backward else 0)) / 3
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -325,7 +326,12 @@ def summarize(contenders: list[Contender], memory: dict[str, dict[str, float] | 
             "forward_passes": fwd,
             "backward_passes": bwd,
             "double_backward_passes": dbl,
-            "declared": {"forward": cost.forward, "backward": cost.backward, "double_backward": cost.double_backward},
+            "declared": {
+                "forward": cost.forward,
+                "backward": cost.backward,
+                "double_backward": cost.double_backward,
+                "batch_factor": cost.batch_factor,
+            },
             "attn_implementation": c.model.config._attn_implementation,
             "peak_memory_mb": mem.get("peak_memory_mb"),
             "step_memory_mb": mem.get("step_memory_mb"),
@@ -417,8 +423,9 @@ def markdown(payload: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "`est.` = (forward + 2·backward + 3·[double backward]) / 3 from the declared cost, for reference "
-        "(it counts passes, not their batch size: consistency runs one pass on the batch stacked twice).",
+        "`est.` = (forward + 2·backward + 3·[double backward]) / 3 from the declared cost, for reference, with "
+        "passes in units of the batch B (consistency's one pass on the batch stacked twice counts as two); the "
+        "`passes` column counts passes as run.",
     ]
     missed = {label: r for label, r in results.items() if r["meets_target"] is False}
     lines += ["", "## Targets", ""]

@@ -132,14 +132,20 @@ def model_flops(config: Any, head: str = "pooler") -> ModelFlops:
     return ModelFlops(config.num_hidden_layers, config.hidden_size, token, sequence)
 
 
+def _batch_note(declared: dict[str, Any]) -> str:
+    """Marks passes that run on the batch stacked k times (their FLOPs count k times in the multiplier)."""
+    factor = declared.get("batch_factor", 1)
+    return f" (each on {factor}×B)" if factor != 1 else ""
+
+
 def step_multiplier(cost: StepCost, double_backward_weight: float = 2.0) -> float:
     """A strategy's training FLOPs per step, relative to plain fine-tuning (one forward + one backward = 3
     forward units). A backward is 2 forward units; a double backward (a backward through a create_graph
     backward) is counted as `double_backward_weight` backwards: an assumption, stated in the output."""
-    backward_units = 2.0 * cost.backward
+    backward_units = 2.0 * cost.backward_at_batch
     if cost.double_backward:
-        backward_units += 2.0 * (double_backward_weight - 1.0)
-    return (cost.forward + backward_units) / 3.0
+        backward_units += 2.0 * (double_backward_weight - 1.0) * cost.batch_factor
+    return (cost.forward_at_batch + backward_units) / 3.0
 
 
 def analytic_step_multiplier(cost: StepCost) -> float:
@@ -148,8 +154,8 @@ def analytic_step_multiplier(cost: StepCost) -> float:
     through the forward graph (2 units) and through each create_graph backward's graph (2 units each)."""
     if not cost.double_backward:
         return step_multiplier(cost)
-    graphs = cost.backward - 1
-    return (cost.forward + graphs * 1.0 + 2.0 + graphs * 2.0) / 3.0
+    graphs = cost.backward_at_batch - cost.batch_factor
+    return (cost.forward_at_batch + graphs * 1.0 + 2.0 * cost.batch_factor + graphs * 2.0) / 3.0
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -729,7 +735,8 @@ def markdown(p: dict[str, Any]) -> str:
         d = s["declared_cost"]
         label = tag if tag == s["row"] else f"{tag} ({s['row']})"
         out.append(
-            f"| {label} | {d['forward']} / {d['backward']} / {'yes' if d['double_backward'] else 'no'} "
+            f"| {label} | {d['forward']} / {d['backward']} / {'yes' if d['double_backward'] else 'no'}"
+            f"{_batch_note(d)} "
             f"| {s['step_multiplier']:.2f} | {_f(s['cpu_measured_training_step_ratio'])} | {d['note'] or ''} |"
         )
     m = p["model"]

@@ -15,6 +15,8 @@ import torch
 from conftest import load_script
 
 from clue_adv.regularizers import registry
+from clue_adv.regularizers.consistency import Consistency, ConsistencyConfig
+from clue_adv.regularizers.none import NoneConfig, NoRegularizer
 
 # The shape of conftest's tiny_bert: milliseconds per step.
 SMALL = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
@@ -60,6 +62,10 @@ def expected_passes(label: str, config) -> tuple[int, int, int] | None:
         return config.steps, config.steps, 0
     if name == "vat":
         return 2 + config.iterations, 1 + config.iterations, 0
+    if name == "smart":  # clean, r₀ and each ascent pass, adversarial; + the EMA teacher's forward when μ > 0
+        return 2 + config.iterations + (config.mu > 0), 1 + config.iterations, 0
+    if name == "consistency":  # one pass of the batch stacked twice, or two sharing a dropout mask
+        return (2 if config.same_dropout_mask else 1), 1, 0
     if label == "gradient_penalty[finite_difference]":
         return 2, 2, 0
     if label in ("gradient_penalty[exact]", "gradient_penalty[normalized]"):
@@ -199,3 +205,10 @@ def test_length_grouped_minimum_is_the_least_padding():
             for order in itertools.permutations(lengths)
         )
         assert throughput.length_grouped_minimum(lengths, batch_size, multiple) == best, (batch_size, multiple)
+
+
+def test_cost_estimate_counts_passes_at_batch_size(bench):
+    """Consistency's one pass on the stacked 2B batch is worth two passes at B (the benchmark measures ~1.9×)."""
+    assert bench.cost_estimate(NoRegularizer(NoneConfig())) == pytest.approx(1.0)
+    assert bench.cost_estimate(Consistency(ConsistencyConfig())) == pytest.approx(2.0)
+    assert bench.cost_estimate(Consistency(ConsistencyConfig(same_dropout_mask=True))) == pytest.approx(4 / 3)

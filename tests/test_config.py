@@ -50,6 +50,27 @@ def test_reproduction_configs_follow_the_study():
         assert gp.strategy.epsilon == 1.0 and gp.strategy.mode == "exact"
         clue = load_config(REPO / f"configs/{task}/baseline.yaml")
         assert clue.epochs == 3 and clue.optim.warmup_ratio == 0.1 and clue.model.name_or_path == "bert-base-chinese"
+        # Every study-* config: the study states Adam(2e-5) (../shared/seed/study.txt); the rest is what the
+        # configs' comment cites from the study's bert4keras scripts (max length 128, batch 32, eps 1e-6, no
+        # warmup/decay/schedule/clipping, 50 epochs, [CLS] head).
+        for path in sorted((REPO / f"configs/{task}").glob("study-*.yaml")):
+            cfg = load_config(path)
+            assert cfg.optim.lr == 2e-5, path
+            assert cfg.max_length == 128 and cfg.batch_size == 32, path
+            assert cfg.epochs == 50 and cfg.optim.eps == 1e-6 and cfg.model.head == "cls", path
+            assert cfg.optim.schedule == "constant" and cfg.optim.warmup_ratio == 0, path
+            assert cfg.optim.weight_decay == 0 and cfg.optim.max_grad_norm is None, path
+        # Every clue-protocol config: the comment cites CLUE's BERT-base baseline (max length 128, batch 32,
+        # AdamW 2e-5, 3 epochs, 10% linear warmup then linear decay); that baseline is Google's run_classifier,
+        # whose optimizer clips the global gradient norm at 1.0.
+        for path in sorted((REPO / f"configs/{task}").glob("*.yaml")):
+            if path.name.startswith("study-"):
+                continue
+            cfg = load_config(path)
+            assert cfg.optim.lr == 2e-5 and cfg.optim.eps == 1e-8 and cfg.optim.weight_decay == 0.01, path
+            assert cfg.max_length == 128 and cfg.batch_size == 32 and cfg.epochs == 3, path
+            assert cfg.optim.schedule == "linear" and cfg.optim.warmup_ratio == 0.1, path
+            assert cfg.optim.max_grad_norm == 1.0 and cfg.model.head == "pooler", path
 
 
 def test_later_config_files_override_earlier_ones(tmp_path):

@@ -134,3 +134,15 @@ def test_tiling_keeps_the_size_and_the_distribution(est):
     assert sorted(tiled[:9]) == sorted(lengths * 3)
     assert tiled[9] in lengths
     assert est.padded_length(17) == 24 and est.padded_length(16) == 16 and est.padded_length(17, None) == 17
+
+
+def test_a_pass_on_a_stacked_batch_counts_its_examples(est):
+    """StepCost.batch_factor: one forward + backward of the batch stacked twice costs two plain steps."""
+    stacked = StepCost(1, 1, batch_factor=2)
+    assert est.step_multiplier(stacked) == pytest.approx(2.0)
+    assert est.analytic_step_multiplier(stacked) == pytest.approx(2.0)
+    stacked_gp = StepCost(1, 2, double_backward=True, batch_factor=2)
+    single_gp = StepCost(1, 2, double_backward=True)
+    assert est.analytic_step_multiplier(stacked_gp) == pytest.approx(2 * est.analytic_step_multiplier(single_gp))
+    assert est.step_multiplier(StepCost(1, 1, batch_factor=3)) == pytest.approx(3.0)
+    assert est.step_multiplier(stacked_gp, 2.0) == pytest.approx(2 * est.step_multiplier(single_gp, 2.0))

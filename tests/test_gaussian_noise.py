@@ -104,3 +104,43 @@ def test_expected_noisy_loss_is_loss_plus_half_sigma_squared_laplacian(tokenizer
     standard_error = float(second_order.std()) / math.sqrt(n)
     assert abs(float(second_order.mean()) - expected) < 5 * standard_error + 0.01 * abs(expected)
     assert 5 * standard_error < 0.3 * abs(expected)  # the check has teeth: a σ off by √2 would fail it
+
+
+def _grads_on_noisy_matrix(model: torch.nn.Module, batch: Batch, noise_rows: dict[int, torch.Tensor]):
+    """By hand: ∇θ CE on a copy of the model whose embedding rows have the noise added in place."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for row, noise in noise_rows.items():
+            twin.get_input_embeddings().weight[row] += noise
+    twin.zero_grad(set_to_none=True)
+    logits = twin(input_ids=batch.input_ids, attention_mask=batch.attention_mask, token_type_ids=batch.token_type_ids)
+    torch.nn.functional.cross_entropy(logits.logits, batch.labels).backward()
+    return {n: p.grad for n, p in twin.named_parameters()}
+
+
+def test_matrix_target_noises_the_embedding_rows_and_leaves_them_untouched(batch):
+    """target embedding_matrix: one draw per used row, shared by every occurrence of the token (the gradient is
+    that of the model with E + N for the seeded draw N); the embedding weight is bit-exact after the step."""
+    model = tiny_bert(4, hidden=16, layers=1, dropout=0.0, dtype=torch.float64)
+    sigma = 0.3
+    weight_before = model.get_input_embeddings().weight.detach().clone()
+    real = batch.input_ids[batch.attention_mask.bool()]
+    rows = torch.unique(real)
+    assert len(rows) < len(real)  # some token repeats, so per-row and per-position noise differ
+    torch.manual_seed(7)
+    draw = torch.randn(len(rows), 16) * sigma
+    want = _grads_on_noisy_matrix(model, batch, {int(r): d for r, d in zip(rows, draw)})
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    GaussianNoise(GaussianNoiseConfig(sigma=sigma, target="embedding_matrix")).training_step(make_ctx(model, batch))
+    assert torch.equal(model.get_input_embeddings().weight.detach(), weight_before)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_default_target_is_the_embedding_output():
+    assert GaussianNoiseConfig().target == "embedding_output"
+    assert GaussianNoiseConfig().epsilon_unit == "absolute"

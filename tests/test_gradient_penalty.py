@@ -98,18 +98,33 @@ def test_penalty_gradient_matches_finite_differences(batch, mode, target):
         assert abs(analytic - estimate) <= 1e-4 * abs(estimate), (analytic, estimate)
 
 
+@pytest.mark.parametrize("fd_step", ["scaled", "unit"])
 @pytest.mark.parametrize("target", TARGETS)
-def test_finite_difference_mode_agrees_with_exact(batch, target):
-    """float64, h = 1e-3: the penalty's part of the gradient agrees to 1e-3 (the error is O(h): measured
-    ≈1e-4 for the output, ≈2e-6 for the matrix, ≈1e-2 at the default h = 0.1)."""
+def test_finite_difference_mode_agrees_with_exact(batch, target, fd_step):
+    """float64: the penalty's part of the gradient agrees to 1e-3 (the error is O(h); `scaled`, h = 1e-3:
+    measured ≈1e-4 for the output, ≈2e-6 for the matrix, ≈1e-2 at the default h = 0.1). `unit` steps h
+    along ĝ, a ~14× longer step than `scaled`'s hε‖g‖ here (‖g‖ ≈ 0.07), hence h = 1e-4 (measured ≈1.5e-4
+    and ≈5e-4)."""
     model = model64()
     base, _, _ = step(NoRegularizer(NoneConfig()), model, batch)
     exact, exact_result, _ = step(GradientPenalty(GradientPenaltyConfig(target=target)), model, batch)
-    fd_config = GradientPenaltyConfig(target=target, mode="finite_difference", h=1e-3)
+    h = 1e-3 if fd_step == "scaled" else 1e-4
+    fd_config = GradientPenaltyConfig(target=target, mode="finite_difference", h=h, fd_step=fd_step)
     fd, fd_result, _ = step(GradientPenalty(fd_config), model, batch)
     relative_error = float((fd - exact).norm() / (exact - base).norm())
     assert relative_error < 1e-3
     assert fd_result.metrics["gradient_penalty"] == pytest.approx(exact_result.metrics["gradient_penalty"], rel=1e-6)
+
+
+def test_unit_finite_difference_keeps_earlier_micro_batches_gradients(batch):
+    """`fd_step: unit` rescales pass 1's share of `.grad` in place once ‖g‖ is known: gradients already
+    accumulated there (earlier micro-batches) must keep weight 1, so two steps add up to twice one step."""
+    model = model64()
+    strategy = GradientPenalty(GradientPenaltyConfig(mode="finite_difference", h=1e-3, fd_step="unit"))
+    once, _, _ = step(strategy, model, batch)
+    ctx = StepContext(model, batch, special_token_ids=SPECIAL_IDS)
+    strategy.training_step(ctx)  # no zero_grad: accumulates onto `once`
+    torch.testing.assert_close(flat_grad(model), 2 * once, rtol=1e-9, atol=1e-12)
 
 
 def test_finite_difference_reuses_the_dropout_mask(batch):

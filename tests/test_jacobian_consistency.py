@@ -260,6 +260,8 @@ def test_mse_consistency_approximates_sigma_squared_jacobian(tokenizer):
         JacobianPenalty(JacobianPenaltyConfig(samples=3)),
         JacobianPenalty(JacobianPenaltyConfig(target="embedding_matrix")),
         Consistency(ConsistencyConfig(sigma=0.1, ce_on_both=True)),
+        Consistency(ConsistencyConfig(sigma=0.1, target="embedding_matrix")),
+        Consistency(ConsistencyConfig(sigma=0.1, same_dropout_mask=True)),
     ],
 )
 def test_cost_is_what_the_counter_counts(batch, strategy):
@@ -268,3 +270,61 @@ def test_cost_is_what_the_counter_counts(batch, strategy):
     cost = strategy.cost()
     assert (ctx.counter.forward, ctx.counter.backward) == (cost.forward, cost.backward)
     assert (ctx.counter.double_backward > 0) is cost.double_backward
+
+
+def test_consistency_matrix_target_matches_a_hand_computed_gradient(batch):
+    """target embedding_matrix: the second pass sees E + N (one seeded draw per used row); the gradient is that
+    of CE(f_E) + λ·mse(f_{E+N}, f_E) computed by hand, and E is bit-exact after the step."""
+    model = tiny_bert(4, hidden=16, layers=1, dropout=0.0, dtype=torch.float64)
+    sigma, weight = 0.3, 2.0
+    embedding = model.get_input_embeddings().weight
+    before = embedding.detach().clone()
+    rows = torch.unique(batch.input_ids[batch.attention_mask.bool()])
+    torch.manual_seed(3)
+    draw = torch.randn(len(rows), 16) * sigma
+
+    def logits_with(w: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.embedding(batch.input_ids, w)
+        return model(inputs_embeds=x, attention_mask=batch.attention_mask, token_type_ids=batch.token_type_ids).logits
+
+    model.zero_grad(set_to_none=True)
+    clean = logits_with(embedding)
+    noisy = logits_with(embedding + torch.zeros_like(before).index_add(0, rows, draw.to(before.dtype)))
+    loss = torch.nn.functional.cross_entropy(clean, batch.labels) + weight * divergence("mse", noisy, clean).mean()
+    loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)
+    config = ConsistencyConfig(sigma=sigma, weight=weight, divergence="mse", target="embedding_matrix")
+    Consistency(config).training_step(make_ctx(model, batch))
+    assert torch.equal(embedding.detach(), before)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_same_dropout_mask_leaves_only_the_noise(batch, same):
+    """σ = 0, train mode with dropout: one shared mask makes the passes identical (d exactly 0); separate masks
+    make them differ."""
+    model = tiny_bert(4, hidden=16, layers=1, dropout=0.1).train()
+    result = Consistency(ConsistencyConfig(sigma=0.0, same_dropout_mask=same)).training_step(make_ctx(model, batch))
+    if same:
+        assert result.metrics["divergence"] == 0.0
+    else:
+        assert result.metrics["divergence"] > 1e-8
+
+
+def test_same_dropout_mask_with_noise_still_measures_the_noise(batch):
+    model = tiny_bert(4, hidden=16, layers=1, dropout=0.1).train()
+    config = ConsistencyConfig(sigma=0.1, same_dropout_mask=True)
+    assert Consistency(config).training_step(make_ctx(model, batch)).metrics["divergence"] > 1e-8
+
+
+def test_stacked_consistency_declares_its_doubled_batch():
+    """One pass on 2B examples: counted once, worth two passes at batch B (what the benchmark measures)."""
+    stacked = Consistency(ConsistencyConfig()).cost()
+    assert (stacked.forward, stacked.backward, stacked.batch_factor) == (1, 1, 2)
+    assert (stacked.forward_at_batch, stacked.backward_at_batch) == (2, 2)
+    shared = Consistency(ConsistencyConfig(same_dropout_mask=True)).cost()
+    assert (shared.forward_at_batch, shared.backward_at_batch) == (2, 1)

@@ -21,19 +21,34 @@ def _config(name: str):
     return cls(**extra)
 
 
+def _record_model_inputs(model: torch.nn.Module) -> list[torch.dtype]:
+    """The dtype of every inputs_embeds the model itself receives (a hook on the model, so a call that passes no
+    x, or a cast anywhere between the strategy and the model, is seen too)."""
+    seen: list[torch.dtype] = []
+
+    def hook(_module, args, kwargs):
+        x = kwargs.get("inputs_embeds")
+        seen.append(x.dtype if x is not None else None)
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+def _bf16_ctx(model, batch):
+    return make_ctx(model, batch, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+
+
 @pytest.mark.parametrize("name", list(registry()))
 def test_a_bf16_autocast_step_is_finite(name, batch):
     model = tiny_bert(dropout=0.1, attn="eager")
     strategy = build_strategy(_config(name))
     strategy.setup(model)
     model.zero_grad(set_to_none=True)
-    ctx = make_ctx(model, batch, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
-    seen_dtypes = []
+    ctx = _bf16_ctx(model, batch)
+    seen_dtypes = _record_model_inputs(model)
     original = ctx.forward
 
     def forward(x=None):
-        if x is not None:
-            seen_dtypes.append(x.dtype)  # what goes into the model: x (+ r), built in fp32
         logits = original(x)
         assert logits.dtype == torch.float32  # losses and divergences in fp32 at least
         return logits
@@ -44,7 +59,19 @@ def test_a_bf16_autocast_step_is_finite(name, batch):
     assert all(math.isfinite(v) or math.isnan(v) for v in result.metrics.values())  # nan = "not applicable"
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
-    assert all(d == torch.float32 for d in seen_dtypes)
+    assert seen_dtypes, "the model was never called"
+    # what goes into the model: x (+ r), built in fp32 (autocast casts inside the layers, not the input)
+    assert all(d == torch.float32 for d in seen_dtypes), seen_dtypes
+
+
+def test_the_input_dtype_check_sees_a_half_input(batch):
+    """The hook above is not vacuous: an x cast to half before the model is recorded as half."""
+    model = tiny_bert(dropout=0.0, attn="eager")
+    ctx = _bf16_ctx(model, batch)
+    seen_dtypes = _record_model_inputs(model)
+    ctx.forward(ctx.embed().to(torch.bfloat16))
+    ctx.forward()
+    assert seen_dtypes == [torch.bfloat16, torch.float32]
 
 
 # Entries of 1e-5: their fp16 squares (1e-10) are below fp16's smallest subnormal (6e-8), so a naive fp16

@@ -54,6 +54,7 @@ def describe_strategies() -> list[dict[str, Any]]:
                 "forward": cost.forward,
                 "backward": cost.backward,
                 "double_backward": cost.double_backward,
+                "batch_factor": cost.batch_factor,
                 "note": cost.note,
                 "parameters": params,
             }

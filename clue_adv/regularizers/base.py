@@ -44,6 +44,19 @@ class StepCost:
     backward: int
     double_backward: bool = False
     note: str = ""
+    #: how many copies of the batch each pass runs on (consistency stacks it twice): the counter counts passes,
+    #: while compute scales with the examples, so cost comparisons must use the `*_at_batch` figures.
+    batch_factor: int = 1
+
+    @property
+    def forward_at_batch(self) -> int:
+        """Forward passes over a batch of B examples this step is worth."""
+        return self.forward * self.batch_factor
+
+    @property
+    def backward_at_batch(self) -> int:
+        """Backward passes over a batch of B examples this step is worth."""
+        return self.backward * self.batch_factor
 
 
 @dataclass

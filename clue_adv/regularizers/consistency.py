@@ -4,7 +4,10 @@
 mode) plus, with `sigma` > 0, Gaussian noise σ·N(0, I) on the second pass's word-embedding output
 (zero on padding). Both passes run as ONE forward of the batch stacked on itself (2B examples): every
 example draws its own dropout mask, so the halves get independent masks, and one big forward is faster
-than two small ones. The counter counts it as one forward (of twice the batch), as `cost()` says.
+than two small ones. The counter counts it as one forward (of twice the batch), as `cost()` says; its
+`batch_factor` 2 makes it worth two passes at batch B, which is what the benchmark measures.
+With `same_dropout_mask` the passes run separately on one dropout mask (noise-only consistency), and with
+`target: embedding_matrix` the noise is one draw per used embedding row, as in `gaussian_noise`.
 
 Divergences, per example and averaged over the batch, with q = f(x) (first pass) and p = f(x + ε):
 * `mse`: ‖p − q‖² summed over classes. For small Gaussian ε, E d ≈ σ²·Σᵢ‖∇ₓfᵢ‖² (the study's eq. 8), the
@@ -35,12 +38,14 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from clue_adv.regularizers import register
-from clue_adv.regularizers.base import Batch, StepContext, StepCost, StepResult, Strategy, StrategyConfig
+from clue_adv.regularizers.base import Batch, StepContext, StepCost, StepResult, Strategy
+from clue_adv.regularizers.gaussian_noise import noise_x
+from clue_adv.regularizers.perturb import PerturbationConfig, same_dropout
 
 Divergence = Literal["mse", "kl", "sym_kl"]
 
 
-class ConsistencyConfig(StrategyConfig):
+class ConsistencyConfig(PerturbationConfig):
     name: Literal["consistency"] = Field(
         "consistency", description="Consistency between two passes (dropout and/or Gaussian noise); R-Drop."
     )
@@ -53,8 +58,13 @@ class ConsistencyConfig(StrategyConfig):
     sigma: float = Field(
         0.0,
         ge=0,
-        description="Std of Gaussian noise on the second pass's word-embedding output (absolute units, as in "
-        "`gaussian_noise`); 0 = the two passes differ by their dropout masks only.",
+        description="Std of Gaussian noise on the second pass's `target` (units as in `gaussian_noise`); 0 = the two "
+        "passes differ by their dropout masks only.",
+    )
+    same_dropout_mask: bool = Field(
+        False,
+        description="Both passes use one dropout mask, so they differ by the noise alone (noise-only consistency: "
+        "with sigma 0 the divergence is exactly 0). Runs two forwards of the batch instead of one of it stacked twice.",
     )
     divergence: Divergence = Field(
         "sym_kl",
@@ -117,18 +127,34 @@ class Consistency(Strategy):
     config: ConsistencyConfig
 
     def cost(self) -> StepCost:
-        return StepCost(forward=1, backward=1, note="one forward of the batch stacked twice (2B examples)")
+        if self.config.same_dropout_mask:
+            return StepCost(forward=2, backward=1, note="two forwards of the batch sharing one dropout mask")
+        return StepCost(
+            forward=1, backward=1, batch_factor=2, note="one forward of the batch stacked twice (2B examples)"
+        )
 
-    def training_step(self, ctx: StepContext) -> StepResult:
+    def _logits(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clean, noisy) logits; the noise is on the second pass only, padding positions stay exact."""
+        cfg = self.config
+        if cfg.same_dropout_mask:
+            # Stacking cannot share a mask (each of the 2B rows draws its own), so two passes with the RNG
+            # rewound in between: the second redraws the first's masks.
+            # The noise is drawn first: a draw between the passes would shift the second pass's masks.
+            x = ctx.embed()
+            noisy_x = x + noise_x(ctx, cfg, cfg.sigma).to(x.dtype) if cfg.sigma > 0 else x
+            with same_dropout(ctx):
+                clean_logits = ctx.forward(x)
+            return clean_logits, ctx.forward(noisy_x)
         pair = doubled_context(ctx)
         size = ctx.batch.size
         x = pair.embed()
-        if self.config.sigma > 0:
-            # Noise on the second copy only; padding positions stay exact.
-            noise = torch.randn_like(x[size:]) * self.config.sigma * ctx.mask.to(x.dtype)
-            x = torch.cat([x[:size], x[size:] + noise])
+        if cfg.sigma > 0:
+            x = torch.cat([x[:size], x[size:] + noise_x(ctx, cfg, cfg.sigma).to(x.dtype)])
         logits = pair.forward(x)
-        clean_logits, noisy_logits = logits[:size], logits[size:]
+        return logits[:size], logits[size:]
+
+    def training_step(self, ctx: StepContext) -> StepResult:
+        clean_logits, noisy_logits = self._logits(ctx)
         clean_loss = ctx.loss(clean_logits)
         noisy_loss = ctx.loss(noisy_logits)
         task_loss = 0.5 * (clean_loss + noisy_loss) if self.config.ce_on_both else clean_loss

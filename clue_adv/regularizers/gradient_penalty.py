@@ -28,6 +28,15 @@ Modes (the parameter gradient each one leaves in `.grad`):
   backward or editing `.grad` by hand. h = 1 is the study's own equivalence (its eq. 15): training on
   L(x + εg) alone, i.e. FGM with the unnormalised step εg. Both passes use the same dropout mask (the
   random state is replayed), else the difference would be dominated by the change of mask.
+
+  `fd_step: unit` is REGULARIZERS.md's form instead: the second pass at x + h·ĝ (ĝ = g/‖g‖ over the whole
+  target tensor), so h is the step's length in embedding units whatever the gradient's scale, and
+
+      ∇θ(L + ½ε‖g‖²) ≈ (1 − c)·∇θL(x) + c·∇θL(x + hĝ),   c = ε‖g‖/h.
+
+  c is known only after pass 1, so pass 1 adds ∇θL(x) with weight 1 and its contribution to `.grad` is then
+  rescaled in place: .grad ← (1 − c)·.grad + c·(.grad before pass 1). No third pass; the price is one copy
+  of the parameter gradients when `.grad` already holds earlier micro-batches (gradient accumulation).
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from clue_adv.regularizers.base import StepContext, StepCost, StepResult, Strate
 from clue_adv.regularizers.perturb import PerturbationSpace, same_dropout
 
 Mode = Literal["exact", "normalized", "finite_difference"]
+FdStep = Literal["scaled", "unit"]
 
 
 class GradientPenaltyConfig(StrategyConfig):
@@ -73,7 +83,14 @@ class GradientPenaltyConfig(StrategyConfig):
         description="`finite_difference` only: the second pass runs at x + h·ε·g. Error = truncation O(h) + the "
         "passes' round-off amplified by 1/h. Measured on a tiny random-init BERT (embedding_output): 1% at h = 0.1 "
         "and 0.1% at 0.01 in fp32, but 6% at 0.1 and 60% at 0.01 under bf16 autocast, hence 0.1. h = 1 trains on "
-        "L(x + εg) alone (the study's eq. 15).",
+        "L(x + εg) alone (the study's eq. 15). With `fd_step: unit`, h is the step's length along ĝ instead.",
+    )
+    fd_step: FdStep = Field(
+        "scaled",
+        description="`finite_difference` only: where the second pass runs. `scaled`: x + h·ε·g (both passes' "
+        "weights known up front; h's default was measured for it). `unit`: x + h·ĝ, ĝ = g/‖g‖ over the batch "
+        "(REGULARIZERS.md's form: h is a length in embedding units, independent of the gradient's scale); "
+        "costs one copy of the parameter gradients under gradient accumulation, no extra pass.",
     )
 
 
@@ -86,7 +103,10 @@ class GradientPenalty(Strategy):
     def cost(self) -> StepCost:
         if self.config.mode == "finite_difference":
             return StepCost(
-                forward=2, backward=2, note="2nd pass at x + hεg with the 1st pass's dropout mask; no double backward"
+                forward=2,
+                backward=2,
+                note=f"2nd pass at x + {'hεg' if self.config.fd_step == 'scaled' else 'hĝ'} with the 1st pass's "
+                "dropout mask; no double backward",
             )
         return StepCost(
             forward=1,
@@ -113,6 +133,8 @@ class GradientPenalty(Strategy):
         return StepResult(loss.detach(), _metrics(space, g.detach(), penalty.detach()))
 
     def _finite_difference_step(self, ctx: StepContext, space: PerturbationSpace) -> StepResult:
+        if self.config.fd_step == "unit":
+            return self._unit_step(ctx, space)
         h, epsilon = self.config.h, self.config.epsilon
         x = ctx.embed()
         with same_dropout(ctx):  # the second pass draws the same masks
@@ -131,6 +153,34 @@ class GradientPenalty(Strategy):
         ctx.backward(shifted_loss / h)
         penalty = 0.5 * epsilon * space.squared_norm_sum(g)
         metrics = _metrics(space, g, penalty)
+        metrics["shifted_loss"] = float(shifted_loss.detach())
+        return StepResult(loss.detach(), metrics)
+
+    def _unit_step(self, ctx: StepContext, space: PerturbationSpace) -> StepResult:
+        """The second pass at x + h·ĝ; see the module docstring for the in-place reweighting of pass 1."""
+        h, epsilon = self.config.h, self.config.epsilon
+        params = [p for p in ctx.model.parameters() if p.requires_grad]
+        before = [None if p.grad is None else p.grad.detach().clone() for p in params]
+        x = ctx.embed()
+        with same_dropout(ctx):  # the second pass draws the same masks
+            loss = ctx.loss(ctx.forward(x))
+        x.retain_grad()
+        ctx.backward(loss)
+        g = space.from_x_grad(x.grad.detach() / ctx.loss_scale)
+        norm = space.squared_norm_sum(g).sqrt()
+        c = float(epsilon * norm / h)
+        with torch.no_grad():
+            for p, old in zip(params, before, strict=True):
+                if p.grad is not None:
+                    p.grad.mul_(1.0 - c)  # this pass's ∇θL(x) now weighs 1 − c ...
+                    if old is not None:
+                        p.grad.add_(old, alpha=c)  # ... and earlier micro-batches' gradients keep weight 1
+        # A zero gradient has no direction: then c = 0 and the second pass adds nothing (it still runs, so the
+        # step's passes are what cost() says).
+        direction = g / norm if c > 0.0 else g
+        shifted_loss = ctx.loss(ctx.forward(ctx.embed() + space.to_x(h * direction).to(x.dtype)))
+        ctx.backward(c * shifted_loss)
+        metrics = _metrics(space, g, 0.5 * epsilon * space.squared_norm_sum(g))
         metrics["shifted_loss"] = float(shifted_loss.detach())
         return StepResult(loss.detach(), metrics)
 

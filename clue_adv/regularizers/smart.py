@@ -10,14 +10,17 @@ Loss = CE(x) + α·ℓ_s(f(x + r), f(x)) + μ·ℓ_s(f_θ(x), f_θ̃(x)), ℓ_s(
   so ℓ_s measures the perturbation only; mt-dnn draws fresh masks per pass (`same_dropout_mask: false`).
 * θ̃ is an EMA ("momentum Bregman proximal point") copy of the model: made in `setup(model)` (deep copy, eval
   mode, no grad) and updated in `after_optimizer_step` as θ̃ ← β·θ̃ + (1 − β)·θ. Its forward (under no_grad,
-  eval mode, on the batch's input ids) is not counted by the pass counter: it is the `note` in `cost()`.
+  eval mode, on the batch's input ids) is counted as a forward, by the pass counter and in `cost()`.
 
 Defaults: the paper's implementation details give ε = 1e-5, σ = 1e-5, η = 1e-3, μ = 1, λ_s ∈ {1, 3, 5},
 one ascent step, β = 0.99 (raised to 0.999 after the first 10% of updates there; this version keeps β fixed).
 Its reference code (namisan/mt-dnn `SmartPerturbation`: step_size 1e-3, noise_var 1e-5, epsilon 1e-6, weight
 `adv_alpha` 1) uses epsilon = 1e-6 only as a guard in g/(‖g‖_∞ + 1e-6) and skips the projection (mt-dnn
 issue #224), so here ε is the paper's ball radius 1e-5. These are absolute, for pretrained-BERT embeddings.
-Cost with one iteration: 3 forward (clean, x + r₀, x + r), 2 backward, plus the teacher's forward.
+Note that mt-dnn's train.py passes its own command-line defaults to that class (in the stored copy read:
+adv_step_size 1e-5, adv_noise_var 1e-5, adv_epsilon 1e-6, adv_alpha 1, adv_k 1, adv_p_norm inf), so its runs
+step η = 1e-5 unless told otherwise; η is the first value to sweep when SMART does nothing.
+Cost with one iteration: 4 forward (clean, x + r₀, x + r, the teacher's), 2 backward (3 forward with μ = 0).
 """
 
 from __future__ import annotations
@@ -89,8 +92,9 @@ class SMART(Strategy):
 
     def cost(self) -> StepCost:
         n = self.config.iterations
-        note = "+1 forward of the EMA teacher (no grad, not counted)" if self.config.mu > 0 else ""
-        return StepCost(forward=2 + n, backward=1 + n, note=note)
+        teacher = 1 if self.config.mu > 0 else 0
+        note = "includes 1 forward of the EMA teacher (no grad)" if teacher else ""
+        return StepCost(forward=2 + n + teacher, backward=1 + n, note=note)
 
     def setup(self, model: torch.nn.Module) -> None:
         if self.config.mu == 0:
@@ -115,6 +119,8 @@ class SMART(Strategy):
         if self.teacher is None:  # the loop calls setup(); a bare StepContext (tests, scripts) may not
             self.setup(ctx.model)
         b = ctx.batch
+        # Not through ctx.forward (another module), so counted here to keep the counter in step with cost().
+        ctx.counter.forward += 1
         # The run's precision context (StepContext keeps it private; the teacher is not ctx.model).
         with torch.no_grad(), ctx.autocast():
             out = self.teacher(input_ids=b.input_ids, attention_mask=b.attention_mask, token_type_ids=b.token_type_ids)
