@@ -82,13 +82,13 @@ def train(
 
 @app.command()
 def validate(
-    configs: Annotated[list[Path], typer.Argument(help="Config files to check.")],
+    configs: Annotated[list[Path], typer.Argument(help="Run configs or sweep files (every cell) to check.")],
     merge_with: Annotated[
         list[Path] | None, typer.Option("--with", help="Merge this file over each config first (e.g. an override).")
     ] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Check configs without training; every problem of every file is reported."""
+    """Check configs and sweeps without training: schema, paths and data contents; every problem is reported."""
     from clue_adv.validate import validate_file
 
     bad = 0
@@ -130,6 +130,9 @@ def strategies(
         cost = f"{r['forward']} forward, {r['backward']} backward" + (
             " + double backward" if r["double_backward"] else ""
         )
+        k = r["batch_factor"]
+        if k > 1:  # passes over a stacked batch: what they cost in passes at batch size B
+            cost += f" on {k}×B examples (= {r['forward'] * k} forward, {r['backward'] * k} backward at batch B)"
         note = f" ({r['note']})" if r["note"] else ""
         out.print(f"cost per step: {cost}{note}", highlight=False)
         table = Table("parameter", "default", "description", show_lines=True)
@@ -143,8 +146,10 @@ def strategies(
     for r in rows:
         params = ", ".join(f"{k}={p['default']}" for k, p in r["parameters"].items())
         double = "yes" if r["double_backward"] else "no"
-        forward = f"{r['forward']}*" if r["note"] else str(r["forward"])
-        table.add_row(r["name"], r["summary"], forward, str(r["backward"]), double, params)
+        k = r["batch_factor"]
+        stacked = f" on {k}×B" if k > 1 else ""  # passes over a stacked batch cost k passes at batch B
+        forward = f"{r['forward']}{stacked}" + ("*" if r["note"] else "")
+        table.add_row(r["name"], r["summary"], forward, f"{r['backward']}{stacked}", double, params)
     out.print(table)
     if any(r["note"] for r in rows):
         out.print("* " + "; ".join(f"{r['name']}: {r['note']}" for r in rows if r["note"]), highlight=False)

@@ -89,6 +89,13 @@ def read_labels(path: Path) -> LabelSet:
     return LabelSet(tuple(ids), tuple(descriptions))
 
 
+def _valid_labels(labels: LabelSet, shown: int = 10) -> str:
+    # IFLYTEK has 119 labels: listing them all would bury the message that names the bad one.
+    if len(labels.ids) <= shown:
+        return f"valid: {', '.join(labels.ids)}"
+    return f"valid: {', '.join(labels.ids[:shown])}, … ({len(labels.ids)} in all, see labels.json)"
+
+
 def read_split(path: Path, labels: LabelSet | None, limit: int | None = None) -> dict[str, list[Any]]:
     """Columns `sentence`, `label` (index into `labels`) and `id` of a CLUE JSON-lines file.
     With `labels=None` (an unlabelled test file) `label` is -1."""
@@ -104,7 +111,7 @@ def read_split(path: Path, labels: LabelSet | None, limit: int | None = None) ->
                 raise DataError(f"{path}:{lineno}: record has no 'label' field")
             label = str(record["label"])
             if label not in index:
-                raise DataError(f"{path}:{lineno}: label {label!r} is not in labels.json (valid: {', '.join(index)})")
+                raise DataError(f"{path}:{lineno}: label {label!r} is not in labels.json ({_valid_labels(labels)})")
             columns["label"].append(index[label])
         else:
             columns["label"].append(-1)

@@ -94,6 +94,19 @@ def build_model(cfg: RunConfig, labels: LabelSet, needs_double_backward: bool) -
     return model
 
 
+def check_vocab_size(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
+    """Token ids at or above the model's vocab_size would index past the embedding table (an IndexError deep in
+    the forward pass on a CPU, a device-side assert on CUDA): a tokenizer with added tokens, or a model whose
+    vocab_size was overridden smaller, fails here instead."""
+    vocab_size = getattr(model.config, "vocab_size", None)
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ClueAdvError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}: ids up to "
+            f"{len(tokenizer) - 1} would index past the embedding; use the model's own tokenizer "
+            "(model.tokenizer) or a model with a vocabulary at least as large"
+        )
+
+
 class _ClsVector(torch.nn.Module):
     """Stands in for BERT's pooler: the raw [CLS] hidden state, no dense layer, no tanh."""
 

@@ -2,7 +2,9 @@
 
 It reads `config.yaml` and `summary.json` of every run directory under the results directory, so it
 works on a partial sweep (cells show how many seeds completed, failed or are missing) and can be rerun
-at any time. One table per experiment: rows = strategies (directory tags), columns = tasks; each cell is
+at any time. Where a sweep left its manifest (`<experiment>/sweep.json`, every cell it planned), planned
+cells without a run directory show as "not started". One table per experiment: rows = strategies
+(directory tags), columns = tasks; each cell is
 mean ± std over seeds of the dev accuracy at the best epoch (a second table: at the final epoch), and
 the difference to the baseline (`none`) over the seeds both completed, with a 95% CI and a paired
 t-test, Holm-adjusted across the table (see clue_adv/stats.py).
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from clue_adv.errors import ClueAdvError
-from clue_adv.rundir import atomic_write_text, find_run_dirs, read_config, read_summary
+from clue_adv.rundir import SWEEP_MANIFEST, atomic_write_text, find_run_dirs, read_config, read_summary
 from clue_adv.stats import PairedTest, holm, paired_by_key, summarize
 
 FORMATS = ("rich", "md", "csv", "json", "latex")
@@ -77,7 +79,7 @@ class RunRecord:
     strategy: str
     tag: str
     seed: int
-    status: str  # completed | failed | interrupted | running
+    status: str  # completed | failed | interrupted | running | not started (planned by a sweep, no run directory)
     config: dict[str, Any]
     summary: dict[str, Any]
 
@@ -106,7 +108,55 @@ def collect_runs(root: Path) -> list[RunRecord]:
                 summary=summary,
             )
         )
-    return runs
+    return runs + planned_runs(root, {r.directory.resolve() for r in runs})
+
+
+NOT_STARTED = "not started"
+MANIFEST = SWEEP_MANIFEST  # written by `clue-adv sweep` (see sweep.write_manifests)
+
+
+def _manifests(root: Path) -> list[Path]:
+    """Sweep manifests that can list runs under `root`: inside it, or in the experiment folder above it
+    (when `root` is a task, strategy or single run)."""
+    found = [p for p in root.rglob(MANIFEST) if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    found += [d / MANIFEST for d in list(root.parents)[:3] if (d / MANIFEST).is_file()]
+    return sorted(set(found))
+
+
+def planned_runs(root: Path, existing: set[Path]) -> list[RunRecord]:
+    """Cells a sweep manifest lists under `root` that have no run directory yet: status 'not started'.
+    An unreadable manifest or entry is skipped: the report is built from what can be read."""
+    root = Path(root).resolve()
+    out = []
+    for manifest in _manifests(root):
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+            entries = data["cells"]
+            experiment = str(data["experiment"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        for entry in entries if isinstance(entries, list) else []:
+            try:
+                directory = (manifest.parent / entry["run_dir"]).resolve()
+                config = entry["identity"]
+                record = RunRecord(
+                    directory=directory,
+                    experiment=experiment,
+                    task=str(entry["task"]),
+                    strategy=str(entry["strategy"]),
+                    tag=str(entry["strategy_tag"]),
+                    seed=int(entry["seed"]),
+                    status=NOT_STARTED,
+                    config=config,
+                    summary={},
+                )
+            except (KeyError, TypeError, ValueError):
+                continue
+            if directory in existing or not directory.is_relative_to(root) or not isinstance(config, dict):
+                continue
+            existing.add(directory)
+            out.append(record)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,6 +175,7 @@ class CellStats:
     interrupted: list[int] = field(default_factory=list)
     running: list[int] = field(default_factory=list)
     missing: list[int] = field(default_factory=list)
+    not_started: list[int] = field(default_factory=list)  # planned by a sweep (its manifest), no run directory
     delta: dict[str, PairedTest] = field(default_factory=dict)
     paired_seeds: dict[str, list[int]] = field(default_factory=dict)
     p_holm: dict[str, float] = field(default_factory=dict)
@@ -235,6 +286,8 @@ def build_tables(runs: list[RunRecord]) -> list[ExperimentTable]:
                             value = r.metric(key)
                             if value is not None:
                                 cell.values[m][r.seed] = 100 * value
+                    elif r.status == NOT_STARTED:
+                        cell.not_started.append(r.seed)
                     else:
                         getattr(cell, r.status if r.status in ("failed", "interrupted") else "running").append(r.seed)
                 cell.missing = [s for s in seeds if s not in {r.seed for r in here}]
@@ -308,6 +361,7 @@ def _problems(cell: CellStats) -> list[tuple[str, list[int]]]:
         ("interrupted", cell.interrupted),
         ("running", cell.running),
         ("missing", cell.missing),
+        (NOT_STARTED, cell.not_started),
     ]
 
 
@@ -438,6 +492,7 @@ def table_json(table: ExperimentTable, metric: str) -> dict[str, Any]:
                 "interrupted": cell.interrupted,
                 "running": cell.running,
                 "missing": cell.missing,
+                "not_started": cell.not_started,
             }
             if test is not None:
                 row["delta"] = {
@@ -563,7 +618,7 @@ def _cell_number(x: float | None, digits: int = 4) -> str:
 def summary_csv(tables: list[ExperimentTable]) -> str:
     """One row per experiment × task × strategy; accuracies and differences in percent."""
     columns = ["experiment", "task", "strategy_tag", "strategy", "completed", "failed", "interrupted", "running"]
-    columns += ["missing"]
+    columns += ["missing", "not_started"]
     for m in METRICS:
         columns += [f"{m}_mean_pct", f"{m}_std_pct", f"{m}_delta_pct", f"{m}_delta_ci_low", f"{m}_delta_ci_high"]
         columns += [f"{m}_n_pairs", f"{m}_p", f"{m}_p_holm"]
@@ -579,6 +634,7 @@ def summary_csv(tables: list[ExperimentTable]) -> str:
                     continue
                 row: list[Any] = [table.experiment, task, tag, cell.strategy, cell.completed]
                 row += [len(cell.failed), len(cell.interrupted), len(cell.running), len(cell.missing)]
+                row += [len(cell.not_started)]
                 for m in METRICS:
                     s = summarize(list(cell.values[m].values()))
                     test = cell.delta.get(m)
@@ -631,7 +687,7 @@ def cost_rows(table: ExperimentTable) -> tuple[list[str], list[list[str]]]:
 
 def _setting(table: ExperimentTable) -> str:
     def values(getter: Any) -> str:
-        found = sorted({str(getter(r)) for r in table.runs})
+        found = sorted({str(getter(r)) for r in table.runs if r.status != NOT_STARTED})
         return ", ".join(found[:4]) + (f" (+{len(found) - 4} more)" if len(found) > 4 else "")
 
     model = values(lambda r: f"{r.config['model'].get('name_or_path')} ({r.config['model'].get('init')})")
@@ -726,8 +782,8 @@ def build_report(
             "### Cost\n\n" + _markdown(header, rows) + "\nStep time: mean wall time per optimizer step (the first step "
             "excluded); × baseline: ratio of mean step times on the same task. Runs sharing a machine (parallel "
             "jobs) slow each other, so compare costs within one sweep. Peak memory: GPU allocations on CUDA; on CPU "
-            "the peak resident memory of the process, which for a one-job sweep (runs share the process) is the "
-            "largest so far, not the run's own."
+            "the peak resident memory of the run's process, largest over the seeds; – where no run measured it "
+            "(in a one-job sweep, runs after the first share the process, so their CPU peak is not recorded)."
         )
         if figures.get(table.experiment):
             images = [f"![{title}]({path.relative_to(out).as_posix()})" for title, path in figures[table.experiment]]

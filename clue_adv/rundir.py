@@ -12,9 +12,11 @@ partial line, so a line is whole or absent.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,9 @@ from clue_adv.errors import ClueAdvError, ConfigError
 from clue_adv.schema import StrictModel
 
 STATUSES = ("running", "completed", "failed", "interrupted")
+LOCK_NAME = ".lock"
+# In <output>/<experiment>/: every cell the last sweep planned there (written by sweep, read by report).
+SWEEP_MANIFEST = "sweep.json"
 # Fields that say where a run is written, not what it computes: not part of its identity.
 _NOT_IDENTITY = {"output_dir"}
 
@@ -160,13 +165,80 @@ def _check_can_be_a_directory(directory: Path) -> None:
             return
 
 
+# Locks this process holds, by resolved run directory. flock belongs to an open file description, so a second
+# open() of the same .lock in this process would conflict with the first: a rerun here (--force, an in-process
+# sweep) must reuse the held one.
+_held_locks: dict[Path, int] = {}
+
+
+def acquire_run_lock(directory: Path) -> None:
+    """Take an exclusive, non-blocking flock on `<directory>/.lock`, held until `release_run_lock` or until this
+    process exits (the kernel drops it on exit, even on SIGKILL, so a stale lock cannot outlive its holder).
+    A second guard besides PR_SET_PDEATHSIG: an orphaned or hand-started worker on the same run dir is refused."""
+    key = Path(directory).resolve()
+    if key in _held_locks:
+        return
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the pdeath signal is then the only guard
+        return
+    fd = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise ClueAdvError(
+                f"run folder {key} is in use: another process holds its lock ({key / LOCK_NAME}) and is "
+                "training into it; wait for it to finish or stop it"
+            ) from None
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a filesystem without flock (some NFS)
+            print(f"warning: cannot lock {key}: {e.strerror or e}; not guarded against a second run", file=sys.stderr)
+            return
+        raise ClueAdvError(f"cannot lock run folder {key}: {e.strerror or e}") from None
+    _held_locks[key] = fd
+
+
+def release_run_lock(directory: Path) -> None:
+    """Drop the lock `acquire_run_lock` took on `directory` (no-op when this process holds none)."""
+    fd = _held_locks.pop(Path(directory).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the only descriptor releases the flock
+
+
+def run_lock_held(directory: Path) -> bool:
+    """Whether some process (this one included) holds `directory`'s run lock: a 'running' summary whose lock is
+    free was left by a process that died."""
+    key = Path(directory).resolve()
+    if key in _held_locks:
+        return True
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fd = os.open(key / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def start_run(cfg: RunConfig, directory: Path) -> None:
-    """Make the directory a fresh run: config.yaml, empty metrics, summary status 'running'."""
+    """Make the directory a fresh run: config.yaml, empty metrics, summary status 'running'. Takes the run lock
+    first, so nothing of a run another process is writing is touched; the caller releases it with
+    `release_run_lock` when the run ends (otherwise it is held until the process exits)."""
     _check_can_be_a_directory(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ClueAdvError(f"cannot create output folder {directory}: {e.strerror or e}") from None
+    acquire_run_lock(directory)
     for name in ("metrics.jsonl", "summary.json"):
         (directory / name).unlink(missing_ok=True)
     atomic_write_text(directory / "config.yaml", dump_config(cfg))

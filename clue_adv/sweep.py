@@ -60,15 +60,25 @@ from rich.console import Console
 from clue_adv.config import (
     TASKS,
     RunConfig,
-    _yaml_load,
     apply_override,
     dump_config,
     format_validation_errors,
+    load_yaml,
     merge,
     set_dotted,
 )
 from clue_adv.errors import ClueAdvError, ConfigError, RunFailed
-from clue_adv.rundir import atomic_write_json, existing_state, read_summary, run_dir
+from clue_adv.rundir import (
+    SWEEP_MANIFEST,
+    atomic_write_json,
+    atomic_write_text,
+    existing_state,
+    identity,
+    read_config,
+    read_summary,
+    run_dir,
+    run_lock_held,
+)
 from clue_adv.schema import StrictModel
 
 Task = Literal["tnews", "iflytek"]
@@ -230,7 +240,7 @@ class SweepPlan:
 
 def load_sweep(path: str | Path) -> SweepConfig:
     path = Path(path)
-    data = _yaml_load(path)
+    data = load_yaml(path)
     try:
         return SweepConfig.model_validate(data)
     except ValidationError as e:
@@ -325,7 +335,7 @@ def plan_sweep(
             raise ConfigError(
                 f"{source}: base: run config not found: {base_path} (paths are relative to the sweep file's directory)"
             )
-        base = merge(base, _yaml_load(base_path))
+        base = merge(base, load_yaml(base_path))
     for assignment in overrides or []:  # `--set` on the command line: applied like `overrides`
         key = assignment.partition("=")[0].strip()
         problem = _check_reserved("--set", key) or (
@@ -639,6 +649,47 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def _summary_stamp(directory: Path) -> int | None:
+    """summary.json's modification time, to tell afterwards whether a run attempt wrote it."""
+    try:
+        return (directory / "summary.json").stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def record_setup_failure(cell: Cell, error: str, before: int | None = None) -> dict[str, Any] | None:
+    """Leave a trace of a cell that failed before its run started (missing data file, bad tokenizer): train
+    writes its run directory only once setup succeeded, so without this the report and `sweep --status`
+    would show the cell as never started. `before`: `_summary_stamp` taken before the attempt; a summary.json
+    written since then is the attempt's own account and is kept. A directory holding another config's run
+    is never touched. Returns the summary written, or None."""
+    directory = cell.directory
+    if before is not None and _summary_stamp(directory) != before:
+        return None
+    if run_lock_held(directory):  # another process is training there (e.g. refused by its lock): not ours to mark
+        return None
+    stored = read_config(directory)
+    if stored is not None and identity(stored) != identity(cell.config.resolved()):
+        return None
+    summary = {
+        "status": "failed",
+        "error": error,
+        "failed_stage": "setup",
+        "experiment": cell.config.experiment,
+        "task": cell.config.task,
+        "strategy": cell.config.strategy.name,
+        "strategy_tag": directory.parent.name,
+        "seed": cell.config.seed,
+    }
+    try:
+        if stored is None:
+            atomic_write_text(directory / "config.yaml", dump_config(cell.config))
+        atomic_write_json(directory / "summary.json", summary)
+    except OSError:  # e.g. the output folder cannot be created: the sweep's own message says so already
+        return None
+    return summary
+
+
 def _classify(
     cell: Cell, returncode: int | None, seconds: float, log: Path | None = None, fallback: str | None = None
 ) -> CellResult:
@@ -659,6 +710,8 @@ def _classify(
         if status == "running":
             summary.update(status="failed", error=error)
             atomic_write_json(cell.directory / "summary.json", summary)
+        elif status is None:  # the worker failed before its run started (setup): no summary yet
+            summary = record_setup_failure(cell, error) or summary
     return CellResult(cell, "failed", seconds, error, summary)
 
 
@@ -672,17 +725,42 @@ def _log_tail(log: Path | None) -> str:
     return line if len(line) <= 300 else line[:300] + "…"
 
 
+# Whether this process has trained a run already: on the CPU a run's peak memory is the process's ru_maxrss,
+# which never goes down, so any later run in the same process would report an earlier run's peak as its own.
+_trained_in_this_process = False
+SHARED_PROCESS_MEMORY_NOTE = (
+    "not measured: this run shared its process with an earlier run (a one-job sweep), and on the CPU peak "
+    "memory is the process's peak resident memory, which includes the earlier runs'; run with --jobs 2 or more "
+    "(one process per run) to measure it"
+)
+
+
+def _correct_cpu_peak_memory(directory: Path, summary: dict[str, Any], shared: bool) -> dict[str, Any]:
+    """A completed CPU run that shared its process with an earlier run (`shared`): peak_memory_mb becomes
+    null, with peak_memory_note saying why (CUDA peaks are reset per run and stay)."""
+    on_cpu = str(summary.get("device", "")).startswith("cpu")
+    if not shared or not on_cpu or summary.get("status") != "completed" or summary.get("peak_memory_mb") is None:
+        return summary
+    summary = {**summary, "peak_memory_mb": None, "peak_memory_note": SHARED_PROCESS_MEMORY_NOTE}
+    atomic_write_json(directory / "summary.json", summary)
+    return summary
+
+
 def _run_in_process(cells: list[Cell], force: bool, progress: SweepProgress, console: Console) -> SweepResult:
     import torch
 
     from clue_adv.train import train
 
+    global _trained_in_this_process
     results: list[CellResult] = []
     for cell in cells:
         progress.started(cell)
         start = time.perf_counter()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()  # each run reports its own peak, not the sweep's so far
+        before = _summary_stamp(cell.directory)
+        # Any attempt counts, a failed one too: it may have raised the process's peak before failing.
+        shared, _trained_in_this_process = _trained_in_this_process, True
         try:
             outcome = train(cell.config, force=force, show_progress=progress.bar or None, console=console)
         except KeyboardInterrupt:
@@ -694,11 +772,19 @@ def _run_in_process(cells: list[Cell], force: bool, progress: SweepProgress, con
             result = CellResult(cell, "failed", time.perf_counter() - start, e.message)
         except ClueAdvError as e:  # e.g. a data file missing for one task: the other cells still run
             result = CellResult(cell, "failed", time.perf_counter() - start, str(e))
+            result.summary = record_setup_failure(cell, str(e), before) or {}
         except Exception as e:  # a bug in one strategy must not stop the sweep; its summary says failed
             result = CellResult(cell, "failed", time.perf_counter() - start, f"{type(e).__name__}: {e}")
+            result.summary = record_setup_failure(cell, result.error, before) or {}
         else:
             status = "skipped" if outcome.skipped else "completed"
-            result = CellResult(cell, status, time.perf_counter() - start, summary=outcome.summary)
+            summary = outcome.summary
+            if outcome.skipped:
+                _trained_in_this_process = shared  # nothing was loaded: the process's peak is unchanged
+            else:
+                summary = read_summary(outcome.directory) or summary
+                summary = _correct_cpu_peak_memory(outcome.directory, summary, shared)
+            result = CellResult(cell, status, time.perf_counter() - start, summary=summary)
         results.append(result)
         progress.finished(result)
     return SweepResult(results)
@@ -801,10 +887,15 @@ def run_cell(
     if threads:
         torch.set_num_threads(max(1, min(threads, len(available_cores()))))
     cfg = RunConfig.model_validate(resolved)
+    directory = run_dir(cfg).resolve()
+    before = _summary_stamp(directory)
     try:
         outcome = train(cfg, force=force, show_progress=False)
     except RunFailed as e:
-        return {"status": "failed", "directory": str(run_dir(cfg).resolve()), "error": e.message}
+        return {"status": "failed", "directory": str(directory), "error": e.message}
+    except ClueAdvError as e:  # setup failed (data, tokenizer): the run directory still says so
+        record_setup_failure(Cell(cfg, directory, "absent"), str(e), before)
+        return {"status": "failed", "directory": str(directory), "error": str(e)}
     return {"status": "skipped" if outcome.skipped else "completed", "directory": str(outcome.directory)}
 
 
@@ -1159,6 +1250,48 @@ def submission(plan: SweepPlan, force: bool = False) -> tuple[list[Cell], dict[P
     return [c for c in plan.to_run(force) if c.directory not in queued], queued
 
 
+MANIFEST = SWEEP_MANIFEST
+
+
+def write_manifests(plan: SweepPlan) -> list[Path]:
+    """Write `<output>/<experiment>/sweep.json` for each experiment of the plan: every planned cell (its run
+    directory relative to the experiment's, and its identity), so that the report can tell a cell that never
+    started from one that was never planned. Replaced by each sweep: the latest plan is the plan."""
+    written = []
+    for experiment in plan.experiments:
+        cells = [c for c in plan.cells if c.config.experiment == experiment]
+        # Cells of one experiment share <output>/<experiment>/ (run_dir's layout); taken from a cell, not
+        # plan.output_dir, so that a cell's own output_dir is honoured.
+        root = cells[0].directory.parents[2]
+        entries = []
+        for cell in cells:
+            try:
+                relative = cell.directory.relative_to(root).as_posix()
+            except ValueError:  # a cell with another output_dir: its own manifest is not written here
+                continue
+            entries.append(
+                {
+                    "run_dir": relative,
+                    "task": cell.config.task,
+                    "strategy": cell.config.strategy.name,
+                    "strategy_tag": cell.directory.parent.name,
+                    "seed": cell.config.seed,
+                    "identity": identity(cell.config.resolved()),
+                }
+            )
+        manifest = {"experiment": experiment, "sweep": plan.source, "written_at": _now(), "cells": entries}
+        try:
+            atomic_write_json(root / MANIFEST, manifest)
+        except OSError as e:
+            raise ClueAdvError(f"cannot write the sweep manifest {root / MANIFEST}: {e.strerror or e}") from None
+        written.append(root / MANIFEST)
+    return written
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def run_sweep(
     plan: SweepPlan,
     *,
@@ -1178,6 +1311,7 @@ def run_sweep(
     jobs = jobs if jobs is not None else (len(devices) if devices else 1)
     if jobs < 1:
         raise ClueAdvError("--jobs must be at least 1")
+    write_manifests(plan)
     todo, queued = submission(plan, force)
     skipped = [CellResult(c, "skipped") for c in plan.cells if c not in todo and c.directory not in queued]
     if queued and executor != "slurm":
@@ -1246,6 +1380,15 @@ def worker_main(argv: list[str]) -> int:
     from clue_adv.train import train
 
     console = Console(stderr=True, soft_wrap=True)
+    # Into the cell's train.log: which cores and GPU this worker was given, to check --devices/--jobs pinning.
+    with contextlib.suppress(AttributeError, OSError):
+        affinity = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+        console.print(
+            f"worker: cpus {affinity} ({torch.get_num_threads()} threads), "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}",
+            highlight=False,
+            markup=False,
+        )
     try:
         cfg = load_config(argv[0])
         outcome = train(cfg, force="--force" in argv[1:], show_progress=False, console=console)

@@ -27,13 +27,20 @@ import torch
 import clue_adv
 from clue_adv.config import RunConfig
 from clue_adv.data import eval_loader, load_task_data, train_loader
-from clue_adv.errors import ClueAdvError, RunFailed
+from clue_adv.errors import ClueAdvError, ConfigError, RunFailed
 from clue_adv.evaluate import evaluate
-from clue_adv.model import build_model, build_tokenizer, looks_local, parameter_groups, special_token_ids
+from clue_adv.model import (
+    build_model,
+    build_tokenizer,
+    check_vocab_size,
+    looks_local,
+    parameter_groups,
+    special_token_ids,
+)
 from clue_adv.progress import RunProgress
 from clue_adv.regularizers import build_strategy
 from clue_adv.regularizers.base import Batch, PassCounter, StepContext
-from clue_adv.rundir import JsonlWriter, atomic_write_json, existing_state, run_dir, start_run
+from clue_adv.rundir import JsonlWriter, atomic_write_json, existing_state, release_run_lock, run_dir, start_run
 
 
 class NonFiniteError(Exception):
@@ -59,15 +66,32 @@ def all_sources_local(cfg: RunConfig) -> bool:
     return cfg.data.is_local and all(looks_local(n) for n in names)
 
 
-def configure_environment(cfg: RunConfig) -> None:
-    """Offline when nothing needs the hub (so nothing tries the network or waits on it); quiet HF logs."""
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def configure_environment(cfg: RunConfig) -> Callable[[], None]:
+    """Offline when nothing needs the hub (so nothing tries the network or waits on it); quiet HF logs.
+
+    Returns a function that puts the offline settings back as they were: a sweep runs cells in one process, and
+    a local cell must not force a later hub cell offline."""
+    saved_env = {name: os.environ.get(name) for name in _OFFLINE_VARS}
+    saved_constants: list[tuple[Any, str, Any]] = []
     if all_sources_local(cfg):
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["HF_DATASETS_OFFLINE"] = "1"
-        with contextlib.suppress(ImportError, AttributeError):
-            import huggingface_hub.constants as hub_constants  # read at import time: patch if already imported
+        # huggingface_hub and datasets read the variables into constants at import (is_offline_mode() returns
+        # huggingface_hub's), so setting the variables alone does nothing once they are imported.
+        with contextlib.suppress(ImportError):
+            import huggingface_hub.constants as hub_constants
 
+            saved_constants.append((hub_constants, "HF_HUB_OFFLINE", hub_constants.HF_HUB_OFFLINE))
             hub_constants.HF_HUB_OFFLINE = True
+        with contextlib.suppress(ImportError):
+            import datasets.config as datasets_config
+
+            for name in _OFFLINE_VARS:
+                saved_constants.append((datasets_config, name, getattr(datasets_config, name)))
+                setattr(datasets_config, name, True)
     import datasets
     import transformers
 
@@ -75,6 +99,17 @@ def configure_environment(cfg: RunConfig) -> None:
     datasets.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     warnings.filterwarnings("ignore", module="transformers")
+
+    def restore() -> None:
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        for module, name, value in reversed(saved_constants):
+            setattr(module, name, value)
+
+    return restore
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:
@@ -179,7 +214,48 @@ def train(
 
         return RunOutcome(directory, read_summary(directory) or {}, skipped=True)
 
-    configure_environment(cfg)
+    restore_environment = configure_environment(cfg)
+    try:
+        return _train(cfg, directory, show_progress, console)
+    finally:
+        restore_environment()
+        release_run_lock(directory)  # the run is over (completed, failed or interrupted): the folder is free
+
+
+def _check_paths(cfg: RunConfig) -> None:
+    """The checks `clue-adv validate` makes, before minutes of tokenizing: a missing file fails at once."""
+    from clue_adv.validate import check_paths
+
+    problems = check_paths(cfg)
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s) with the files this config names:", problems)
+
+
+def _setup_out_of_memory(cfg: RunConfig, directory: Path, device: torch.device) -> RunFailed:
+    """Out of memory while moving the model or building the optimizer: record it as a failed run, with the same
+    advice as an out-of-memory training step (nothing was written before, so the run directory starts here)."""
+    start_run(cfg, directory)
+    summary = {
+        "status": "failed",
+        "experiment": cfg.experiment,
+        "task": cfg.task,
+        "strategy": cfg.strategy.name,
+        "strategy_tag": directory.parent.name,
+        "seed": cfg.seed,
+        "error": "out of memory",
+        "failed_step": 0,
+        "failed_during": "setup",
+        "advice": OOM_ADVICE,
+        "steps": 0,
+        "peak_memory_mb": _peak_memory_mb(device),
+        "finished_at": _now(),
+    }
+    atomic_write_json(directory / "summary.json", summary)
+    return RunFailed(f"run failed: out of memory during setup: {OOM_ADVICE} ({directory})")
+
+
+def _train(cfg: RunConfig, directory: Path, show_progress: bool | None, console: Any) -> RunOutcome:
+    _check_paths(cfg)
     from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup, set_seed
 
     device = resolve_device(cfg)
@@ -190,8 +266,14 @@ def train(
     tokenizer = build_tokenizer(cfg.model)
     data = load_task_data(cfg, tokenizer)
     set_seed(cfg.seed)  # before the model is built: init must be the same for every strategy
-    model = build_model(cfg, data.labels, strategy.needs_double_backward).to(device)
-    strategy.setup(model)
+    model = build_model(cfg, data.labels, strategy.needs_double_backward)
+    check_vocab_size(tokenizer, model)
+    try:
+        model = model.to(device)
+        strategy.setup(model)
+        optimizer = build_optimizer(model, cfg, device)
+    except torch.OutOfMemoryError:
+        raise _setup_out_of_memory(cfg, directory, device) from None
     pad_multiple = pad_multiple_for(device)
     loader = train_loader(data.train, tokenizer, cfg, pad_multiple)
     dev_loader = eval_loader(data.dev, tokenizer, cfg.eval.batch_size, pad_multiple)
@@ -201,7 +283,6 @@ def train(
     full_windows = (len(loader) // accum) * accum
     tail_window = len(loader) - full_windows
     total_steps = steps_per_epoch * cfg.epochs
-    optimizer = build_optimizer(model, cfg, device)
     warmup = round(cfg.optim.warmup_ratio * total_steps)
     scheduler = (
         get_linear_schedule_with_warmup(optimizer, warmup, total_steps)

@@ -105,3 +105,20 @@ def test_strategies_lists_names_costs_and_parameters():
     assert all(p["description"] for r in rows.values() for p in r["parameters"].values())
     assert invoke("strategies", "fgm").exit_code == 0
     assert invoke("strategies", "nope").exit_code == 2
+
+
+def test_console_script_bad_config_exits_2_without_traceback(tmp_path):
+    # CliRunner catches exceptions itself: only a real process shows whether a traceback would reach the user.
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "clue_adv", "train", "--config", str(tiny_yaml(tmp_path, "batch_size: lots\n"))],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "batch_size: Input should be a valid integer" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout

@@ -162,3 +162,12 @@ def test_hub_failure_says_how_to_go_local(monkeypatch, tokenizer):
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
     with pytest.raises(DataError, match=r"data.path=\.\./shared/data/clue/tnews"):
         load_task_data(smoke_config(data={}), tokenizer)
+
+
+def test_unknown_label_message_lists_only_the_first_labels(tmp_path):
+    (tmp_path / "x.json").write_text('{"label": "999", "sentence": "a"}\n')
+    with pytest.raises(DataError) as info:
+        read_split(tmp_path / "x.json", read_labels(ASSETS / "iflytek" / "labels.json"))
+    message = str(info.value)
+    assert "label '999' is not in labels.json (valid: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, … (119 in all" in message
+    assert ", 10," not in message and len(message) < 300

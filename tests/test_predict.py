@@ -98,3 +98,37 @@ def test_a_pickled_checkpoint_is_never_loaded(saved_run, tmp_path):
         weights.unlink()
     with pytest.raises(ClueAdvError, match="pickled"):
         predict(run, ASSETS / "tnews" / "dev.json")
+
+
+def test_predict_on_an_iflytek_run_maps_classes_back_to_the_119_label_strings(tmp_path):
+    labels = list(read_labels(ASSETS / "iflytek" / "labels.json").ids)
+    assert len(labels) == 119
+    cfg = smoke_config(
+        task="iflytek",
+        data={"path": str(ASSETS / "iflytek"), "max_train_samples": 64, "max_eval_samples": DEV_SAMPLES},
+        save_model=True,
+    )
+    run = train(cfg, tmp_path / "runs", show_progress=False)
+    # Dev records as an unlabelled test file (IFLYTEK's "sentence" texts hold U+2028: split on "\n" only).
+    dev_lines = (ASSETS / "iflytek" / "dev.json").read_text(encoding="utf-8").split("\n")[:DEV_SAMPLES]
+    gold, test_lines = [], []
+    for i, line in enumerate(dev_lines):
+        record = json.loads(line)
+        gold.append(record.pop("label"))
+        record.pop("label_des", None)
+        test_lines.append(json.dumps({"id": i, **record}, ensure_ascii=False))
+    test_file = tmp_path / "test.json"
+    test_file.write_text("\n".join(test_lines) + "\n", encoding="utf-8")
+
+    result = runner.invoke(app, ["predict", str(run.directory), "--test-file", str(test_file)])
+    assert result.exit_code == 0, result.output
+    out = run.directory / "iflytek_predict.json"
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").split("\n") if line]
+    assert [r["id"] for r in records] == list(range(DEV_SAMPLES))
+    assert all(isinstance(r["label"], str) and r["label"] in labels for r in records)
+    # The saved model's classes are labels.json's 119 strings in order, and predictions scored against the
+    # gold strings give the run's own best dev accuracy: no class is mapped to the wrong name.
+    model_config = json.loads((run.directory / "model" / "config.json").read_text(encoding="utf-8"))
+    assert [model_config["id2label"][str(i)] for i in range(119)] == labels
+    accuracy = sum(r["label"] == g for r, g in zip(records, gold, strict=True)) / len(gold)
+    assert accuracy == pytest.approx(run.summary["best_dev_accuracy"], abs=1e-12)

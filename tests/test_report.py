@@ -276,3 +276,44 @@ def test_cli_report_prints_the_table_and_fails_cleanly(results, tmp_path):
     assert nothing.exit_code == 2 and "no run directories" in nothing.output
     bad = runner.invoke(app, ["report", str(results), "--format", "xlsx"])
     assert bad.exit_code == 2 and "--format" in bad.output
+
+
+def test_cells_a_sweep_planned_but_never_started_are_reported(results):
+    """A sweep manifest (sweep.json) lists an extra seed and an extra strategy that have no run directory."""
+    tiny = {"model": {"name_or_path": str(ASSETS / "tokenizer"), "init": "random"}}
+
+    def entry(block: dict, seed: int) -> dict:
+        cfg = parse_config({"experiment": "tiny", "task": "tnews", "seed": seed, "strategy": block, **tiny})
+        directory = run_dir(cfg, results).relative_to(results / "tiny").as_posix()
+        identity = {k: v for k, v in cfg.resolved().items() if k != "output_dir"}
+        tag = strategy_tag(cfg.strategy)
+        names = {"task": "tnews", "strategy": block["name"], "strategy_tag": tag, "seed": seed}
+        return {"run_dir": directory, **names, "identity": identity}
+
+    planned = [entry({"name": "none"}, 1), entry({"name": "none"}, 2), entry({"name": "gaussian_noise"}, 1)]
+    atomic_write_json(results / "tiny" / "sweep.json", {"experiment": "tiny", "sweep": "x.yaml", "cells": planned})
+    report = build_report(results, plots=False)
+    tiny_table = next(t for t in report.tables if t.experiment == "tiny")
+    assert tiny_table.cell("tnews", "none").not_started == [2]
+    assert tiny_table.cell("tnews", "gaussian_noise").not_started == [1]
+    assert tiny_table.cell("tnews", "fgm-epsilon=0.05").not_started == []
+    assert all(not c.not_started for t in report.tables if t.experiment == "hand" for c in t.cells.values())
+    text = (results / "report.md").read_text(encoding="utf-8")
+    assert "40.00 ± – (n=1; 1 not started)" in text
+    assert "`tnews/gaussian_noise/seed-1`: not started" in text
+    runs = list(csv.DictReader(open(results / "runs.csv", encoding="utf-8")))
+    assert sorted((r["strategy_tag"], r["seed"]) for r in runs if r["status"] == "not started") == [
+        ("gaussian_noise", "1"),
+        ("none", "2"),
+    ]
+    summary = list(csv.DictReader(open(results / "summary.csv", encoding="utf-8")))
+    row = next(r for r in summary if r["experiment"] == "tiny" and r["strategy_tag"] == "gaussian_noise")
+    assert row["completed"] == "0" and row["not_started"] == "1"
+    rows = json.loads(render(report.tables, "json"))
+    row = next(r for t in rows if t["experiment"] == "tiny" for r in t["rows"] if r["strategy"] == "none")
+    assert row["not_started"] == [2] and row["n"] == 1
+    # A report of one task folder reads the manifest above it, and only the cells under that folder.
+    assert {r.status for r in build_report(results / "tiny" / "tnews" / "none", plots=False).runs} == {
+        "completed",
+        "not started",
+    }

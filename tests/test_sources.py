@@ -2,32 +2,70 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
+import huggingface_hub.constants as hub_constants
 import pytest
 
+import clue_adv.train as train_module
 from clue_adv.config import ModelConfig, load_config
 from clue_adv.errors import ClueAdvError
 from clue_adv.model import build_tokenizer
-from clue_adv.train import all_sources_local, train
+from clue_adv.train import all_sources_local, configure_environment, train
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TNEWS = REPO.parent / "shared" / "data" / "clue" / "tnews"
 
 
-def test_shipped_config_uses_the_hub_and_fails_fast_offline_with_a_hint():
+def _online(monkeypatch):
+    """conftest makes every test offline; these tests set the mode themselves so that they can fail."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)  # read at import: the variable alone is not enough
+
+
+def test_shipped_config_uses_the_hub_and_fails_fast_offline_with_a_hint(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     cfg = load_config(REPO / "configs" / "tnews" / "baseline.yaml")
     assert cfg.model.name_or_path == "bert-base-chinese" and cfg.model.init == "pretrained"
     assert cfg.data.hub_name == "clue/clue" and not cfg.data.is_local and not all_sources_local(cfg)
     start = time.monotonic()
     with pytest.raises(ClueAdvError, match="point it at a local directory"):
-        build_tokenizer(ModelConfig(name_or_path="bert-base-chinese"))  # HF_HUB_OFFLINE=1 in tests
+        build_tokenizer(ModelConfig(name_or_path="bert-base-chinese"))
     assert time.monotonic() - start < 30  # no hanging on an unreachable hub
 
 
+def test_only_an_all_local_config_turns_the_hub_off_and_only_until_restored(monkeypatch):
+    _online(monkeypatch)
+    hub_cfg = load_config(REPO / "configs" / "tnews" / "baseline.yaml")
+    restore = configure_environment(hub_cfg)
+    assert "HF_HUB_OFFLINE" not in os.environ and hub_constants.HF_HUB_OFFLINE is False
+    restore()
+
+    local_cfg = load_config(REPO / "configs" / "smoke.yaml")
+    assert all_sources_local(local_cfg)
+    restore = configure_environment(local_cfg)
+    assert os.environ["HF_HUB_OFFLINE"] == os.environ["HF_DATASETS_OFFLINE"] == "1"
+    assert hub_constants.HF_HUB_OFFLINE is True
+    restore()
+    assert "HF_HUB_OFFLINE" not in os.environ and "HF_DATASETS_OFFLINE" not in os.environ
+    assert hub_constants.HF_HUB_OFFLINE is False
+
+
 @pytest.mark.skipif(not SHARED_TNEWS.is_dir(), reason="../shared/data/clue/tnews is not beside this checkout")
-def test_a_shipped_config_runs_on_the_full_local_tnews_files(tmp_path):
+def test_a_shipped_config_runs_on_the_full_local_tnews_files(tmp_path, monkeypatch):
+    _online(monkeypatch)  # the run itself must go offline, not rely on the test environment
+    offline_during_run = []
+    original = train_module.load_task_data
+
+    def spy(*args, **kwargs):
+        offline_during_run.append(hub_constants.HF_HUB_OFFLINE)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "load_task_data", spy)
     overrides = [
         f"data.path={SHARED_TNEWS}",
         "data.max_train_samples=256",
@@ -43,3 +81,4 @@ def test_a_shipped_config_runs_on_the_full_local_tnews_files(tmp_path):
     outcome = train(cfg, tmp_path, show_progress=False)
     assert outcome.summary["status"] == "completed"
     assert outcome.summary["train_examples"] == 256 and outcome.summary["passes_per_micro_step"]["forward"] == 2
+    assert offline_during_run == [True] and hub_constants.HF_HUB_OFFLINE is False

@@ -17,8 +17,8 @@ from clue_adv.config import parse_config
 from clue_adv.data import ASSETS
 from clue_adv.errors import ConfigError
 from clue_adv.regularizers import registry
-from clue_adv.rundir import read_summary, start_run, strategy_tag
-from clue_adv.sweep import core_sets, load_plan, load_sweep, run_sweep, submitit_executor
+from clue_adv.rundir import find_run_dirs, read_summary, start_run, strategy_tag
+from clue_adv.sweep import core_sets, load_plan, load_sweep, run_sweep, submitit_executor, sweep_status
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -291,8 +291,82 @@ def test_parallel_workers_and_a_failed_run_does_not_stop_the_sweep(tmp_path):
     failed = by_task["iflytek"]
     assert failed.status == "failed" and "'999' is not in labels.json" in failed.error
     assert "'999' is not in labels.json" in (failed.cell.directory / "train.log").read_text()
+    # It failed in setup, before train wrote anything: the sweep still leaves a run directory that says so.
+    summary = read_summary(failed.cell.directory)
+    assert summary["status"] == "failed" and "'999' is not in labels.json" in summary["error"]
+    assert (failed.cell.directory / "config.yaml").is_file()
     # Each worker was pinned to its share of the cores and told so.
     assert "done:" in (by_task["tnews"].cell.directory / "train.log").read_text()
+
+
+def test_a_cell_that_fails_in_setup_leaves_a_failed_run_directory(tmp_path):
+    data = tmp_path / "iflytek-data"
+    data.mkdir()
+    for name in ("labels.json", "dev.json", "train.json"):
+        (data / name).write_bytes((ASSETS / "iflytek" / name).read_bytes())
+    path = write_sweep(
+        tmp_path,
+        {"tasks": ["tnews", "iflytek"], "seeds": [1], "per_task": {"iflytek": {"data.path": str(data)}}},
+    )
+    plan = load_plan(path)
+    (data / "train.json").unlink()  # gone after planning checked it: the run fails while loading data
+    result = run_sweep(plan, console=quiet())
+    assert result.exit_code == 1
+    by_task = {r.cell.config.task: r for r in result.results}
+    assert by_task["tnews"].status == "completed"
+    failed = by_task["iflytek"]
+    assert failed.status == "failed" and "train.json" in failed.error
+    summary = read_summary(failed.cell.directory)
+    assert summary["status"] == "failed" and summary["error"] == failed.error
+    assert summary["failed_stage"] == "setup" and summary["task"] == "iflytek"
+    assert find_run_dirs(tmp_path / "out") == sorted(r.cell.directory for r in result.results)
+    # Once the file is back, the next plan and `sweep --status` see the failed run, and the sweep reruns it.
+    (data / "train.json").write_bytes((ASSETS / "iflytek" / "train.json").read_bytes())
+    again = load_plan(path)
+    assert [c.state for c in again.cells] == ["completed", "failed"]
+    assert {s.cell.config.task: s.status for s in sweep_status(again)} == {"tnews": "completed", "iflytek": "failed"}
+
+
+def test_an_interrupted_sweep_leaves_a_manifest_and_the_report_shows_unstarted_cells(tmp_path, monkeypatch):
+    import clue_adv.train
+    from clue_adv.report import build_report
+
+    path = write_sweep(tmp_path, {"seeds": 3, "strategies": [{"name": "none"}]})
+    plan = load_plan(path)
+    real_train = clue_adv.train.train
+
+    def train_then_ctrl_c(cfg, *args, **kwargs):
+        if cfg.seed == 2:
+            raise KeyboardInterrupt
+        return real_train(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(clue_adv.train, "train", train_then_ctrl_c)
+    assert run_sweep(plan, console=quiet()).interrupted
+    manifest = json.loads((tmp_path / "out" / "sw" / "sweep.json").read_text(encoding="utf-8"))
+    assert manifest["experiment"] == "sw" and manifest["sweep"] == str(path)
+    assert [c["run_dir"] for c in manifest["cells"]] == [f"tnews/none/seed-{k}" for k in (1, 2, 3)]
+    assert manifest["cells"][0]["identity"]["seed"] == 1 and "output_dir" not in manifest["cells"][0]["identity"]
+    report = build_report(tmp_path / "out", plots=False)
+    assert {(r.seed, r.status) for r in report.runs} == {(1, "completed"), (2, "not started"), (3, "not started")}
+    assert report.tables[0].cell("tnews", "none").not_started == [2, 3]
+
+
+def test_cpu_peak_memory_is_null_for_runs_that_share_the_sweeps_process(tmp_path, monkeypatch):
+    import clue_adv.sweep as sweep_module
+    from clue_adv.report import build_report, cost_rows
+
+    monkeypatch.setattr(sweep_module, "_trained_in_this_process", False)  # as in a fresh `clue-adv sweep`
+    path = write_sweep(tmp_path, {"seeds": [1], "strategies": [{"name": "none"}, {"name": "gaussian_noise"}]})
+    result = run_sweep(load_plan(path), console=quiet())
+    first, second = (read_summary(r.cell.directory) for r in result.results)
+    assert first["peak_memory_mb"] > 0 and "peak_memory_note" not in first
+    # ru_maxrss never goes down: the second run's figure would be the first run's peak, so none is recorded.
+    assert second["status"] == "completed" and second["peak_memory_mb"] is None
+    assert "shared its process" in second["peak_memory_note"]
+    assert result.results[1].summary["peak_memory_mb"] is None
+    report = build_report(tmp_path / "out", plots=False)
+    cost = {r[1]: r[-1] for r in cost_rows(report.tables[0])[1]}
+    assert cost["none"] != "–" and cost["gaussian_noise"] == "–"
 
 
 def test_submitit_local_executor_runs_the_grid(tmp_path):

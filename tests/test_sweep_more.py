@@ -1,0 +1,244 @@
+"""Sweeps, further: what `--devices` gives each worker, `--force` through the CLI, a sweep that goes on after
+one run runs out of memory, and fuzzed sweep files through `sweep --dry-run`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import TINY_RUN
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rich.console import Console
+from typer.testing import CliRunner
+
+import clue_adv.sweep
+from clue_adv.cli import app
+from clue_adv.data import ASSETS
+from clue_adv.rundir import read_summary
+from clue_adv.sweep import available_cores, core_sets, load_plan, run_sweep
+from clue_adv.train import OOM_ADVICE
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_sweep(tmp_path: Path, body: dict) -> Path:
+    base = {
+        "experiment": "sw",
+        "task": "tnews",
+        "data": {"path": str(ASSETS / "tnews")},
+        "model": {"name_or_path": str(ASSETS / "tokenizer"), "init": "random"},
+        "optim": {"lr": 1e-3},
+        "output_dir": str(tmp_path / "out"),
+    }
+    (tmp_path / "configs").mkdir(exist_ok=True)
+    (tmp_path / "configs" / "tiny.yaml").write_text(yaml.safe_dump(base))
+    path = tmp_path / "sweeps" / "sweep.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump({"base": "../configs/tiny.yaml", "overrides": dict(TINY_RUN), **body}))
+    return path
+
+
+def quiet() -> Console:
+    return Console(stderr=True, force_terminal=False, width=200)
+
+
+# --------------------------------------------------------------------------------------------------
+# --devices / core pinning, seen from inside the worker
+
+# The worker as the sweep starts it (`python -m clue_adv.sweep CONFIG`), with train replaced by a probe that
+# records what the worker was given after worker_main applied it: affinity, threads, visible GPU.
+PROBE = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    import clue_adv.train
+    from clue_adv.rundir import atomic_write_json, run_dir
+
+    def probe(cfg, *args, **kwargs):
+        directory = run_dir(cfg).resolve()
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(directory / "probe.json", {
+            "affinity": sorted(os.sched_getaffinity(0)),
+            "torch_threads": torch.get_num_threads(),
+            "omp": os.environ.get("OMP_NUM_THREADS"),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        })
+        summary = {"status": "completed"}
+        atomic_write_json(directory / "summary.json", summary)
+        return clue_adv.train.RunOutcome(directory, summary)
+
+    clue_adv.train.train = probe
+    from clue_adv.sweep import worker_main
+    sys.exit(worker_main(sys.argv[1:]))
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="no CPU affinity on this system")
+def test_devices_give_each_worker_its_gpu_and_its_share_of_the_cores(tmp_path, monkeypatch):
+    real_popen = subprocess.Popen
+    commands = []
+
+    def popen(command, *args, **kwargs):
+        if command[1:3] == ["-m", "clue_adv.sweep"]:  # a sweep worker: the same worker, with the probe
+            commands.append(command)
+            command = [command[0], "-c", PROBE, *command[3:]]
+        return real_popen(command, *args, **kwargs)
+
+    monkeypatch.setattr(clue_adv.sweep.subprocess, "Popen", popen)
+    path = write_sweep(tmp_path, {"seeds": [1, 2]})
+    result = runner.invoke(app, ["sweep", "-c", str(path), "--devices", "3,5", "--no-report"])
+    assert result.exit_code == 0, result.output
+    assert len(commands) == 2
+    slots = core_sets(available_cores(), 2)  # --devices 3,5 means two workers, one per device
+    cells = load_plan(path).cells
+    assert [c.config.seed for c in cells] == [1, 2]
+    for cell, device, cores in zip(cells, ["3", "5"], slots, strict=True):
+        seen = json.loads((cell.directory / "probe.json").read_text())
+        assert seen == {
+            "affinity": sorted(cores),
+            "torch_threads": len(cores),
+            "omp": str(len(cores)),
+            "cuda_visible_devices": device,
+        }, cell.name
+        # ... and the worker's log says so, for a user checking the pinning after the fact
+        cpus = ",".join(str(c) for c in sorted(cores))
+        log = (cell.directory / "train.log").read_text()
+        assert f"worker: cpus {cpus} ({len(cores)} threads), CUDA_VISIBLE_DEVICES={device}" in log, log
+
+
+# --------------------------------------------------------------------------------------------------
+# --force through the CLI; a run out of memory does not stop the sweep
+
+
+def test_cli_force_reruns_completed_cells(tmp_path, monkeypatch):
+    import clue_adv.train
+
+    path = write_sweep(tmp_path, {"seeds": [1, 2]})
+    args = ["sweep", "-c", str(path), "--no-report"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    cells = load_plan(path).cells
+    assert all(c.done for c in cells)
+    # Not started_at (whole seconds): a rerun within the same second would look like no rerun.
+    before = {c.directory: (c.directory / "summary.json").read_bytes() for c in cells}
+    stamps = {d: (d / "summary.json").stat().st_mtime_ns for d in before}
+
+    ran = []
+    real_train = clue_adv.train.train
+
+    def recording_train(cfg, *a, **kw):
+        ran.append((cfg.seed, kw.get("force")))
+        return real_train(cfg, *a, **kw)
+
+    monkeypatch.setattr(clue_adv.train, "train", recording_train)
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "2 skipped" in again.output, again.output
+    assert all((d / "summary.json").read_bytes() == b for d, b in before.items())  # nothing rerun
+
+    forced = runner.invoke(app, [*args, "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert "2 completed" in forced.output and "0 skipped" in forced.output, forced.output
+    assert sorted(r for r in ran if r[1]) == [(1, True), (2, True)]
+    assert all(read_summary(d)["status"] == "completed" for d in before)
+    assert all((d / "summary.json").stat().st_mtime_ns != t for d, t in stamps.items())  # both trained again
+
+
+def test_a_run_out_of_memory_fails_with_advice_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    from clue_adv.regularizers.gaussian_noise import GaussianNoise
+
+    def out_of_memory(self, ctx):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(GaussianNoise, "training_step", out_of_memory)
+    path = write_sweep(tmp_path, {"seeds": [1], "strategies": [{"name": "gaussian_noise"}, {"name": "none"}]})
+    result = run_sweep(load_plan(path), jobs=1, console=quiet())
+    assert result.exit_code == 1 and not result.interrupted
+    by_strategy = {r.cell.config.strategy.name: r for r in result.results}
+    oom = by_strategy["gaussian_noise"]
+    assert oom.status == "failed" and "out of memory" in oom.error and OOM_ADVICE in oom.error
+    summary = read_summary(oom.cell.directory)
+    assert summary["status"] == "failed" and summary["error"] == "out of memory" and summary["advice"] == OOM_ADVICE
+    assert by_strategy["none"].status == "completed"
+    assert read_summary(by_strategy["none"].cell.directory)["status"] == "completed"
+
+
+# --------------------------------------------------------------------------------------------------
+# Fuzzed sweep files: `sweep --dry-run` answers exit 0 or exit 2 with a message, never a traceback
+
+
+def _paths(node, prefix=()):
+    """Every path in a nested mapping/list (list items by index), blocks included."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        yield (*prefix, key)
+        yield from _paths(value, (*prefix, key))
+
+
+values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.lists(st.one_of(st.integers(-3, 3), st.text(max_size=4)), max_size=3),
+    st.dictionaries(st.text(max_size=6), st.one_of(st.integers(), st.text(max_size=4)), max_size=2),
+    st.sampled_from(["tnews", "iflytek", "fgm", "none", "gaussian_noise", "seed", "epochs", "optim.lr", "epsilon"]),
+)
+
+
+@st.composite
+def mutated_sweeps(draw):
+    path = draw(st.sampled_from(SHIPPED_SWEEPS))
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if isinstance(data.get("base"), str):  # the mutant lives elsewhere: keep its base file found
+        data["base"] = str((path.parent / data["base"]).resolve())
+    for _ in range(draw(st.integers(1, 3))):
+        keys = list(_paths(data))
+        if not keys:
+            break
+        target = list(draw(st.sampled_from(keys)))
+        node = data
+        for k in target[:-1]:
+            node = node[k]
+        kind = draw(st.sampled_from(["replace", "delete", "add"]))
+        if kind == "replace":
+            node[target[-1]] = draw(values)
+        elif kind == "delete":
+            node.pop(target[-1])
+        elif isinstance(node, dict):
+            node[draw(st.text(min_size=1, max_size=10))] = draw(values)
+        else:
+            node.append(draw(values))
+    return data
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=mutated_sweeps())
+def test_mutated_sweeps_dry_run_or_fail_with_exit_2(tmp_path_factory, data):
+    folder = tmp_path_factory.mktemp("mutsweep")
+    f = folder / "s.yaml"
+    f.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    result = runner.invoke(app, ["sweep", "-c", str(f), "--dry-run", "-o", str(folder / "out")])
+    assert result.exit_code in (0, 2), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    if result.exit_code == 2:
+        assert result.output.strip(), "exit 2 without a message"
+    assert not (folder / "out").exists()  # a dry run writes nothing
