@@ -100,6 +100,23 @@ class ModelConfig(StrictModel):
         description="`auto`: SDPA, or eager attention when the strategy needs a double backward "
         "(fused SDPA kernels have none).",
     )
+    compile: bool = Field(
+        False,
+        description="Compile the model's forward with torch.compile (in place: parameters, saving and the strategies' "
+        "access to the embeddings are unchanged). No double backward under torch.compile, so strategies that need one "
+        "are refused; `gradient_penalty` with `mode: finite_difference` is the penalty that compiles.",
+    )
+    compile_backend: str = Field(
+        "inductor",
+        description="torch.compile backend: `inductor` (fused kernels; needs a C++ compiler on CPU), `aot_eager` "
+        "(traces forward and backward without generating code: quick to compile, what the tests use).",
+    )
+    ignore_mismatched_sizes: bool = Field(
+        False,
+        description="Start a new classification head when the checkpoint's has another number of labels (e.g. a "
+        "model fine-tuned on another task). Off by default so that a wrong checkpoint is an error, not a silent "
+        "re-initialisation (Hugging Face's run_glue has the same switch).",
+    )
 
     @model_validator(mode="after")
     def _architecture_needs_random_init(self) -> ModelConfig:
@@ -204,6 +221,11 @@ class RunConfig(StrictModel):
             raise ValueError(
                 f"model.attn_implementation: 'sdpa' cannot run strategy '{self.strategy.name}', which differentiates "
                 "a gradient (double backward) that fused SDPA attention kernels do not have: use auto or eager"
+            )
+        if build_strategy(self.strategy).needs_double_backward and self.model.compile:
+            raise ValueError(
+                f"model.compile: torch.compile has no double backward, which strategy '{self.strategy.name}' needs; "
+                "set model.compile: false, or use gradient_penalty with mode: finite_difference"
             )
         return self
 

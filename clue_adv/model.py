@@ -82,10 +82,22 @@ def build_model(cfg: RunConfig, labels: LabelSet, needs_double_backward: bool) -
             model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
-                mc.name_or_path, config=config, attn_implementation=attn
+                mc.name_or_path,
+                config=config,
+                attn_implementation=attn,
+                ignore_mismatched_sizes=mc.ignore_mismatched_sizes,
             )
     except (OSError, ValueError) as e:
         raise _offline_hint("model", mc.name_or_path, e) from None
+    except RuntimeError as e:
+        if "ignore_mismatched_sizes" not in str(e):
+            raise
+        # transformers raises this after printing a report; one line naming the fix is what a user needs.
+        raise ClueAdvError(
+            f"model.name_or_path: {mc.name_or_path} has weights of another shape than this {cfg.task} classifier "
+            f"({len(labels.ids)} labels), e.g. a head fine-tuned on another task; set "
+            "model.ignore_mismatched_sizes: true to start a new head"
+        ) from None
     if mc.head == "cls":
         use_cls_vector(model)
     positions = getattr(model.config, "max_position_embeddings", None)

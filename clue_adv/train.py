@@ -96,6 +96,7 @@ def configure_environment(cfg: RunConfig) -> Callable[[], None]:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # transformers 5's per-tensor 'Loading weights' bar
     datasets.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     warnings.filterwarnings("ignore", module="transformers")
@@ -270,8 +271,11 @@ def _train(cfg: RunConfig, directory: Path, show_progress: bool | None, console:
     check_vocab_size(tokenizer, model)
     try:
         model = model.to(device)
-        strategy.setup(model)
+        strategy.setup(model)  # before compiling: SMART's teacher is a plain copy
         optimizer = build_optimizer(model, cfg, device)
+        if cfg.model.compile:
+            # In place (nn.Module.compile): the module, its parameters and save_pretrained stay as they are.
+            model.compile(backend=cfg.model.compile_backend)
     except torch.OutOfMemoryError:
         raise _setup_out_of_memory(cfg, directory, device) from None
     pad_multiple = pad_multiple_for(device)

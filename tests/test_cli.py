@@ -63,6 +63,7 @@ def test_bad_config_exits_2_naming_the_field(tmp_path, extra, needle):
 def test_missing_config_file_exits_2(tmp_path):
     result = invoke("train", "--config", tmp_path / "nope.yaml")
     assert result.exit_code == 2 and "config file not found" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_missing_data_directory_exits_2(tmp_path):

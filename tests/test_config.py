@@ -158,3 +158,16 @@ def test_every_strategy_has_a_shipped_config_per_task():
     for task in ("tnews", "iflytek"):
         shipped = {load_config(p).strategy.name for p in TASK_CONFIGS if p.parent.name == task}
         assert shipped == set(registry()), set(registry()) ^ shipped
+
+
+def test_every_run_config_field_has_a_description():
+    """config.md is generated from the descriptions; the strategies' blocks are checked in test_strategies_common."""
+    from pydantic import BaseModel
+
+    import clue_adv.config as config_module
+
+    models = [m for m in vars(config_module).values() if isinstance(m, type) and issubclass(m, BaseModel)]
+    models = [m for m in models if m.__module__ == config_module.__name__]
+    assert {"RunConfig", "DataConfig", "ModelConfig", "OptimConfig", "EvalConfig"} <= {m.__name__ for m in models}
+    missing = [f"{m.__name__}.{name}" for m in models for name, f in m.model_fields.items() if not f.description]
+    assert not missing, missing

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import huggingface_hub.constants as hub_constants
 import pytest
+import torch
 
 import clue_adv.train as train_module
 from clue_adv.config import ModelConfig, load_config
@@ -82,3 +83,55 @@ def test_a_shipped_config_runs_on_the_full_local_tnews_files(tmp_path, monkeypat
     assert outcome.summary["status"] == "completed"
     assert outcome.summary["train_examples"] == 256 and outcome.summary["passes_per_micro_step"]["forward"] == 2
     assert offline_during_run == [True] and hub_constants.HF_HUB_OFFLINE is False
+
+
+def test_a_local_pretrained_model_directory_is_loaded_offline(tmp_path, monkeypatch, capfd):
+    """`model.name_or_path` = a local directory of saved weights (init: pretrained): the run goes offline and
+    starts from those weights, not a fresh random init."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    _online(monkeypatch)
+    tokenizer_dir = REPO / "clue_adv" / "assets" / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    saved = BertForSequenceClassification(config)
+    model_dir = tmp_path / "tiny-pretrained"
+    saved.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+
+    built, offline_during_run = [], []
+    original = train_module.build_model
+
+    def spy(*args, **kwargs):
+        model = original(*args, **kwargs)
+        built.append(model.get_input_embeddings().weight.detach().clone())
+        offline_during_run.append(hub_constants.HF_HUB_OFFLINE)
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", spy)
+    overrides = [
+        f"data.path={REPO / 'clue_adv' / 'assets' / 'tnews'}",
+        f"model.name_or_path={model_dir}",
+        "data.max_train_samples=64",
+        "data.max_eval_samples=64",
+        "max_length=32",
+        "epochs=1",
+    ]
+    # The saved head has 2 labels, TNEWS 15: an error naming the switch, before any run directory exists ...
+    with pytest.raises(ClueAdvError, match="ignore_mismatched_sizes: true"):
+        train(load_config(REPO / "configs" / "tnews" / "baseline.yaml", overrides), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # ... and with it, a new head on the saved encoder.
+    overrides.append("model.ignore_mismatched_sizes=true")
+    built.clear()
+    offline_during_run.clear()
+    cfg = load_config(REPO / "configs" / "tnews" / "baseline.yaml", overrides)
+    assert cfg.model.init == "pretrained" and all_sources_local(cfg)
+    capfd.readouterr()
+    outcome = train(cfg, tmp_path / "out", show_progress=False)
+    assert "Loading weights" not in capfd.readouterr().err  # transformers' own progress bar is noise here
+    assert outcome.summary["status"] == "completed"
+    assert offline_during_run == [True] and hub_constants.HF_HUB_OFFLINE is False
+    assert torch.equal(built[0], saved.get_input_embeddings().weight.detach())  # the saved weights, not a new init

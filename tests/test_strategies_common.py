@@ -188,3 +188,34 @@ def test_teacher_copy_is_independent_of_the_model(batch):
             if isinstance(value, torch.nn.Module):
                 ours = {p.data_ptr() for p in model.parameters()}
                 assert not ours & {p.data_ptr() for p in value.parameters()}, name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_label_smoothing_reaches_every_task_loss(batch, name, monkeypatch):
+    """Label smoothing is a loss option usable with any strategy: every cross-entropy a strategy computes (clean,
+    adversarial, both R-Drop branches) must go through ctx.loss, which applies it. A strategy calling
+    F.cross_entropy itself would train its extra terms without smoothing."""
+    import torch.nn.functional as F
+
+    from clue_adv.regularizers.base import StepContext
+
+    real_ce, real_loss = F.cross_entropy, StepContext.loss
+    smoothing_seen: list[float] = []
+    through_ctx: list[int] = []
+
+    def cross_entropy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        smoothing_seen.append(kwargs.get("label_smoothing", 0.0))
+        return real_ce(*args, **kwargs)
+
+    def loss(self: StepContext, logits: torch.Tensor) -> torch.Tensor:
+        through_ctx.append(1)
+        return real_loss(self, logits)
+
+    monkeypatch.setattr(F, "cross_entropy", cross_entropy)
+    monkeypatch.setattr(StepContext, "loss", loss)
+    strategy = build_strategy(small_config(name))
+    model = tiny_bert(4, hidden=16, layers=1)
+    strategy.setup(model)
+    strategy.training_step(make_ctx(model, batch, label_smoothing=0.1))
+    assert through_ctx, "the task loss did not go through ctx.loss"
+    assert smoothing_seen and all(s == 0.1 for s in smoothing_seen), smoothing_seen
