@@ -181,3 +181,28 @@ def test_optimizer_is_fused_and_spares_biases_and_layernorm():
     assert not any(names[id(p)].endswith("bias") for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert pad_multiple_for(torch.device("cpu")) is None and pad_multiple_for(torch.device("cuda")) == 8
+
+
+def test_every_strategy_starts_from_the_same_weights(tmp_path, monkeypatch):
+    """Runs are paired by seed: with the same seed, every strategy's model starts from identical weights (the
+    other half of pairing, besides identical batches), whatever attention it needs (eager for a double backward)
+    and whatever its setup does (SMART copies the model)."""
+    import clue_adv.train as train_module
+
+    initial: dict[str, dict[str, torch.Tensor]] = {}
+    original = train_module.build_model
+
+    def spy(cfg, *args, **kwargs):
+        model = original(cfg, *args, **kwargs)
+        initial[cfg.strategy.name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", spy)
+    for strategy in ({"name": "none"}, {"name": "gradient_penalty"}, {"name": "smart"}, {"name": "consistency"}):
+        cfg = smoke_config(strategy=strategy, data__max_train_samples=32, data__max_eval_samples=32)
+        train(cfg, tmp_path / strategy["name"], show_progress=False)
+    reference = initial.pop("none")
+    assert set(initial) == {"gradient_penalty", "smart", "consistency"}
+    for name, weights in initial.items():
+        assert weights.keys() == reference.keys(), name
+        assert all(torch.equal(weights[k], reference[k]) for k in reference), name
