@@ -93,7 +93,8 @@ def validate(
 
     bad = 0
     for path in configs:
-        problems = validate_file([path, *(merge_with or [])], set_ or [])
+        notes: list[str] = []  # what could not be checked here (e.g. a hub model's config not cached): not errors
+        problems = validate_file([path, *(merge_with or [])], set_ or [], notes=notes)
         if problems:
             bad += 1
             err.print(f"[red]✗[/] {path}", highlight=False)
@@ -101,6 +102,8 @@ def validate(
                 err.print(f"    - {p}", highlight=False, markup=False)
         else:
             out.print(f"[green]✓[/] {path}", highlight=False)
+        for note in notes:
+            err.print(f"    note: {note}", highlight=False, markup=False)
     if bad:
         raise typer.Exit(2)
 
@@ -163,6 +166,23 @@ def main() -> None:  # pragma: no cover - console-script shim
 # Sweeps, reports, predictions (logic in clue_adv/sweep.py, report.py, predict.py)
 
 
+MetricOpt = Annotated[
+    str,
+    typer.Option(
+        "--metric",
+        help="Which dev accuracy the printed table shows: `best` (the best epoch's, the study's protocol) or "
+        "`final` (the last epoch's, the CLUE protocol). report.md always has both.",
+    ),
+]
+
+
+def _check_metric(metric: str) -> None:
+    from clue_adv.report import METRICS
+
+    if metric not in METRICS:
+        _fail(ClueAdvError(f"--metric: {metric!r} is not one of {', '.join(METRICS)}"))
+
+
 @app.command()
 def sweep(
     config: Annotated[Path, typer.Option("--config", "-c", help="Sweep config (YAML), e.g. sweeps/smoke.yaml.")],
@@ -205,12 +225,14 @@ def sweep(
     report: Annotated[
         bool, typer.Option("--report/--no-report", help="Write the report and print the table at the end.")
     ] = True,
+    metric: MetricOpt = "best",
 ) -> None:
     """Run a grid of runs (tasks × strategies × hyperparameters × seeds); resumes where it stopped."""
-    from clue_adv.sweep import EXECUTORS, load_plan, run_sweep
+    from clue_adv.sweep import EXECUTORS, load_plan, plan_data_problems, run_sweep
 
     if executor not in EXECUTORS:
         _fail(ClueAdvError(f"--executor: unknown executor {executor!r} (valid: {', '.join(EXECUTORS)})"))
+    _check_metric(metric)
     try:
         plan = load_plan(config, output_dir, set_ or [])
     except ClueAdvError as e:
@@ -219,9 +241,19 @@ def sweep(
     if status:
         _print_status(plan, config)
         return
+    # The same data checks `clue-adv validate` runs, before any cell starts: a bad labels.json would otherwise
+    # fail each of its cells only after the model has loaded.
+    problems = plan_data_problems(plan)
+    data_error = ClueAdvError(
+        f"{config}: {len(problems)} problem(s) in the data its runs read; no run was started", problems
+    )
     if dry_run:
         _print_dry_run(plan, config, force, executor)
+        if problems:
+            _fail(data_error)
         return
+    if problems:
+        _fail(data_error)
     device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices is not None else None
     err.print(f"sweep {config}: {len(plan.cells)} run(s), {done} already completed", highlight=False)
     try:
@@ -243,7 +275,7 @@ def sweep(
             err.print(f"[yellow]report skipped:[/] {e}", highlight=False)
         else:
             for t in built.tables:
-                out.print(rich_table(t))
+                out.print(rich_table(t, metric))
             err.print(f"report: {root / 'report.md'}", highlight=False)
     if result.interrupted:
         err.print("interrupted: rerun the same command to resume", highlight=False)
@@ -317,6 +349,7 @@ def report(
         Path | None, typer.Option("--output", help="Where report.md, CSVs and plots go (default: RESULTS_DIR).")
     ] = None,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Draw the PNG plots.")] = True,
+    metric: MetricOpt = "best",
 ) -> None:
     """Tables, CSVs and plots from run directories (works on partial sweeps)."""
     from clue_adv.report import FORMATS, build_report, render, rich_table
@@ -324,16 +357,17 @@ def report(
     if fmt not in FORMATS:
         err.print(f"[bold red]error:[/] --format: {fmt!r} is not one of {', '.join(FORMATS)}")
         raise typer.Exit(2)
+    _check_metric(metric)
     try:
         built = build_report(results_dir, output, plots=plots)
     except ClueAdvError as e:
         _fail(e)
     if fmt == "rich":
         for t in built.tables:
-            out.print(rich_table(t))
+            out.print(rich_table(t, metric))
         err.print(f"wrote {', '.join(str(p) for p in built.files[:3])} and {len(built.files) - 3} plot(s)")
     else:
-        sys.stdout.write(render(built.tables, fmt))
+        sys.stdout.write(render(built.tables, fmt, metric))
 
 
 @app.command()

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from clue_adv.data import LabelSet
 
 BERT_CHINESE_VOCAB = 21128
+# Resolved from this file, so a hint that names it works from any working directory.
+BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tokenizer"
 
 
 def looks_local(name_or_path: str) -> bool:
@@ -26,10 +28,29 @@ def looks_local(name_or_path: str) -> bool:
 
 
 def _offline_hint(what: str, name: str, error: Exception) -> ClueAdvError:
+    # The hint must work from any working directory and keep the experiment: a relative path to the bundled
+    # tokenizer, or a switch to random init, would silently change what is being measured.
     return ClueAdvError(
         f"could not load {what} {name!r}: {type(error).__name__}: {error}\n"
-        "Without the hub, point it at a local directory instead, e.g. "
-        "--set model.name_or_path=clue_adv/assets/tokenizer --set model.init=random"
+        "Without the hub, point it at a local directory instead: download the model's config.json, tokenizer "
+        "files (vocab.txt, tokenizer_config.json) and *.safetensors weights into a directory, then "
+        "--set model.name_or_path=/path/to/that/directory. "
+        "(Only to smoke-test the pipeline, not the experiment: a random-init model on the bundled vocabulary, "
+        f"--set model.name_or_path={BUNDLED_TOKENIZER} --set model.init=random.)"
+    )
+
+
+def _check_safetensors(name: str) -> None:
+    """Pretrained weights are read only from safetensors: a pickle (pytorch_model.bin) can run code on load."""
+    path = Path(name).expanduser()
+    if not path.is_dir() or any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
+        return
+    pickled = sorted(p.name for p in path.glob("*.bin"))
+    found = f"it holds only {', '.join(pickled)}" if pickled else "it holds no weights"
+    raise ClueAdvError(
+        f"model.name_or_path: {name}: safetensors weights (model.safetensors) are required, {found}; "
+        "pickled weights are never loaded. Convert them once where you trust the file, e.g. "
+        "AutoModelForSequenceClassification.from_pretrained(dir).save_pretrained(dir) writes model.safetensors"
     )
 
 
@@ -81,11 +102,13 @@ def build_model(cfg: RunConfig, labels: LabelSet, needs_double_backward: bool) -
         if mc.init == "random":
             model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn)
         else:
+            _check_safetensors(mc.name_or_path)
             model = AutoModelForSequenceClassification.from_pretrained(
                 mc.name_or_path,
                 config=config,
                 attn_implementation=attn,
                 ignore_mismatched_sizes=mc.ignore_mismatched_sizes,
+                use_safetensors=True,
             )
     except (OSError, ValueError) as e:
         raise _offline_hint("model", mc.name_or_path, e) from None

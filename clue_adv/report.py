@@ -16,13 +16,22 @@ import csv
 import io
 import json
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from clue_adv.errors import ClueAdvError
-from clue_adv.rundir import SWEEP_MANIFEST, atomic_write_text, find_run_dirs, read_config, read_summary
+from clue_adv.rundir import (
+    LOCK_NAME,
+    SWEEP_MANIFEST,
+    atomic_write_text,
+    find_run_dirs,
+    read_config,
+    read_summary,
+    run_lock_held,
+)
 from clue_adv.stats import PairedTest, holm, paired_by_key, summarize
 
 FORMATS = ("rich", "md", "csv", "json", "latex")
@@ -88,6 +97,33 @@ class RunRecord:
         return float(value) if isinstance(value, int | float) and self.status == "completed" else None
 
 
+# A run whose process died (kill -9, a crashed machine) leaves its summary saying `running`. Its lock tells: a
+# live training process holds it. summary.json does not record the host, and a run on another node (Slurm on a
+# shared filesystem) may hold a lock this node cannot see, so a free lock alone is not proof: the run must also
+# have written nothing for this long (a live run writes metrics every few log steps).
+STALE_AFTER_S = 600.0
+
+
+def last_update(directory: Path) -> float | None:
+    """When the run last wrote its metrics or summary (a POSIX time), or None when it wrote neither."""
+    times = [p.stat().st_mtime for p in (directory / "metrics.jsonl", directory / "summary.json") if p.is_file()]
+    return max(times) if times else None
+
+
+def stale_running(directory: Path, summary: dict[str, Any]) -> bool:
+    """Whether a run whose summary says `running` was in fact left by a process that died: it was started by a
+    version that locks (`.lock` exists), nothing holds the lock, and it has not written for STALE_AFTER_S."""
+    if summary.get("status", "running") != "running" or not (directory / LOCK_NAME).is_file():
+        return False
+    updated = last_update(directory)
+    if updated is None or time.time() - updated < STALE_AFTER_S:
+        return False
+    return not run_lock_held(directory)
+
+
+STALE_NOTE = "its process stopped without finishing (killed or the machine went down): its lock is free"
+
+
 def collect_runs(root: Path) -> list[RunRecord]:
     runs = []
     for directory in find_run_dirs(root):
@@ -103,7 +139,7 @@ def collect_runs(root: Path) -> list[RunRecord]:
                 strategy=str(config["strategy"].get("name", "?")),
                 tag=directory.parent.name,
                 seed=int(config.get("seed", -1)),
-                status=str(summary.get("status", "running")),
+                status="interrupted" if stale_running(directory, summary) else str(summary.get("status", "running")),
                 config=config,
                 summary=summary,
             )

@@ -68,6 +68,7 @@ from clue_adv.config import (
     set_dotted,
 )
 from clue_adv.errors import ClueAdvError, ConfigError, RunFailed
+from clue_adv.report import STALE_NOTE, stale_running
 from clue_adv.rundir import (
     SWEEP_MANIFEST,
     atomic_write_json,
@@ -715,6 +716,27 @@ def _classify(
     return CellResult(cell, "failed", seconds, error, summary)
 
 
+def plan_data_problems(plan: SweepPlan) -> list[str]:
+    """What `clue-adv validate` finds inside the local data files of the plan's cells (labels.json's size for
+    the task, a malformed line, an unknown label, an empty split), read once per distinct data source; each
+    problem names the cells that would read that data."""
+    from clue_adv.validate import check_data
+
+    groups: dict[tuple[Any, ...], list[Cell]] = {}
+    for cell in plan.cells:
+        c, d = cell.config, cell.config.data
+        key = (c.task, d.path, d.train_file, d.dev_file, d.max_train_samples, d.max_eval_samples)
+        groups.setdefault(key, []).append(cell)
+    problems: list[str] = []
+    for cells in groups.values():
+        found = check_data(cells[0].config)
+        if not found:
+            continue
+        names = ", ".join(c.name for c in cells[:3]) + (f" and {len(cells) - 3} more" if len(cells) > 3 else "")
+        problems += [f"{p} (cell{'s' if len(cells) > 1 else ''} {names})" for p in found]
+    return list(dict.fromkeys(problems))
+
+
 def _log_tail(log: Path | None) -> str:
     """The worker's error line (it prints `error: ...`), else its last line; cut to one readable line."""
     if log is None or not log.is_file():
@@ -725,21 +747,39 @@ def _log_tail(log: Path | None) -> str:
     return line if len(line) <= 300 else line[:300] + "…"
 
 
-# Whether this process has trained a run already: on the CPU a run's peak memory is the process's ru_maxrss,
-# which never goes down, so any later run in the same process would report an earlier run's peak as its own.
+# Whether this process has trained a run already: on the CPU a run's peak memory is the process's peak resident
+# memory, which never goes down by itself, so a later run in the same process would report an earlier run's peak
+# as its own unless that peak is reset (Linux: /proc/self/clear_refs) before each run.
 _trained_in_this_process = False
 SHARED_PROCESS_MEMORY_NOTE = (
     "not measured: this run shared its process with an earlier run (a one-job sweep), and on the CPU peak "
-    "memory is the process's peak resident memory, which includes the earlier runs'; run with --jobs 2 or more "
-    "(one process per run) to measure it"
+    "memory is the process's peak resident memory, which includes the earlier runs' (this system cannot reset "
+    "it between runs); run with --jobs 2 or more (one process per run) to measure it"
 )
+_PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def _correct_cpu_peak_memory(directory: Path, summary: dict[str, Any], shared: bool) -> dict[str, Any]:
-    """A completed CPU run that shared its process with an earlier run (`shared`): peak_memory_mb becomes
-    null, with peak_memory_note saying why (CUDA peaks are reset per run and stay)."""
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak resident memory (VmHWM) to its current one, which train.py then reports as the
+    run's peak; False where that is not possible (not Linux, a kernel or sandbox that refuses it)."""
+    from clue_adv.train import process_peak_rss_mb
+
+    try:
+        # "5" resets only the high-water mark; it leaves page-table bits and the memory itself alone.
+        _PROC_CLEAR_REFS.write_text("5", encoding="ascii")
+    except OSError:
+        return False
+    return process_peak_rss_mb() is not None
+
+
+def _correct_cpu_peak_memory(directory: Path, summary: dict[str, Any], shared: bool, reset: bool) -> dict[str, Any]:
+    """A completed CPU run whose process's peak could not be reset before it (`reset` False) and that shared its
+    process with an earlier run (`shared`): peak_memory_mb becomes null, with peak_memory_note saying why. After
+    a reset, train.py's figure (VmHWM since the reset) is already the run's own; CUDA peaks are reset per run."""
     on_cpu = str(summary.get("device", "")).startswith("cpu")
-    if not shared or not on_cpu or summary.get("status") != "completed" or summary.get("peak_memory_mb") is None:
+    if reset or not shared or not on_cpu or summary.get("status") != "completed":
+        return summary
+    if summary.get("peak_memory_mb") is None:
         return summary
     summary = {**summary, "peak_memory_mb": None, "peak_memory_note": SHARED_PROCESS_MEMORY_NOTE}
     atomic_write_json(directory / "summary.json", summary)
@@ -758,6 +798,7 @@ def _run_in_process(cells: list[Cell], force: bool, progress: SweepProgress, con
         start = time.perf_counter()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()  # each run reports its own peak, not the sweep's so far
+        reset = _reset_peak_rss()  # likewise on the CPU, where the system allows it
         before = _summary_stamp(cell.directory)
         # Any attempt counts, a failed one too: it may have raised the process's peak before failing.
         shared, _trained_in_this_process = _trained_in_this_process, True
@@ -783,7 +824,7 @@ def _run_in_process(cells: list[Cell], force: bool, progress: SweepProgress, con
                 _trained_in_this_process = shared  # nothing was loaded: the process's peak is unchanged
             else:
                 summary = read_summary(outcome.directory) or summary
-                summary = _correct_cpu_peak_memory(outcome.directory, summary, shared)
+                summary = _correct_cpu_peak_memory(outcome.directory, summary, shared, reset)
             result = CellResult(cell, status, time.perf_counter() - start, summary=summary)
         results.append(result)
         progress.finished(result)
@@ -1088,6 +1129,9 @@ def sweep_status(plan: SweepPlan) -> list[CellStatus]:
             if left:
                 detail = f"job {job} left the queue without finishing (cancelled, timed out or killed); rerun the sweep"
                 out.append(CellStatus(cell, "failed", detail, job))
+            elif queued is None and stale_running(cell.directory, summary):
+                detail = f"{STALE_NOTE}, last update {_age(cell.directory)} ago; rerun the sweep"
+                out.append(CellStatus(cell, "interrupted", detail, job))
             else:
                 where = f"job {job} {queued.lower()}, " if queued else ""
                 out.append(CellStatus(cell, "running", where + f"last update {_age(cell.directory)} ago", job))

@@ -179,8 +179,21 @@ def _versions() -> dict[str, str]:
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    # ru_maxrss is in KiB on Linux: the whole process's peak resident memory.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM (Linux) is the process's peak resident memory since the last reset (a sweep writes "5" to
+    # /proc/self/clear_refs before each in-process run); ru_maxrss is the peak since the process started.
+    peak = process_peak_rss_mb()
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def process_peak_rss_mb() -> float | None:
+    """This process's peak resident memory since the last reset (VmHWM, MiB), or None where unreadable."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii", errors="replace").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # the kernel reports kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _now() -> str:

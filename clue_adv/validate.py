@@ -59,7 +59,7 @@ class _Sources:
         defaults = DataConfig.model_fields
         task = data.get("task")
         return cls(
-            task if task in TASKS else None,
+            task if isinstance(task, str) and task in TASKS else None,
             text(d, "path"),
             text(d, "train_file", defaults["train_file"].default) or "train.json",
             text(d, "dev_file", defaults["dev_file"].default) or "dev.json",
@@ -93,6 +93,25 @@ def _path_problems(s: _Sources) -> list[str]:
     if positions is not None and s.max_length is not None and s.max_length > positions:
         problems.append(f"max_length: {s.max_length} exceeds the model's {positions} positions")
     return problems
+
+
+def _hub_position_check(s: _Sources) -> tuple[list[str], list[str]]:
+    """max_length against a hub model's positions, from the HF cache only (validate never uses the network).
+    Returns (problems, notes): a model whose config is not cached gets a note, so the gap is visible."""
+    if not s.model or looks_local(s.model) or s.max_length is None:
+        return [], []
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(s.model, local_files_only=True)
+    except OSError:
+        return [], [f"max_length not checked: {s.model}'s config is not in the local Hugging Face cache"]
+    except Exception as e:  # best effort: any failure means "not checked", never a crash
+        return [], [f"max_length not checked: {s.model}'s config could not be read ({type(e).__name__}: {e})"]
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and s.max_length > positions:
+        return [f"max_length: {s.max_length} exceeds the model's {positions} positions ({s.model})"], []
+    return [], []
 
 
 def _data_problems(s: _Sources) -> list[str]:
@@ -139,7 +158,28 @@ def _is_sweep(data: dict[str, Any]) -> bool:
     return bool(SWEEP_ONLY_FIELDS & set(data))
 
 
-def _validate_sweep(path: Path, merged: list[Path], overrides: list[str]) -> list[str]:
+def _raw_sweep_problems(path: Path, data: dict[str, Any]) -> list[str]:
+    """What can be checked from a sweep file's raw YAML when its schema fails (load_plan stops at the first
+    stage that fails): base files exist, the experiment name is usable. Messages match load_plan's, so
+    a problem both find is reported once."""
+    problems = []
+    base = data.get("base")
+    for name in [base] if isinstance(base, str) else base if isinstance(base, list) else []:
+        if isinstance(name, str) and not (path.parent / name).expanduser().is_file():
+            problems.append(
+                f"{path}: base: run config not found: {(path.parent / name).expanduser()} "
+                "(paths are relative to the sweep file's directory)"
+            )
+    experiment = data.get("experiment")
+    if experiment is not None:
+        try:
+            parse_config({"task": next(iter(TASKS)), "experiment": experiment})
+        except ClueAdvError as e:
+            problems += [p for p in e.problems if p.startswith("experiment")]
+    return problems
+
+
+def _validate_sweep(path: Path, merged: list[Path], overrides: list[str], notes: list[str] | None = None) -> list[str]:
     from clue_adv.sweep import load_plan
 
     if merged:
@@ -147,28 +187,41 @@ def _validate_sweep(path: Path, merged: list[Path], overrides: list[str]) -> lis
     try:
         plan = load_plan(path, overrides=overrides)
     except ClueAdvError as e:
-        return e.problems or [e.message]
-    # load_plan has checked every cell's schema and paths; the data contents remain, once per data source.
-    problems: list[str] = []
+        problems = e.problems or [e.message]
+        try:
+            raw = load_yaml(path)
+        except ClueAdvError:
+            return problems
+        return list(dict.fromkeys(problems + _raw_sweep_problems(path, raw)))
+    # load_plan has checked every cell's schema and paths; the data contents and hub models remain, once per
+    # source.
+    problems = []
     seen: set[_Sources] = set()
     for cell in plan.cells:
         sources = _Sources.of(cell.config)
         if sources not in seen:
             seen.add(sources)
-            problems += [f"{cell.config.experiment}/{cell.config.task}: {p}" for p in _data_problems(sources)]
+            where = f"{cell.config.experiment}/{cell.config.task}"
+            hub_problems, hub_notes = _hub_position_check(sources)
+            problems += [f"{where}: {p}" for p in hub_problems + _data_problems(sources)]
+            if notes is not None:
+                notes += [n for n in hub_notes if n not in notes]
     return list(dict.fromkeys(problems))
 
 
-def validate_file(path: Path | list[Path], overrides: list[str] | None = None) -> list[str]:
+def validate_file(
+    path: Path | list[Path], overrides: list[str] | None = None, notes: list[str] | None = None
+) -> list[str]:
     """Every problem of one config file, or of several merged, or of a sweep file and each of its cells
-    (empty list: valid). Schema problems do not hide path or data problems in the same file."""
+    (empty list: valid). Schema problems do not hide path or data problems in the same file. `notes`, when
+    given, receives what could not be checked (not problems: the file may still be valid)."""
     files = [Path(p) for p in (path if isinstance(path, list) else [path])]
     data: dict[str, Any] = {}
     try:
         for i, f in enumerate(files):
             loaded = load_yaml(f)
             if i == 0 and _is_sweep(loaded):
-                return _validate_sweep(f, files[1:], overrides or [])
+                return _validate_sweep(f, files[1:], overrides or [], notes)
             data = merge(data, loaded)
         for assignment in overrides or []:
             apply_override(data, assignment)
@@ -180,5 +233,7 @@ def validate_file(path: Path | list[Path], overrides: list[str] | None = None) -
     except ClueAdvError as e:
         sources = _Sources.raw(data)
         problems = e.problems or [e.message]
-    path_problems = _path_problems(sources)
-    return problems + path_problems + _data_problems(sources)
+    hub_problems, hub_notes = _hub_position_check(sources)
+    if notes is not None:
+        notes += hub_notes
+    return problems + _path_problems(sources) + hub_problems + _data_problems(sources)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from conftest import TOKENIZER_DIR, smoke_config, tnews_labels
 
@@ -63,3 +65,61 @@ def test_cls_head_has_no_pooler_and_classifies_the_cls_vector():
     hidden = model.bert(input_ids=ids).last_hidden_state
     expected = model.classifier(hidden[:, 0])
     assert torch.allclose(model(input_ids=ids).logits, expected, atol=1e-6)
+
+
+def _tiny_pretrained_dir(root: Path, safetensors: bool) -> Path:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=21128,
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=128,
+        num_labels=15,
+    )
+    model = BertForSequenceClassification(config)
+    if safetensors:
+        model.save_pretrained(root)
+    else:
+        # transformers 5 ignores safe_serialization=False, so write the legacy pickle the old way.
+        root.mkdir(parents=True)
+        config.save_pretrained(root)
+        torch.save(model.state_dict(), root / "pytorch_model.bin")
+    return root
+
+
+def test_a_pickle_only_model_directory_is_refused_without_unpickling(tmp_path, monkeypatch):
+    import torch
+
+    root = _tiny_pretrained_dir(tmp_path / "bin-only", safetensors=False)
+    unpickled = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: unpickled.append(a) or pytest.fail("torch.load was called"))
+    cfg = smoke_config(model__name_or_path=str(root), model__init="pretrained", model__architecture={})
+    with pytest.raises(ClueAdvError, match="safetensors weights .* are required, it holds only pytorch_model.bin") as e:
+        build_model(cfg, tnews_labels(), needs_double_backward=False)
+    assert str(root) in str(e.value) and "save_pretrained" in str(e.value)
+    assert unpickled == []
+
+
+def test_a_safetensors_model_directory_loads_its_weights(tmp_path):
+    import torch
+
+    root = _tiny_pretrained_dir(tmp_path / "safe", safetensors=True)
+    cfg = smoke_config(model__name_or_path=str(root), model__init="pretrained", model__architecture={})
+    model = build_model(cfg, tnews_labels(), needs_double_backward=False)
+    from safetensors.torch import load_file
+
+    weights = load_file(root / "model.safetensors")
+    name = "bert.embeddings.word_embeddings.weight"
+    assert torch.equal(model.state_dict()[name], weights[name])
+
+
+def test_offline_hint_names_a_download_and_a_path_that_works_anywhere():
+    with pytest.raises(ClueAdvError) as e:
+        build_tokenizer(ModelConfig(name_or_path="bert-base-chinese"))
+    message = str(e.value)
+    assert "point it at a local directory" in message and "*.safetensors" in message
+    assert "model.name_or_path=clue_adv/assets" not in message  # relative: only worked from the repo root
+    assert f"model.name_or_path={TOKENIZER_DIR.resolve()}" in message and "smoke" in message

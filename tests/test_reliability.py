@@ -74,6 +74,13 @@ def test_mutated_configs_validate_or_fail_with_exit_2(tmp_path_factory, data):
         assert "- " in result.output  # at least one named problem
 
 
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
+def test_unmutated_shipped_configs_validate(path):
+    """The fuzz test's starting points pass, so its mutations reach past the schema to the later checks."""
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+
+
 def test_non_finite_numbers_are_config_errors():
     from clue_adv.errors import ConfigError
 
@@ -85,6 +92,12 @@ def test_non_finite_numbers_are_config_errors():
 
 
 def test_a_local_run_opens_no_network_connection(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    # conftest makes every test offline; undo it so that the run has to go offline by itself.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)  # read at import: the variable alone is not enough
     attempts = []
 
     def refuse(*args, **kwargs):

@@ -317,3 +317,40 @@ def test_cells_a_sweep_planned_but_never_started_are_reported(results):
         "completed",
         "not started",
     }
+
+
+def test_cli_report_metric_chooses_the_printed_table(results):
+    best = runner.invoke(app, ["report", str(results / "hand"), "--no-plots"])
+    assert "Dev accuracy at the best epoch" in best.output and "54.00 ± 3.00 (n=3)" in best.output
+    final = runner.invoke(app, ["report", str(results / "hand"), "--no-plots", "--metric", "final"])
+    assert final.exit_code == 0, final.output
+    assert "Dev accuracy at the final epoch" in final.output and "53.00 ± 3.00 (n=3)" in final.output
+    assert "best epoch" not in final.output
+    as_json = runner.invoke(app, ["report", str(results / "hand"), "-f", "json", "--no-plots", "--metric", "final"])
+    assert json.loads(as_json.stdout)[0]["metric"] == "final_dev_accuracy"
+    md = (results / "hand" / "report.md").read_text(encoding="utf-8")
+    assert "at the best epoch" in md and "at the final epoch" in md  # report.md keeps both
+    bad = runner.invoke(app, ["report", str(results / "hand"), "--metric", "last"])
+    assert bad.exit_code == 2 and "--metric: 'last' is not one of best, final" in bad.output
+    assert "Traceback" not in bad.output
+
+
+def test_report_shows_a_running_run_whose_lock_is_free_and_old_as_interrupted(results):
+    import os
+    import time
+
+    from clue_adv.report import build_report
+    from clue_adv.rundir import LOCK_NAME
+
+    run = write_run(results, "hand", "tnews", {"name": "none"}, 9, 50)
+    atomic_write_json(run / "summary.json", {"status": "running"})
+    old = time.time() - 3600
+    os.utime(run / "summary.json", (old, old))
+    statuses = lambda: {r.seed: r.status for r in build_report(results / "hand", plots=False).runs if r.seed == 9}  # noqa: E731
+    assert statuses() == {9: "running"}  # no lock file: a version without locks, nothing to tell by
+    (run / LOCK_NAME).touch()  # a lock nothing holds: its process died
+    assert statuses() == {9: "interrupted"}
+    os.utime(run / "summary.json")  # written just now: perhaps alive on another node, still running
+    assert statuses() == {9: "running"}
+    out = runner.invoke(app, ["report", str(results / "hand"), "--no-plots"])
+    assert out.exit_code == 0 and "running" in out.output

@@ -356,6 +356,8 @@ def test_cpu_peak_memory_is_null_for_runs_that_share_the_sweeps_process(tmp_path
     from clue_adv.report import build_report, cost_rows
 
     monkeypatch.setattr(sweep_module, "_trained_in_this_process", False)  # as in a fresh `clue-adv sweep`
+    # A system that cannot reset the process's peak resident memory (not Linux, or a refusing kernel).
+    monkeypatch.setattr(sweep_module, "_PROC_CLEAR_REFS", tmp_path / "missing" / "clear_refs")
     path = write_sweep(tmp_path, {"seeds": [1], "strategies": [{"name": "none"}, {"name": "gaussian_noise"}]})
     result = run_sweep(load_plan(path), console=quiet())
     first, second = (read_summary(r.cell.directory) for r in result.results)
@@ -367,6 +369,34 @@ def test_cpu_peak_memory_is_null_for_runs_that_share_the_sweeps_process(tmp_path
     report = build_report(tmp_path / "out", plots=False)
     cost = {r[1]: r[-1] for r in cost_rows(report.tables[0])[1]}
     assert cost["none"] != "–" and cost["gaussian_noise"] == "–"
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc/self/clear_refs")
+def test_cpu_peak_memory_is_reset_between_runs_that_share_the_sweeps_process(tmp_path, monkeypatch):
+    import clue_adv.sweep as sweep_module
+    import clue_adv.train
+
+    if not sweep_module._reset_peak_rss():
+        pytest.skip("this kernel refuses to reset the peak resident memory")
+    monkeypatch.setattr(sweep_module, "_trained_in_this_process", False)
+    real_train, calls = clue_adv.train.train, []
+
+    def train_after_a_big_peak(cfg, *args, **kwargs):
+        calls.append(cfg.strategy.name)
+        if len(calls) == 1:  # the first run's peak is 400 MiB above anything the second run needs
+            block = bytearray(400 * 2**20)
+            block[::4096] = b"x" * len(block[::4096])  # touch every page, so it is resident
+            del block
+        return real_train(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(clue_adv.train, "train", train_after_a_big_peak)
+    path = write_sweep(tmp_path, {"seeds": [1], "strategies": [{"name": "none"}, {"name": "gaussian_noise"}]})
+    result = run_sweep(load_plan(path), console=quiet())
+    first, second = (read_summary(r.cell.directory) for r in result.results)
+    assert second["status"] == "completed" and "peak_memory_note" not in second
+    # Measured, and the second run's own: not the first run's peak, which stays in ru_maxrss.
+    assert second["peak_memory_mb"] is not None and second["peak_memory_mb"] < first["peak_memory_mb"] - 200
+    assert result.results[1].summary["peak_memory_mb"] == second["peak_memory_mb"]
 
 
 def test_submitit_local_executor_runs_the_grid(tmp_path):
@@ -540,6 +570,42 @@ def test_status_from_run_directories_and_the_queue(tmp_path, monkeypatch):
     statuses = sweep_module.sweep_status(load_plan(path))
     assert [s.status for s in statuses[4:6]] == ["not started", "failed"]
     assert "left the queue before starting" in statuses[4].detail
+
+
+def _age_run(directory: Path, seconds: float) -> None:
+    import os
+    import time
+
+    for name in ("metrics.jsonl", "summary.json"):
+        if (directory / name).is_file():
+            os.utime(directory / name, (time.time() - seconds, time.time() - seconds))
+
+
+def test_a_running_run_whose_process_died_shows_as_interrupted(tmp_path):
+    from clue_adv.report import build_report
+    from clue_adv.rundir import LOCK_NAME, release_run_lock
+
+    path = write_sweep(tmp_path, {"seeds": [1, 2, 3, 4], "strategies": [{"name": "none"}]})
+    cells = load_plan(path).cells
+    for cell in cells:
+        _fake_run(cell, "running")
+    _age_run(cells[0].directory, 3600)  # its process is alive (holds the lock), only quiet: still running
+    for cell in cells[1:]:
+        release_run_lock(cell.directory)  # as when its process dies: the kernel drops the lock
+    _age_run(cells[1].directory, 3600)  # died an hour ago: interrupted
+    # cells[2]: lock free but written just now (maybe a run on another node whose lock this one cannot see)
+    _age_run(cells[3].directory, 3600)
+    (cells[3].directory / LOCK_NAME).unlink()  # started by a version without locks: nothing to tell by
+    statuses = sweep_status(load_plan(path))
+    assert [s.status for s in statuses] == ["running", "interrupted", "running", "running"]
+    assert "lock is free" in statuses[1].detail and "ago; rerun the sweep" in statuses[1].detail
+    result = runner.invoke(app, ["sweep", "-c", str(path), "--status"])
+    assert result.exit_code == 0, result.output
+    assert "3 running" in result.output and "1 interrupted" in result.output
+    report = build_report(tmp_path / "out", plots=False)
+    assert {r.seed: r.status for r in report.runs} == {1: "running", 2: "interrupted", 3: "running", 4: "running"}
+    cell = report.tables[0].cell("tnews", "none")
+    assert cell.interrupted == [2] and cell.running == [1, 3, 4]
 
 
 def test_a_run_whose_job_is_still_queued_is_not_started_again(tmp_path, monkeypatch):

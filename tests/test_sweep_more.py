@@ -242,3 +242,33 @@ def test_mutated_sweeps_dry_run_or_fail_with_exit_2(tmp_path_factory, data):
     if result.exit_code == 2:
         assert result.output.strip(), "exit 2 without a message"
     assert not (folder / "out").exists()  # a dry run writes nothing
+
+
+def test_sweep_checks_the_data_contents_before_any_run_starts(tmp_path):
+    # Both tasks read the TNEWS sample: the IFLYTEK cells would find 15 labels where IFLYTEK has 119.
+    path = write_sweep(tmp_path, {"tasks": ["tnews", "iflytek"], "seeds": [1, 2]})
+    dry = runner.invoke(app, ["sweep", "-c", str(path), "--dry-run"])
+    assert dry.exit_code == 2, dry.output
+    assert "iflytek has 119 labels" in dry.output and "4 planned" in dry.output  # the plan, then the problem
+    assert (
+        "sw/iflytek/none/seed-1, sw/iflytek/none/seed-2" in dry.output
+        and "sw/tnews/" not in dry.output.split("error:")[-1]
+    )
+    result = runner.invoke(app, ["sweep", "-c", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "no run was started" in result.output and "iflytek has 119 labels" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()  # not even the TNEWS cells ran
+
+    # A malformed line in a copy of the sample: named, with its file, before anything runs.
+    data = tmp_path / "tnews"
+    data.mkdir()
+    for name in ("train.json", "labels.json"):
+        (data / name).write_bytes((ASSETS / "tnews" / name).read_bytes())
+    dev = (ASSETS / "tnews" / "dev.json").read_text(encoding="utf-8").splitlines()
+    (data / "dev.json").write_text("\n".join(["{not json", *dev[1:]]) + "\n", encoding="utf-8")
+    path = write_sweep(tmp_path, {"seeds": [1], "overrides": {**TINY_RUN, "data.path": str(data)}})
+    result = runner.invoke(app, ["sweep", "-c", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "dev.json" in result.output and "sw/tnews/none/seed-1" in result.output
+    assert not (tmp_path / "out").exists()

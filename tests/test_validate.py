@@ -116,3 +116,71 @@ def test_sweep_data_problems_are_reported_once(tmp_path):
     result = invoke(sweep)
     assert result.exit_code == 2, result.output
     assert result.output.count("no records (empty split)") == 1
+
+
+def hub_yaml(tmp_path: Path, max_length: int) -> Path:
+    f = tmp_path / "hub.yaml"
+    f.write_text(
+        f"task: tnews\ndata: {{path: {ASSETS / 'tnews'}}}\nmodel: {{name_or_path: bert-base-chinese}}\n"
+        f"max_length: {max_length}\n"
+    )
+    return f
+
+
+def fake_hub_config(monkeypatch: pytest.MonkeyPatch, positions: int | None) -> list[dict]:
+    """AutoConfig as the HF cache would answer: a config with `positions`, or (None) not cached."""
+    import transformers
+    from transformers import BertConfig
+
+    calls: list[dict] = []
+
+    def from_pretrained(name, **kwargs):
+        calls.append({"name": name, **kwargs})
+        if positions is None:
+            raise OSError(f"{name} is not in the cache and outgoing traffic has been disabled")
+        return BertConfig(max_position_embeddings=positions)
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
+    return calls
+
+
+def test_hub_model_max_length_is_checked_from_the_cache(tmp_path, monkeypatch):
+    from clue_adv.validate import validate_file
+
+    calls = fake_hub_config(monkeypatch, positions=512)
+    notes: list[str] = []
+    problems = validate_file(hub_yaml(tmp_path, 1024), notes=notes)
+    assert "max_length: 1024 exceeds the model's 512 positions (bert-base-chinese)" in problems
+    assert notes == [] and calls and all(c["local_files_only"] is True for c in calls)  # never the network
+    assert validate_file(hub_yaml(tmp_path, 512), notes=notes) == [] and notes == []
+
+
+def test_hub_model_not_in_the_cache_gets_a_note_not_an_error(tmp_path, monkeypatch):
+    from clue_adv.validate import validate_file
+
+    fake_hub_config(monkeypatch, positions=None)
+    notes: list[str] = []
+    assert validate_file(hub_yaml(tmp_path, 1024), notes=notes) == []
+    assert notes == ["max_length not checked: bert-base-chinese's config is not in the local Hugging Face cache"]
+    result = invoke(hub_yaml(tmp_path, 1024))
+    assert result.exit_code == 0 and "note: max_length not checked" in result.output  # shown, not an error
+
+
+def test_sweep_with_a_bad_schema_still_names_a_missing_base(tmp_path):
+    sweep = tmp_path / "bad.yaml"
+    sweep.write_text("base: nowhere.yaml\nexperiment: ../up\nseeds: lots\nstrategies: [{name: none}]\n")
+    result = invoke(sweep)
+    assert result.exit_code == 2, result.output
+    output = " ".join(result.output.split())
+    assert "seeds" in output
+    assert f"base: run config not found: {tmp_path / 'nowhere.yaml'}" in output
+    assert "experiment: Value error" in output
+    assert output.count("run config not found") == 1
+
+
+def test_a_task_of_the_wrong_type_is_a_problem_not_a_crash(tmp_path):
+    f = run_yaml(tmp_path, ASSETS / "tnews")
+    f.write_text(f.read_text().replace("task: tnews", "task: [1]"))
+    result = invoke(f)
+    assert result.exit_code == 2, result.output
+    assert "task" in result.output and result.exception is None or isinstance(result.exception, SystemExit)
