@@ -379,6 +379,10 @@ def predict(
     ] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Default: the run's eval size.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    allow_incomplete: Annotated[
+        bool,
+        typer.Option("--allow-incomplete", help="Predict with an interrupted/failed run's best model so far."),
+    ] = False,
 ) -> None:
     """Write the CLUE submission file (tnews_predict.json / iflytek_predict.json) for a test file."""
     from clue_adv.predict import predict as run_predict
@@ -387,7 +391,11 @@ def predict(
         err.print(f"[bold red]error:[/] --device: {device!r} is not one of auto, cpu, cuda")
         raise typer.Exit(2)
     try:
-        result = run_predict(run, test_file, output, batch_size=batch_size, device=device)
+        result = run_predict(
+            run, test_file, output, batch_size=batch_size, device=device, allow_incomplete=allow_incomplete
+        )
     except ClueAdvError as e:
         _fail(e)
+    for warning in result.warnings:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     err.print(f"{len(result.ids)} predictions written to {result.path}", highlight=False)

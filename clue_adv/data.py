@@ -47,7 +47,7 @@ class TaskData:
     labels: LabelSet
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) for each non-empty line. Lines end at '\\n' only: IFLYTEK sentences contain
     U+2028, which str.splitlines() would treat as a line break."""
     if not path.is_file():
@@ -77,7 +77,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def read_labels(path: Path) -> LabelSet:
     ids, descriptions = [], []
-    for lineno, record in _jsonl_records(path):
+    for lineno, record in jsonl_records(path):
         if "label" not in record:
             raise DataError(f"{path}:{lineno}: label record has no 'label' field")
         ids.append(str(record["label"]))
@@ -101,7 +101,7 @@ def read_split(path: Path, labels: LabelSet | None, limit: int | None = None) ->
     With `labels=None` (an unlabelled test file) `label` is -1."""
     index = labels.index() if labels is not None else {}
     columns: dict[str, list[Any]] = {"sentence": [], "label": [], "id": []}
-    for lineno, record in _jsonl_records(path):
+    for lineno, record in jsonl_records(path):
         if limit is not None and len(columns["sentence"]) >= limit:
             break
         if not isinstance(record.get("sentence"), str):

@@ -20,6 +20,7 @@ class Predictions:
     ids: list[Any]
     labels: list[str]
     path: Path
+    warnings: list[str]
 
 
 def _load(run: Path) -> tuple[Any, Any, Any, list[str]]:
@@ -60,6 +61,43 @@ def _load(run: Path) -> tuple[Any, Any, Any, list[str]]:
     return cfg, model, tokenizer, labels
 
 
+TASKS = ("tnews", "iflytek")
+
+
+def _check_run_status(run: Path, allow_incomplete: bool) -> None:
+    """A submission comes from a completed run: an interrupted or failed one saved only its best model so far."""
+    status = (read_summary(run) or {}).get("status", "unknown")
+    if status != "completed" and not allow_incomplete:
+        raise ClueAdvError(
+            f"{run}: run status is {status!r}, not 'completed'; its saved model is the best one before it stopped. "
+            "Finish the run (rerun its train command), or pass --allow-incomplete to predict with it anyway"
+        )
+
+
+def _task_warnings(task: str, test_file: Path, output: Path) -> list[str]:
+    """Refuse a submission named for the other task; warn when the test file looks like the other task's.
+    TNEWS records carry a `keywords` field and IFLYTEK's never do: the one cheap sign of a swapped file."""
+    other = [t for t in TASKS if t != task]
+    if output.name in {f"{t}_predict.json" for t in other}:
+        raise ClueAdvError(
+            f"--output {output}: this run is {task}; CLUE expects its predictions in {task}_predict.json"
+        )
+    from clue_adv.data import jsonl_records
+
+    with_keywords = [("keywords" in record) for _, record in jsonl_records(test_file)]
+    looks_like = None
+    if with_keywords and all(with_keywords):
+        looks_like = "tnews"
+    elif with_keywords and not any(with_keywords):
+        looks_like = "iflytek"
+    if task in TASKS and looks_like is not None and looks_like != task:
+        return [
+            f"{test_file}: its records look like {looks_like} test data "
+            f"({'every' if looks_like == 'tnews' else 'no'} record has TNEWS's 'keywords' field), but the run is {task}"
+        ]
+    return []
+
+
 def predict(
     run: str | Path,
     test_file: str | Path,
@@ -67,9 +105,10 @@ def predict(
     *,
     batch_size: int | None = None,
     device: str = "auto",
+    allow_incomplete: bool = False,
 ) -> Predictions:
     """Label every record of `test_file` with the run's best-dev model and write the submission file
-    (default: <run>/<task>_predict.json)."""
+    (default: <run>/<task>_predict.json). The run must be completed unless `allow_incomplete`."""
     import torch
 
     from clue_adv.data import read_split
@@ -77,6 +116,9 @@ def predict(
 
     run = Path(run)
     cfg, model, tokenizer, labels = _load(run)
+    _check_run_status(run, allow_incomplete)
+    out = Path(output) if output is not None else run / f"{cfg.task}_predict.json"
+    warnings = _task_warnings(cfg.task, Path(test_file), out)
     configure_environment(cfg)
     records = read_split(Path(test_file), labels=None)
     if device == "auto":
@@ -98,8 +140,7 @@ def predict(
         for batch in loader:
             batch = {k: v.to(torch_device) for k, v in batch.items()}
             predicted += model(**batch).logits.argmax(-1).tolist()
-    out = Path(output) if output is not None else run / f"{cfg.task}_predict.json"
     strings = [labels[i] for i in predicted]
     lines = [json.dumps({"id": i, "label": s}, ensure_ascii=False) for i, s in zip(records["id"], strings, strict=True)]
     atomic_write_text(out, "\n".join(lines) + "\n")
-    return Predictions(records["id"], strings, out)
+    return Predictions(records["id"], strings, out, warnings)

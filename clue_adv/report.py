@@ -64,6 +64,18 @@ STUDY_PARAMS: dict[str, dict[str, Any]] = {
     },
     "gradient_penalty": {"epsilon": 1.0, "mode": "exact", "target": "embedding_output"},
 }
+# The study's training protocol (configs/*/study-*.yaml, from its bert4keras scripts): its figures are the best dev
+# epoch of 50 under these settings, so a run under another protocol (e.g. CLUE's 3 epochs) gets no study figure.
+STUDY_PROTOCOL: dict[str, Any] = {
+    "model.head": "cls",
+    "epochs": 50,
+    "max_length": 128,
+    "batch_size": 32,
+    "optim.lr": 2e-5,
+    "optim.weight_decay": 0.0,
+    "optim.schedule": "constant",
+    "optim.warmup_ratio": 0.0,
+}
 CLUE_DEV_BERT_BASE = {"iflytek": 60.37, "tnews": 56.09}  # CLUE's published dev scores, BERT-base
 CLUE_TEST_BERT_BASE = {"iflytek": 60.29, "tnews": 56.58}  # CLUE leaderboard test scores, BERT-base
 
@@ -261,11 +273,30 @@ def _is_bundled_sample(path: Any) -> bool:
     return resolved.is_relative_to(ASSETS.resolve())
 
 
+def _config_value(config: dict[str, Any], dotted: str) -> Any:
+    """A run's value for a dotted field; one its config.yaml lacks (written before the field existed) reads as
+    the field's current default."""
+    from clue_adv.config import parse_config
+
+    node: Any = config
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            node = parse_config({"task": config.get("task", "tnews")}).resolved()
+            for k in dotted.split("."):
+                node = node[k]
+            return node
+        node = node[key]
+    return node
+
+
 def _matches_study_setting(runs: Iterable[RunRecord]) -> bool:
-    """BERT-base (bert-base-chinese, pretrained) on the full data: the setting of the study's numbers."""
+    """BERT-base (bert-base-chinese, pretrained) on the full data under the study's protocol: the setting of the
+    study's numbers."""
     for r in runs:
         model = r.config.get("model", {})
         data = r.config.get("data", {})
+        if any(_config_value(r.config, key) != value for key, value in STUDY_PROTOCOL.items()):
+            return False
         name = str(model.get("name_or_path", "")).rstrip("/").rsplit("/", 1)[-1]
         if name != "bert-base-chinese" or model.get("init") != "pretrained":
             return False
@@ -427,7 +458,7 @@ def table_rows(table: ExperimentTable, metric: str) -> tuple[list[str], list[lis
         header.append(name)
         if table.baseline is not None:
             header.append(f"{name} Δ vs {table.baseline} [95% CI]")
-        if table.has_reference:
+        if table.has_reference and metric == "best":  # the study's figures are best-epoch ones
             header.append(f"{name} study (1 run, BERT-base)")
     rows = []
     for tag in table.tags:
@@ -437,7 +468,7 @@ def table_rows(table: ExperimentTable, metric: str) -> tuple[list[str], list[lis
             row.append(accuracy_text(cell, metric))
             if table.baseline is not None:
                 row.append(delta_text(cell, metric, table.baseline))
-            if table.has_reference:
+            if table.has_reference and metric == "best":
                 row.append(f"{cell.reference:.2f}" if cell is not None and cell.reference is not None else "")
         rows.append(row)
     return header, rows
@@ -470,12 +501,31 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "{": r"\{",
+    "}": r"\}",
+    "$": r"\$",
+    "&": r"\&",
+    "#": r"\#",
+    "%": r"\%",
+    "_": r"\_",
+    "^": r"\textasciicircum{}",
+    "~": r"\textasciitilde{}",
+    "±": r"$\pm$",
+    "Δ": r"$\Delta$",
+    "ε": r"$\varepsilon$",
+    "σ": r"$\sigma$",
+    "α": r"$\alpha$",
+    "–": "--",
+    "<": r"$<$",
+    ">": r"$>$",
+}
+
+
 def _latex_escape(s: str) -> str:
-    for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#")):
-        s = s.replace(a, b)
-    for a, b in (("±", r"$\pm$"), ("Δ", r"$\Delta$"), ("ε", r"$\varepsilon$"), ("–", "--"), ("<", r"$<$")):
-        s = s.replace(a, b)
-    return s
+    """One pass over the characters, so a replacement's own braces or backslashes are never escaped again."""
+    return "".join(_LATEX_SPECIAL.get(c, c) for c in s)
 
 
 def _latex(header: list[str], rows: list[list[str]], caption: str) -> str:
@@ -539,7 +589,7 @@ def table_json(table: ExperimentTable, metric: str) -> dict[str, Any]:
                     "p_holm": _finite(cell.p_holm.get(metric, math.nan)),
                     "n_pairs": test.n,
                 }
-            if cell.reference is not None:
+            if cell.reference is not None and metric == "best":
                 row["study_reference"] = cell.reference
             rows.append(row)
     return {
@@ -577,7 +627,8 @@ def rich_table(table: ExperimentTable, metric: str = "best") -> Any:
     from rich.table import Table
 
     caption = method_note(table, metric)
-    if table.has_reference:
+    reference = table.has_reference and metric == "best"
+    if reference:
         caption += " study: the study's published figure (one run, BERT-base)."
     out = Table(
         title=f"{table.experiment}: {METRICS[metric][1]}", caption=caption, caption_justify="left", show_lines=True
@@ -593,7 +644,7 @@ def rich_table(table: ExperimentTable, metric: str = "best") -> Any:
             delta = delta_text(cell, metric, table.baseline)
             if delta and delta != "baseline":
                 lines.append(f"Δ {delta}")
-            if cell is not None and cell.reference is not None:
+            if reference and cell is not None and cell.reference is not None:
                 lines.append(f"study: {cell.reference:.2f}")
             row.append("\n".join(lines))
         out.add_row(*row)
@@ -759,12 +810,13 @@ def reference_section(tables: list[ExperimentTable]) -> str:
     matched = [t.experiment for t in tables if t.has_reference]
     where = (
         f"Experiment(s) {', '.join(f'`{m}`' for m in matched)} match that setting (pretrained bert-base-chinese, "
-        "full data), so their tables carry a study column, filled only for runs of the study's exact variant "
-        "(FGM: ε = 0.5, L2, embedding matrix, adversarial loss only; gradient penalty: ε = 1, exact, embedding "
-        "output)."
+        "full data, the study's protocol of configs/*/study-*.yaml), so their best-epoch tables carry a study "
+        "column, filled only for runs of the study's exact variant (FGM: ε = 0.5, L2, embedding matrix, "
+        "adversarial loss only; gradient penalty: ε = 1, exact, embedding output)."
         if matched
-        else "None of these runs matches that setting (pretrained bert-base-chinese on the full data), so the "
-        "tables have no study column."
+        else "None of these runs matches that setting (pretrained bert-base-chinese on the full data under the "
+        "study's protocol of configs/*/study-*.yaml: [CLS] head, 50 epochs, constant lr 2e-5, no weight decay), "
+        "so the tables have no study column."
     )
     return "## Published reference\n\n" + _markdown(header, rows) + "\n" + REFERENCE_NOTE + " " + where + "\n"
 

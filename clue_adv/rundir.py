@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from clue_adv.config import RunConfig, dump_config
+from clue_adv.config import RunConfig, dump_config, parse_config
 from clue_adv.errors import ClueAdvError, ConfigError
 from clue_adv.schema import StrictModel
 
@@ -118,6 +118,27 @@ def identity(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in _NOT_IDENTITY}
 
 
+def stored_identity(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored config.yaml's identity as the current schema reads it: a field added since (at its default)
+    is filled in, so a run made before an upgrade still matches its unchanged config and is resumed."""
+    try:
+        return identity(parse_config(stored).resolved())
+    except ClueAdvError:  # a field since removed or renamed: compared as written (and so it differs)
+        return identity(stored)
+
+
+def differing_fields(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields whose values differ between two config dicts (`model.compile`, not `model`)."""
+    out: list[str] = []
+    for key in sorted(set(a) | set(b), key=str):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += differing_fields(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(f"{prefix}{key}")
+    return out
+
+
 def read_summary(directory: Path) -> dict[str, Any] | None:
     path = directory / "summary.json"
     if not path.is_file():
@@ -145,8 +166,10 @@ def existing_state(cfg: RunConfig, directory: Path) -> str:
     stored = read_config(directory)
     if stored is None:
         return "absent"
-    if identity(stored) != identity(cfg.resolved()):
-        changed = sorted(k for k in set(stored) | set(cfg.resolved()) if stored.get(k) != cfg.resolved().get(k))
+    ours = identity(cfg.resolved())
+    theirs = stored_identity(stored)
+    if theirs != ours:
+        changed = differing_fields(theirs, ours)
         raise ConfigError(
             f"{directory} holds a run with a different config (differs in: {', '.join(changed)}); "
             "choose another experiment name or output directory, or delete that run"

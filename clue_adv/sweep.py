@@ -79,6 +79,7 @@ from clue_adv.rundir import (
     read_summary,
     run_dir,
     run_lock_held,
+    stored_identity,
 )
 from clue_adv.schema import StrictModel
 
@@ -670,7 +671,7 @@ def record_setup_failure(cell: Cell, error: str, before: int | None = None) -> d
     if run_lock_held(directory):  # another process is training there (e.g. refused by its lock): not ours to mark
         return None
     stored = read_config(directory)
-    if stored is not None and identity(stored) != identity(cell.config.resolved()):
+    if stored is not None and stored_identity(stored) != identity(cell.config.resolved()):
         return None
     summary = {
         "status": "failed",

@@ -57,8 +57,9 @@ def test_predictions_reproduce_the_runs_dev_accuracy(saved_run, tmp_path):
 
 
 def test_cli_predict_on_the_bundled_iflytek_test_file_format(saved_run, tmp_path):
-    # The bundled IFLYTEK test file (real CLUE ids, unlabelled, long texts): format and order only.
-    out = tmp_path / "iflytek_predict.json"
+    # The bundled IFLYTEK test file (real CLUE ids, unlabelled, long texts) through a TNEWS model: format and
+    # order only. The file is recognisably IFLYTEK's (no record has TNEWS's keywords), which predict warns about.
+    out = tmp_path / "submission.json"
     result = runner.invoke(
         app,
         [
@@ -71,6 +72,7 @@ def test_cli_predict_on_the_bundled_iflytek_test_file_format(saved_run, tmp_path
         ],
     )
     assert result.exit_code == 0, result.output
+    assert "look like iflytek test data" in " ".join(result.output.split()), result.output
     ids = [json.loads(line)["id"] for line in (ASSETS / "iflytek" / "test.json").open(encoding="utf-8", newline="\n")]
     got = [json.loads(line) for line in out.read_text(encoding="utf-8").split("\n") if line]
     assert [r["id"] for r in got] == ids and len(got) == 200
@@ -82,6 +84,32 @@ def test_a_run_without_a_saved_model_is_a_clear_error(tmp_path):
         predict(run.directory, ASSETS / "iflytek" / "test.json")
     result = runner.invoke(app, ["predict", str(tmp_path), "--test-file", str(ASSETS / "iflytek" / "test.json")])
     assert result.exit_code == 2 and "not a run directory" in result.output
+
+
+def test_only_a_completed_run_predicts_unless_allowed(saved_run, tmp_path):
+    """An interrupted run's saved model is its best before it stopped: refused, unless --allow-incomplete."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(saved_run.directory, run)
+    (run / "tnews_predict.json").unlink(missing_ok=True)  # an earlier test's submission
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    test_file = ASSETS / "tnews" / "dev.json"
+    result = runner.invoke(app, ["predict", str(run), "--test-file", str(test_file)])
+    assert result.exit_code == 2 and "'interrupted'" in result.output and "--allow-incomplete" in result.output
+    assert not (run / "tnews_predict.json").exists()
+    result = runner.invoke(app, ["predict", str(run), "--test-file", str(test_file), "--allow-incomplete"])
+    assert result.exit_code == 0, result.output
+    assert (run / "tnews_predict.json").is_file() and "warning" not in result.output
+
+
+def test_a_submission_named_for_the_other_task_is_refused(saved_run, tmp_path):
+    out = tmp_path / "iflytek_predict.json"
+    result = runner.invoke(
+        app, ["predict", str(saved_run.directory), "-t", str(ASSETS / "tnews" / "dev.json"), "--output", str(out)]
+    )
+    assert result.exit_code == 2 and "tnews_predict.json" in result.output and not out.exists()
 
 
 def test_a_pickled_checkpoint_is_never_loaded(saved_run, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from clue_adv.cli import app
-from clue_adv.config import dump_config, parse_config
+from clue_adv.config import dump_config, merge, parse_config
 from clue_adv.data import ASSETS
 from clue_adv.report import build_report, render
 from clue_adv.rundir import atomic_write_json, atomic_write_text, run_dir, strategy_tag
@@ -33,8 +33,17 @@ STEP_TIME = {"none": 0.1, "fgm": 0.2, "gradient_penalty": 0.3}
 STUDY_FGM = {"name": "fgm", "epsilon": 0.5, "target": "embedding_matrix", "combine": "adversarial_only"}
 
 
+# The study's protocol (configs/*/study-*.yaml); runs here use it unless a test overrides it.
+STUDY_PROTOCOL = {
+    "model": {"head": "cls"},
+    "epochs": 50,
+    "optim": {"lr": 2e-5, "weight_decay": 0.0, "eps": 1e-6, "schedule": "constant", "warmup_ratio": 0.0},
+}
+
+
 def write_run(root: Path, experiment: str, task: str, strategy: dict, seed: int, best: float | None, **config) -> Path:
-    cfg = parse_config({"experiment": experiment, "task": task, "seed": seed, "strategy": strategy, **config})
+    fields = {"experiment": experiment, "task": task, "seed": seed, "strategy": strategy, **config}
+    cfg = parse_config(merge(STUDY_PROTOCOL, fields))
     directory = run_dir(cfg, root)
     atomic_write_text(directory / "config.yaml", dump_config(cfg))
     if best is None:
@@ -156,6 +165,31 @@ def test_no_study_column_without_the_full_data(tmp_path, data):
     write_run(tmp_path, "x", "tnews", {"name": "none"}, 1, 50, data=data)
     write_run(tmp_path, "x", "tnews", STUDY_FGM, 1, 51, data=data)
     assert set(_references(tmp_path, "x").values()) == {None}
+
+
+@pytest.mark.parametrize(
+    "protocol",
+    [
+        {"model": {"head": "pooler"}},
+        {"epochs": 3},
+        {"optim": {"schedule": "linear", "warmup_ratio": 0.1}},
+        {"optim": {"weight_decay": 0.01}},
+        {"max_length": 64},
+    ],
+)
+def test_no_study_column_under_another_training_protocol(tmp_path, protocol):
+    """The study's figures are best-of-50-epochs under its own settings: a CLUE-protocol run gets none."""
+    write_run(tmp_path, "x", "tnews", {"name": "none"}, 1, 50, **protocol)
+    write_run(tmp_path, "x", "tnews", STUDY_FGM, 1, 51, **protocol)
+    assert set(_references(tmp_path, "x").values()) == {None}
+
+
+def test_study_column_only_in_the_best_epoch_table(results):
+    hand = next(t for t in build_report(results, plots=False).tables if t.experiment == "hand")
+    assert "56.58" in render([hand], "md", metric="best") and "study" in render([hand], "md", metric="best")
+    final = render([hand], "md", metric="final")
+    assert "study" not in final and "56.58" not in final
+    assert all("study_reference" not in row for row in json.loads(render([hand], "json", metric="final"))[0]["rows"])
 
 
 def test_study_column_with_full_data_from_a_local_directory(tmp_path):
@@ -354,3 +388,11 @@ def test_report_shows_a_running_run_whose_lock_is_free_and_old_as_interrupted(re
     assert statuses() == {9: "running"}
     out = runner.invoke(app, ["report", str(results / "hand"), "--no-plots"])
     assert out.exit_code == 0 and "running" in out.output
+
+
+def test_latex_escapes_every_special_character_once():
+    from clue_adv.report import _latex_escape
+
+    assert _latex_escape(r"a_b {x} $5 & #1 100% ^ ~ \ ±") == (
+        r"a\_b \{x\} \$5 \& \#1 100\% \textasciicircum{} \textasciitilde{} \textbackslash{} $\pm$"
+    )

@@ -657,3 +657,19 @@ def test_a_job_that_leaves_the_queue_without_a_result_is_a_failed_run(tmp_path, 
     summary = read_summary(cell.directory)
     assert summary["status"] == "failed" and summary["error"] == r.error  # the next sweep reruns it
     assert load_plan(path).cells[0].state == "failed"
+
+
+def test_progress_bars_on_a_terminal_nest_a_runs_bar_inside_the_sweeps(tmp_path):
+    """On a terminal a one-job sweep shows its own bar with each run's bar inside it (a second live display:
+    rich < 14.1 raised LiveError for every run here, which the plain-text path never exercised)."""
+    import io
+
+    path = write_sweep(tmp_path, {"strategies": [{"name": "none"}], "seeds": 2})
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=160)
+    result = run_sweep(load_plan(path), console=console, show_progress=True)
+    assert result.exit_code == 0, [r.error for r in result.results]
+    assert [r.status for r in result.results] == ["completed", "completed"]
+    text = screen.getvalue()
+    assert "\x1b[" in text  # drawn as a live terminal display, not the plain lines
+    assert "ep 1/" in text  # a run's bar (its info column) was drawn inside the sweep's display

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import yaml
 from conftest import smoke_config
 
 from clue_adv.errors import ConfigError, RunFailed
@@ -77,10 +78,20 @@ def test_completed_run_is_skipped_and_a_changed_config_refused(tmp_path):
     first = train(smoke_config(), tmp_path, show_progress=False)
     again = train(smoke_config(), tmp_path, show_progress=False)
     assert again.skipped and again.summary == first.summary
-    with pytest.raises(ConfigError, match=r"different config \(differs in: optim\)"):
+    with pytest.raises(ConfigError, match=r"different config \(differs in: optim\.lr\);"):
         train(smoke_config(optim={"lr": 5e-4}), tmp_path, show_progress=False)
     forced = train(smoke_config(), tmp_path, force=True, show_progress=False)
     assert not forced.skipped and forced.summary["started_at"] >= first.summary["started_at"]
+
+    # A run made before a field existed (its config.yaml lacks model.compile, now at its default) is the same run
+    # after the upgrade: skipped, not refused; a real difference in that field is still named exactly.
+    stored = forced.directory / "config.yaml"
+    old = yaml.safe_load(stored.read_text())
+    del old["model"]["compile"]
+    stored.write_text(yaml.safe_dump(old))
+    assert train(smoke_config(), tmp_path, show_progress=False).skipped
+    with pytest.raises(ConfigError, match=r"differs in: model\.compile\);"):
+        train(smoke_config(model__compile=True), tmp_path, show_progress=False)
 
 
 def _fail_at(step_to_fail: int, exc):
