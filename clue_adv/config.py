@@ -136,7 +136,12 @@ class OptimConfig(StrictModel):
     betas: tuple[float, float] = Field(
         (0.9, 0.999), description="Adam betas. (0.9, 0.999), Adam's defaults (Kingma & Ba), which BERT also uses."
     )
-    eps: float = Field(1e-8, gt=0, description="Adam epsilon (the study's bert4keras code: 1e-6).")
+    eps: float = Field(
+        1e-6,
+        gt=0,
+        description="Adam epsilon. 1e-6, BERT's fine-tuning optimizer (Google's run_classifier, which CLUE's "
+        "baselines use) and the study's bert4keras code; torch's own default is 1e-8.",
+    )
     schedule: Literal["linear", "constant"] = Field(
         "linear", description="`linear`: warmup then linear decay to 0 (CLUE baseline); `constant`: after warmup."
     )
