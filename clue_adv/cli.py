@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -112,18 +112,35 @@ def validate(
 def strategies(
     name: Annotated[str | None, typer.Argument(help="Show one strategy's parameters in full.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="With NAME: cost it with these settings, e.g. --set mode=finite_difference."),
+    ] = None,
 ) -> None:
     """List every strategy with its parameters, defaults and cost per training step."""
-    from clue_adv.regularizers import describe_strategies
+    from clue_adv.regularizers import describe_strategies, registry
 
-    rows = describe_strategies()
+    if name is not None and name not in registry():
+        err.print(f"[bold red]error:[/] unknown strategy {name!r}; valid: {', '.join(registry())}")
+        raise typer.Exit(2)
+    if set_ and name is None:
+        err.print("[bold red]error:[/] --set needs a strategy NAME (e.g. clue-adv strategies pgd --set steps=5)")
+        raise typer.Exit(2)
+    configs = {}
+    if set_:
+        from clue_adv.config import apply_override, parse_config
+
+        data: dict[str, Any] = {"task": "tnews", "strategy": {"name": name}}
+        try:
+            for assignment in set_:
+                # `steps=5` and `strategy.steps=5` both name the strategy's field
+                apply_override(data, assignment if assignment.startswith("strategy.") else f"strategy.{assignment}")
+            configs[name] = parse_config(data, source="--set").strategy
+        except ClueAdvError as e:
+            _fail(e)
+    rows = describe_strategies(configs)
     if name is not None:
         rows = [r for r in rows if r["name"] == name]
-        if not rows:
-            from clue_adv.regularizers import registry
-
-            err.print(f"[bold red]error:[/] unknown strategy {name!r}; valid: {', '.join(registry())}")
-            raise typer.Exit(2)
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
         return
@@ -138,9 +155,11 @@ def strategies(
             cost += f" on {k}×B examples (= {r['forward'] * k} forward, {r['backward'] * k} backward at batch B)"
         note = f" ({r['note']})" if r["note"] else ""
         out.print(f"cost per step: {cost}{note}", highlight=False)
-        table = Table("parameter", "default", "description", show_lines=True)
+        changed = any(p["value"] != p["default"] for p in r["parameters"].values())
+        table = Table("parameter", *(["value"] if changed else []), "default", "description", show_lines=True)
         for key, p in r["parameters"].items():
-            table.add_row(key, repr(p["default"]), p["description"] or "")
+            value = [repr(p["value"])] if changed else []
+            table.add_row(key, *value, repr(p["default"]), p["description"] or "")
         out.print(table)
         return
     table = Table(title="strategies: cost per training step (`clue-adv strategies NAME` for details)")
@@ -156,6 +175,11 @@ def strategies(
     out.print(table)
     if any(r["note"] for r in rows):
         out.print("* " + "; ".join(f"{r['name']}: {r['note']}" for r in rows if r["note"]), highlight=False)
+    out.print(
+        "Costs are for the defaults; they depend on settings (e.g. gradient_penalty's mode, PGD's steps): "
+        "`clue-adv strategies NAME --set FIELD=VALUE` costs a variant.",
+        highlight=False,
+    )
 
 
 def main() -> None:  # pragma: no cover - console-script shim

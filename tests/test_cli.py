@@ -108,6 +108,22 @@ def test_strategies_lists_names_costs_and_parameters():
     assert invoke("strategies", "nope").exit_code == 2
 
 
+def test_strategies_costs_a_variant_given_with_set():
+    """The finite-difference gradient penalty's selling point is no double backward: the cost must show it."""
+    exact = json.loads(invoke("strategies", "gradient_penalty", "--json").output)[0]
+    assert (exact["forward"], exact["backward"], exact["double_backward"]) == (1, 2, True)
+    fd = json.loads(invoke("strategies", "gradient_penalty", "--set", "mode=finite_difference", "--json").output)[0]
+    assert (fd["forward"], fd["backward"], fd["double_backward"]) == (2, 2, False)
+    assert fd["parameters"]["mode"] == {**exact["parameters"]["mode"], "value": "finite_difference"}
+    pgd = json.loads(invoke("strategies", "pgd", "-s", "strategy.steps=5", "-s", "random_start=true", "--json").output)
+    assert (pgd[0]["forward"], pgd[0]["backward"]) == (7, 7)
+    text = invoke("strategies", "pgd", "--set", "steps=5").output
+    assert "value" in text and "6 forward, 6 backward" in text
+    bad = invoke("strategies", "pgd", "--set", "stepz=5")
+    assert bad.exit_code == 2 and "strategy.stepz: unknown field (did you mean 'steps'?)" in bad.output
+    assert invoke("strategies", "--set", "steps=5").exit_code == 2
+
+
 def test_console_script_bad_config_exits_2_without_traceback(tmp_path):
     # CliRunner catches exceptions itself: only a real process shows whether a traceback would reach the user.
     import subprocess

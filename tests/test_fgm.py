@@ -178,3 +178,21 @@ def test_parameter_without_gradient_does_not_crash(batch, combine):
     result = FGM(FGMConfig(combine=combine)).training_step(make_ctx(model, batch))
     assert torch.isfinite(result.loss)
     assert model.unused.weight.grad is None
+
+
+def test_special_token_share_is_the_share_of_the_perturbation_on_cls_and_sep(batch):
+    """The logged special-token share (REGULARIZERS.md asks runs to log it): for FGM on the embedding matrix r ∝ ∇_E L
+    on the rows the batch uses, so the share is Σ‖∇_E L[i]‖² over [CLS]/[SEP] rows / Σ over used rows, by hand."""
+    model = tiny_bert(dropout=0.0)
+    model.zero_grad(set_to_none=True)
+    ctx = make_ctx(model, batch)
+    ctx.loss(ctx.forward(ctx.embed())).backward()
+    grad_rows = model.get_input_embeddings().weight.grad.pow(2).sum(1)
+    used = batch.input_ids[batch.attention_mask.bool()].unique()
+    special = used[torch.isin(used, torch.tensor([101, 102]))]  # the batch's special tokens: [CLS] and [SEP]
+    assert len(special) == 2
+    expected = float(grad_rows[special].sum() / grad_rows[used].sum())
+    model.zero_grad(set_to_none=True)
+    result = FGM(FGMConfig(epsilon=0.5, target="embedding_matrix")).training_step(make_ctx(model, batch))
+    assert 0 < expected < 1
+    assert result.metrics["special_token_share"] == pytest.approx(expected, rel=1e-4)

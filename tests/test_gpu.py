@@ -9,7 +9,7 @@ import torch
 from conftest import make_ctx, smoke_config, tiny_bert
 
 from clue_adv.errors import ConfigError
-from clue_adv.regularizers import build_strategy
+from clue_adv.regularizers import build_strategy, registry
 from clue_adv.regularizers.base import Batch
 from clue_adv.regularizers.fgm import FGMConfig
 from clue_adv.regularizers.gradient_penalty import GradientPenaltyConfig
@@ -39,15 +39,19 @@ def _bf16_ctx(model, batch):
     return make_ctx(model, batch, autocast=lambda: torch.autocast("cuda", dtype=torch.bfloat16))
 
 
-@pytest.mark.parametrize(
-    "config",
-    [FGMConfig(epsilon=0.05, epsilon_unit="relative"), GradientPenaltyConfig()],
-    ids=["fgm", "gradient_penalty"],
-)
+CONFIGS = [
+    FGMConfig(epsilon=0.05, epsilon_unit="relative"),
+    GradientPenaltyConfig(),
+    GradientPenaltyConfig(mode="finite_difference"),  # no double backward: runs on fused SDPA
+    *(c.config_class() for name, c in registry().items() if name not in ("fgm", "gradient_penalty")),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.name}-{getattr(c, 'mode', '')}".rstrip("-"))
 def test_bf16_autocast_step_on_cuda_is_finite_with_fp32_grads(config, cuda_batch):
     strategy = build_strategy(config)
-    # eager: gradient_penalty differentiates a gradient, which fused SDPA kernels cannot
-    model = tiny_bert(attn="eager").cuda()
+    # eager only where needed: a double backward differentiates a gradient, which fused SDPA kernels cannot
+    model = tiny_bert(attn="eager" if strategy.cost().double_backward else "sdpa").cuda()
     strategy.setup(model)
     model.zero_grad(set_to_none=True)
     result = strategy.training_step(_bf16_ctx(model, cuda_batch))
@@ -77,8 +81,9 @@ def test_auto_attention_runs_a_double_backward_strategy_on_cuda(tmp_path):
     assert all(math.isfinite(h["loss"]) for h in outcome.summary["dev_history"])
 
 
-def test_same_dropout_repeats_the_masks_on_cuda(cuda_batch):
-    model = tiny_bert(dropout=0.3, attn="eager").cuda().train()
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])  # the finite-difference penalty replays masks under SDPA
+def test_same_dropout_repeats_the_masks_on_cuda(cuda_batch, attn):
+    model = tiny_bert(dropout=0.3, attn=attn).cuda().train()
     ctx = make_ctx(model, cuda_batch)
     torch.manual_seed(0)
     with same_dropout(ctx):

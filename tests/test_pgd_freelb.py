@@ -70,6 +70,56 @@ def test_pgd_random_start_costs_one_more_pass(batch):
     assert (ctx.counter.forward, ctx.counter.backward) == (cost.forward, cost.backward) == (4, 4)
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_pgd_random_start_is_a_random_point_of_the_ball(batch, target):
+    """r₀ with random_start: non-zero, inside the ball, zero on padding, and a different point for another seed
+    (with r₀ = 0 instead, every other PGD test still passed)."""
+    epsilon = 0.2
+    starts = []
+    for seed in (0, 1):
+        pgd = PGD(PGDConfig(steps=1, epsilon=epsilon, alpha=0.1, target=target, random_start=True))
+        pgd.keep_iterates = True
+        model = tiny_bert(dropout=0.0)
+        ctx = make_ctx(model, batch)
+        torch.manual_seed(seed)
+        pgd.training_step(ctx)
+        r0 = pgd.iterates[0]
+        space = PerturbationSpace(ctx, target)
+        assert torch.all(space.norms(r0) > 0.5 * epsilon) and torch.all(space.norms(r0) <= epsilon * (1 + 1e-5))
+        assert torch.all(space.to_x(r0)[~batch.attention_mask.bool()] == 0)
+        starts.append(r0)
+    assert not torch.allclose(starts[0], starts[1])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_random_start_is_uniform_in_the_ball(batch, target, norm):
+    """Uniform in volume: for the L2 ball of dimension n, (‖r‖/ε)ⁿ is uniform on [0, 1] (a draw always on the
+    sphere gives 1); for L∞ every coordinate is uniform on [-ε, ε]. Kolmogorov–Smirnov against both."""
+    from scipy import stats
+
+    epsilon = 0.3
+    ctx = make_ctx(tiny_bert(dropout=0.0), batch)
+    space = PerturbationSpace(ctx, target)
+    generator = torch.Generator().manual_seed(0)
+    draws = [space.random(epsilon, norm, generator) for _ in range(300)]
+    if norm == "l2":
+        if target == "embedding_output":
+            dims = (batch.attention_mask.sum(1) * space.shape[-1]).double()
+            u = torch.stack([(space.norms(r).double() / epsilon) ** dims for r in draws]).flatten()
+        else:
+            u = torch.stack([(space.norms(r).double() / epsilon) ** draws[0].numel() for r in draws])
+        assert stats.kstest(u.numpy(), "uniform").pvalue > 1e-3
+    else:
+        coords = torch.cat(
+            [r[space.mask.expand_as(r).bool()] if target == "embedding_output" else r.flatten() for r in draws[:20]]
+        )
+        assert coords.abs().max() <= epsilon
+        assert stats.kstest(coords.double().numpy(), "uniform", args=(-epsilon, 2 * epsilon)).pvalue > 1e-3
+    for r in draws[:3]:
+        assert torch.all(space.to_x(r)[~batch.attention_mask.bool()] == 0)
+
+
 # -- FreeLB ----------------------------------------------------------------------------------------
 def delta_grad_and_param_grads(model, batch, space: PerturbationSpace, delta: torch.Tensor):
     """By hand: ∇_δ L(x + δ) (target space) and ∇θ L(x + δ) for one FreeLB step."""

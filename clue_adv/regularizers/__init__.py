@@ -37,13 +37,16 @@ def config_classes() -> tuple[type[StrategyConfig], ...]:
     return tuple(cls.config_class for cls in registry().values())
 
 
-def describe_strategies() -> list[dict[str, Any]]:
-    """Name, summary, cost and parameters (default, description) of every strategy."""
+def describe_strategies(configs: dict[str, StrategyConfig] | None = None) -> list[dict[str, Any]]:
+    """Name, summary, cost and parameters (default, description) of every strategy. A config in `configs` (by
+    name) is costed instead of the defaults, and its values are listed as `value`: a strategy's cost depends on
+    its settings (gradient_penalty's mode, PGD's steps, VAT's iterations)."""
     rows = []
     for name, cls in registry().items():
-        cost = cls(cls.config_class()).cost()
+        config = (configs or {}).get(name) or cls.config_class()
+        cost = cls(config).cost()
         params = {
-            key: {"default": field.default, "description": field.description}
+            key: {"default": field.default, "value": getattr(config, key), "description": field.description}
             for key, field in cls.config_class.model_fields.items()
             if key != "name"
         }

@@ -97,12 +97,21 @@ class PerturbationSpace:
         return r.clamp(-epsilon, epsilon)
 
     def random(self, epsilon: float, norm: Norm, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A random start inside the ε-ball (uniform in each coordinate, then projected)."""
-        shape = self.shape if self.target == "embedding_output" else (len(self.row_ids), self.shape[-1])
-        r = (torch.rand(shape, generator=generator, device=self.mask.device) * 2 - 1) * epsilon
+        """A random start uniform in the ε-ball, zero on padding. L∞: every coordinate uniform in [-ε, ε]. L2: a
+        Gaussian direction at radius ε·u^(1/n), u uniform and n the ball's dimension (the coordinates it spans):
+        uniform in volume. In these dimensions (n ≈ T·H) that radius is within a hair of ε, as it should be."""
+        device = self.mask.device
+        if norm != "l2":
+            r = (torch.rand(self.target_shape, generator=generator, device=device) * 2 - 1) * epsilon
+            return r * self.mask if self.target == "embedding_output" else r
+        r = torch.randn(self.target_shape, generator=generator, device=device)
         if self.target == "embedding_output":
             r = r * self.mask
-        return self.project(r, epsilon, norm)
+            dims = (self.mask.flatten(1).sum(1) * self.shape[-1]).float().clamp_min(1)  # tokens × H, per example
+        else:
+            dims = torch.tensor(float(r.numel()), device=device)
+        radius = epsilon * torch.rand(dims.shape, generator=generator, device=device).pow(1.0 / dims)
+        return r * self._broadcast(radius / self.norms(r).clamp_min(_TINY))
 
     def special_token_share(self, r: torch.Tensor) -> float:
         """Share of ‖r‖² on special-token rows ([CLS], [SEP], ...): large values flag a degenerate ε."""
