@@ -40,7 +40,7 @@ def _offline_hint(what: str, name: str, error: Exception) -> ClueAdvError:
     )
 
 
-def _check_safetensors(name: str) -> None:
+def check_safetensors(name: str) -> None:
     """Pretrained weights are read only from safetensors: a pickle (pytorch_model.bin) can run code on load."""
     path = Path(name).expanduser()
     if not path.is_dir() or any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
@@ -102,7 +102,7 @@ def build_model(cfg: RunConfig, labels: LabelSet, needs_double_backward: bool) -
         if mc.init == "random":
             model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn)
         else:
-            _check_safetensors(mc.name_or_path)
+            check_safetensors(mc.name_or_path)
             model = AutoModelForSequenceClassification.from_pretrained(
                 mc.name_or_path,
                 config=config,

@@ -99,6 +99,12 @@ def configure_environment(cfg: RunConfig) -> Callable[[], None]:
     transformers.utils.logging.disable_progress_bar()  # transformers 5's per-tensor 'Loading weights' bar
     datasets.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
+    with contextlib.suppress(ImportError):
+        import huggingface_hub
+
+        # Without a network its retries log a "Retrying in Ns" warning each; the failure itself is reported once,
+        # with how to run from local files. Download progress bars (real use, with the hub) stay.
+        huggingface_hub.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", module="transformers")
 
     def restore() -> None:
@@ -229,11 +235,32 @@ def train(
         return RunOutcome(directory, read_summary(directory) or {}, skipped=True)
 
     restore_environment = configure_environment(cfg)
+    if not all_sources_local(cfg) and os.environ.get("HF_HUB_OFFLINE", "").upper() not in ("1", "TRUE", "ON", "YES"):
+        _hub_note(console)
     try:
         return _train(cfg, directory, show_progress, console)
     finally:
         restore_environment()
         release_run_lock(directory)  # the run is over (completed, failed or interrupted): the folder is free
+
+
+_hub_note_shown = False
+
+
+def _hub_note(console: Any) -> None:
+    """Said once per process, before the hub is first tried: without a network its retries take about a minute
+    before the error (which then says the same)."""
+    global _hub_note_shown
+    if _hub_note_shown:
+        return
+    _hub_note_shown = True
+    from rich.console import Console
+
+    (console or Console(stderr=True)).print(
+        "note: model/data come from the Hugging Face hub (or its cache); without a network set HF_HUB_OFFLINE=1, "
+        "or point model.name_or_path and data.path at local directories",
+        highlight=False,
+    )
 
 
 def _check_paths(cfg: RunConfig) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from clue_adv.config import TASKS, DataConfig, RunConfig, apply_override, load_yaml, merge, parse_config
 from clue_adv.errors import ClueAdvError
-from clue_adv.model import looks_local, model_max_positions
+from clue_adv.model import check_safetensors, looks_local, model_max_positions
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class _Sources:
     model: str | None
     tokenizer: str | None
     max_length: int | None
+    pretrained: bool = True  # model.init: pretrained (its weights must be there), or random (config only)
 
     @classmethod
     def of(cls, cfg: RunConfig) -> _Sources:
@@ -40,6 +41,7 @@ class _Sources:
             cfg.model.name_or_path,
             cfg.model.tokenizer,
             cfg.max_length,
+            cfg.model.init == "pretrained",
         )
 
     @classmethod
@@ -68,6 +70,7 @@ class _Sources:
             text(m, "name_or_path"),
             text(m, "tokenizer"),
             positive(data, "max_length"),
+            m.get("init", "pretrained") != "random",
         )
 
     def local_dir(self) -> Path | None:
@@ -76,19 +79,30 @@ class _Sources:
         return Path(self.data_path.replace("{task}", self.task or "{task}")).expanduser()
 
 
+def _where(path: Path | str) -> str:
+    """A relative path is resolved from the current directory, not the config's: say which, since shipped configs
+    name paths relative to the repository root."""
+    return "" if Path(path).expanduser().is_absolute() else f" (relative to the current directory {Path.cwd()})"
+
+
 def _path_problems(s: _Sources) -> list[str]:
     problems = []
     root = s.local_dir()
     if root is not None and (s.task is not None or "{task}" not in (s.data_path or "")):
         if not root.is_dir():
-            problems.append(f"data.path: directory not found: {root}")
+            problems.append(f"data.path: directory not found: {root}{_where(root)}")
         else:
             for field, name in (("labels", "labels.json"), ("train_file", s.train_file), ("dev_file", s.dev_file)):
                 if not (root / name).is_file():
                     problems.append(f"data.{field}: file not found: {root / name}")
     for field, name in (("model.name_or_path", s.model), ("model.tokenizer", s.tokenizer)):
         if name and looks_local(name) and not Path(name).expanduser().is_dir():
-            problems.append(f"{field}: directory not found: {name}")
+            problems.append(f"{field}: directory not found: {name}{_where(name)}")
+    if s.model and s.pretrained and looks_local(s.model):
+        try:  # pretrained weights from a local directory: safetensors there, as training will insist
+            check_safetensors(s.model)
+        except ClueAdvError as e:
+            problems.append(e.message)
     positions = model_max_positions(s.model) if s.model and looks_local(s.model) else None
     if positions is not None and s.max_length is not None and s.max_length > positions:
         problems.append(f"max_length: {s.max_length} exceeds the model's {positions} positions")

@@ -203,3 +203,34 @@ def test_sigint_exits_130_and_marks_the_run_interrupted(tmp_path):
     assert rc == 130, proc.stderr.read().decode()
     summary = json.loads((metrics.parent / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["interrupted_step"] >= 1
+
+
+def test_a_hub_run_says_once_how_to_run_offline_before_trying_the_hub(tmp_path, monkeypatch):
+    """Without a network the hub's retries take about a minute: the note comes first, once per process, and not
+    when HF_HUB_OFFLINE is set or everything is local."""
+    import io
+
+    from rich.console import Console
+
+    def no_training(*args, **kwargs):
+        raise ClueAdvError("stop here")
+
+    monkeypatch.setattr(train_module, "_train", no_training)
+    monkeypatch.setattr(train_module, "_check_paths", lambda cfg: None)
+    monkeypatch.setattr(train_module, "_hub_note_shown", False)
+    hub = smoke_config(model={"name_or_path": "bert-base-chinese", "init": "pretrained"})
+
+    def attempt(cfg, env: str | None) -> str:
+        if env is None:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        else:
+            monkeypatch.setenv("HF_HUB_OFFLINE", env)
+        screen = io.StringIO()
+        with pytest.raises(ClueAdvError, match="stop here"):
+            train(cfg, tmp_path, show_progress=False, console=Console(file=screen, width=300))
+        return screen.getvalue()
+
+    assert attempt(hub, "1") == ""
+    assert attempt(smoke_config(), None) == ""  # every source local
+    assert "set HF_HUB_OFFLINE=1" in attempt(hub, None)
+    assert attempt(hub, None) == ""  # once per process

@@ -184,3 +184,27 @@ def test_a_task_of_the_wrong_type_is_a_problem_not_a_crash(tmp_path):
     result = invoke(f)
     assert result.exit_code == 2, result.output
     assert "task" in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_a_pretrained_local_model_without_safetensors_weights_is_reported(tmp_path):
+    """Training refuses it after minutes of tokenizing; validate says so at once (a random init needs no weights)."""
+    model = tmp_path / "model"
+    shutil.copytree(ASSETS / "tokenizer", model)
+    (model / "pytorch_model.bin").write_bytes(b"not loaded")
+    cfg = run_yaml(tmp_path, ASSETS / "tnews", f"model: {{name_or_path: {model}, init: pretrained}}\n")
+    result = invoke(cfg)
+    assert result.exit_code == 2
+    assert "safetensors weights (model.safetensors) are required, it holds only pytorch_model.bin" in " ".join(
+        result.output.split()
+    )
+    assert invoke(cfg, "--set", "model.init=random").exit_code == 0
+
+
+def test_a_relative_path_that_is_missing_names_the_directory_it_was_resolved_from(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the shipped configs name paths relative to the repository root
+    result = invoke(REPO / "configs" / "smoke.yaml")
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert (
+        f"data.path: directory not found: clue_adv/assets/tnews (relative to the current directory {tmp_path})" in text
+    )
