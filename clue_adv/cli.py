@@ -54,9 +54,11 @@ def train(
 
     try:
         cfg = load_config(config, set_ or [])
+        from clue_adv.errors import sigterm_as_interrupt
         from clue_adv.train import train as run_training
 
-        outcome = run_training(cfg, output_dir, force=force, console=err)
+        with sigterm_as_interrupt():
+            outcome = run_training(cfg, output_dir, force=force, console=err)
     except ClueAdvError as e:
         _fail(e)
     except KeyboardInterrupt:

@@ -26,6 +26,19 @@ from clue_adv.schema import StrictModel
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*")
 
 TASKS: dict[str, int] = {"tnews": 15, "iflytek": 119}  # task -> number of labels
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeding accept 0 .. 2**32 - 1
+MAX_TAG_BYTES = 200  # a strategy's directory name (its tag); filesystems allow 255 bytes per name
+
+
+def _expandable(value: str | None) -> str | None:
+    """A path field whose `~user` prefix names no user would crash every later expanduser(): refuse it here."""
+    if value is not None and value.startswith("~"):
+        try:
+            Path(value).expanduser()
+        except RuntimeError:
+            raise ValueError(f"{value.split('/', 1)[0]!r}: no such user (home directory unknown)") from None
+    return value
+
 
 # A discriminated union over every registered strategy: `strategy.name` selects the block's schema.
 StrategyBlock = Annotated[Union[config_classes()], Field(discriminator="name")]  # noqa: UP007 - dynamic members
@@ -53,6 +66,8 @@ class DataConfig(StrictModel):
         "(faster, like HF's group_by_length) at the price of slightly less random batches.",
     )
 
+    _path_expands = field_validator("path")(_expandable)
+
     @property
     def is_local(self) -> bool:
         return self.path is not None
@@ -75,6 +90,14 @@ class ArchitectureConfig(StrictModel):
 
     def overrides(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> ArchitectureConfig:
+        # transformers raises only when the model is built, after tokenizing; the sizes are known now
+        h, n = self.hidden_size, self.num_attention_heads
+        if h is not None and n is not None and h % n:
+            raise ValueError(f"hidden_size {h} is not a multiple of num_attention_heads {n}")
+        return self
 
 
 class ModelConfig(StrictModel):
@@ -117,6 +140,20 @@ class ModelConfig(StrictModel):
         "model fine-tuned on another task). Off by default so that a wrong checkpoint is an error, not a silent "
         "re-initialisation (Hugging Face's run_glue has the same switch).",
     )
+
+    _paths_expand = field_validator("name_or_path", "tokenizer")(_expandable)
+
+    @field_validator("compile_backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        if v in ("inductor", "aot_eager", "eager", "cudagraphs"):  # the usual ones, without importing dynamo
+            return v
+        import torch._dynamo
+
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if v not in known:
+            raise ValueError(f"unknown torch.compile backend {v!r} (e.g. {', '.join(['inductor', 'aot_eager'])})")
+        return v
 
     @model_validator(mode="after")
     def _architecture_needs_random_init(self) -> ModelConfig:
@@ -181,6 +218,7 @@ class RunConfig(StrictModel):
     seed: int = Field(
         1,
         ge=0,
+        le=MAX_SEED,
         description="Seed for init, dropout and data order (paired across strategies: one seed gives every strategy "
         "the same init and batches). 1, because sweeps number their seeds 1..N: a single run is a sweep's first seed.",
     )
@@ -205,6 +243,8 @@ class RunConfig(StrictModel):
     )
     save_model: bool = Field(False, description="Save the best-dev model (safetensors) in the run directory.")
     output_dir: str = Field("results", description="Root of the run directories.")
+
+    _output_expands = field_validator("output_dir")(_expandable)
 
     @field_validator("experiment")
     @classmethod
@@ -231,6 +271,14 @@ class RunConfig(StrictModel):
             raise ValueError(
                 f"model.compile: torch.compile has no double backward, which strategy '{self.strategy.name}' needs; "
                 "set model.compile: false, or use gradient_penalty with mode: finite_difference"
+            )
+        from clue_adv.rundir import strategy_tag
+
+        tag = strategy_tag(self.strategy)
+        if len(tag.encode()) > MAX_TAG_BYTES:  # one directory level: filesystems allow 255 bytes
+            raise ValueError(
+                f"strategy: its run directory name '{tag[:40]}...' is {len(tag.encode())} bytes (at most "
+                f"{MAX_TAG_BYTES}); name the variant with strategy.tag"
             )
         return self
 
@@ -344,8 +392,9 @@ def format_validation_errors(err: ValidationError, root: type[StrictModel] = Run
             problems.append(str(e["msg"]).removeprefix("Value error, "))
         else:
             got = e.get("input")
-            shown_input = "" if isinstance(got, dict) else f" (got {got!r})"
-            problems.append(f"{path}: {e['msg']}{shown_input}")
+            shown_input = "" if isinstance(got, dict) or repr(got) in str(e["msg"]) else f" (got {got!r})"
+            message = str(e["msg"]).removeprefix("Value error, ")  # pydantic's prefix for our own ValueErrors
+            problems.append(f"{path}: {message}{shown_input}")
     return problems
 
 

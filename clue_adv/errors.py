@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from collections.abc import Iterator
+from typing import Any
+
 
 class ClueAdvError(Exception):
     """A user-facing error: bad config, missing file, bad data. The CLI prints it without a traceback."""
@@ -31,3 +36,21 @@ class RunFailed(ClueAdvError):
     """A run started but could not finish (non-finite loss, out of memory); its summary says why."""
 
     exit_code = 1
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (`kill`, `timeout`, a scheduler's time limit) stops a run like Ctrl-C: it is marked interrupted
+    with whole files, instead of dying mid-write and staying 'running'. Outside the main thread, no handler."""
+    previous = None
+    with contextlib.suppress(ValueError):
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -27,14 +27,20 @@ def looks_local(name_or_path: str) -> bool:
     return os.path.isdir(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
 
 
-def _offline_hint(what: str, name: str, error: Exception) -> ClueAdvError:
+def _offline_hint(what: str, name: str, error: Exception, field: str = "model.name_or_path") -> ClueAdvError:
     # The hint must work from any working directory and keep the experiment: a relative path to the bundled
     # tokenizer, or a switch to random init, would silently change what is being measured.
+    if looks_local(name):  # a local directory that does not load: the hub is not the problem, its files are
+        return ClueAdvError(
+            f"{field}: could not load {what} from the directory {name}: {type(error).__name__}: {error}\n"
+            "A model directory needs config.json, tokenizer files (vocab.txt, tokenizer_config.json) and, for "
+            "init: pretrained, *.safetensors weights"
+        )
     return ClueAdvError(
         f"could not load {what} {name!r}: {type(error).__name__}: {error}\n"
         "Without the hub, point it at a local directory instead: download the model's config.json, tokenizer "
         "files (vocab.txt, tokenizer_config.json) and *.safetensors weights into a directory, then "
-        "--set model.name_or_path=/path/to/that/directory. "
+        f"--set {field}=/path/to/that/directory. "
         "(Only to smoke-test the pipeline, not the experiment: a random-init model on the bundled vocabulary, "
         f"--set model.name_or_path={BUNDLED_TOKENIZER} --set model.init=random.)"
     )
@@ -63,11 +69,12 @@ def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     name = cfg.tokenizer or cfg.name_or_path
-    _check_local(name, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
+    field = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+    _check_local(name, field)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
-        raise _offline_hint("tokenizer", name, e) from None
+        raise _offline_hint("tokenizer", name, e, field) from None
     vocab_file = Path(name) / "vocab.txt"
     if vocab_file.is_file():
         # transformers 5 can silently build a 5-token vocabulary from a bad keyword; count the file's lines

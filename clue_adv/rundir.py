@@ -84,9 +84,25 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # POSIX; elsewhere 0 (no such flag)
+
+
+def open_in_run_dir(path: Path, mode: str = "a") -> Any:
+    """Open a run's log for writing ('a' append or 'w' truncate) without following a symlink at `path`: a link
+    planted in a run directory must not make the run write to its target (outside the output folder)."""
+    flags = os.O_WRONLY | os.O_CREAT | _NOFOLLOW | (os.O_APPEND if mode == "a" else os.O_TRUNC)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ClueAdvError(f"{path} is a symbolic link; a run writes only regular files in its folder") from None
+        raise
+    return os.fdopen(fd, mode, encoding="utf-8")
+
+
 class JsonlWriter:
     def __init__(self, path: Path) -> None:
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._file = open_in_run_dir(path, "a")
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(_json_safe(record), ensure_ascii=False) + "\n")
@@ -178,6 +194,18 @@ def existing_state(cfg: RunConfig, directory: Path) -> str:
     return "completed" if summary and summary.get("status") == "completed" else "incomplete"
 
 
+def check_writable(directory: Path) -> None:
+    """Fail now, not after minutes of setup, when the run directory could not be created or written: create and
+    at once remove a probe folder in the nearest existing folder of its path (where the first missing folder
+    would be made). Nothing is left behind, and nothing is created before setup has succeeded."""
+    _check_can_be_a_directory(directory)
+    try:
+        existing = next(p for p in (directory, *directory.parents) if p.is_dir())
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".clue-adv-write-probe-"))
+    except OSError as e:
+        raise ClueAdvError(f"cannot write to output folder {directory}: {e.strerror or e}") from None
+
+
 def _check_can_be_a_directory(directory: Path) -> None:
     """Raise if `directory` or a folder above it exists but is a file (e.g. `-o` names a file): mkdir would
     fail later with a bare NotADirectoryError / FileExistsError."""
@@ -205,7 +233,10 @@ def acquire_run_lock(directory: Path) -> None:
         import fcntl
     except ImportError:  # no flock (Windows): the pdeath signal is then the only guard
         return
-    fd = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o666)
+    except OSError as e:
+        raise ClueAdvError(f"cannot open the run lock {key / LOCK_NAME}: {e.strerror or e}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:

@@ -58,6 +58,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from rich.console import Console
 
 from clue_adv.config import (
+    MAX_SEED,
     TASKS,
     RunConfig,
     apply_override,
@@ -67,7 +68,7 @@ from clue_adv.config import (
     merge,
     set_dotted,
 )
-from clue_adv.errors import ClueAdvError, ConfigError, RunFailed
+from clue_adv.errors import ClueAdvError, ConfigError, RunFailed, sigterm_as_interrupt
 from clue_adv.report import STALE_NOTE, stale_running
 from clue_adv.rundir import (
     SWEEP_MANIFEST,
@@ -75,6 +76,7 @@ from clue_adv.rundir import (
     atomic_write_text,
     existing_state,
     identity,
+    open_in_run_dir,
     read_config,
     read_summary,
     run_dir,
@@ -174,8 +176,8 @@ class SweepConfig(StrictModel):
             return v
         if not v:
             raise ValueError("the seed list is empty")
-        if any(s < 0 for s in v):
-            raise ValueError("seeds must be >= 0")
+        if any(s < 0 or s > MAX_SEED for s in v):
+            raise ValueError(f"seeds must be between 0 and {MAX_SEED}")
         if len(set(v)) != len(v):
             raise ValueError("seeds repeat")
         return v
@@ -332,7 +334,11 @@ def plan_sweep(
 
     base: dict[str, Any] = {}
     for name in [sweep.base] if isinstance(sweep.base, str) else sweep.base or []:
-        base_path = (source.parent / name).expanduser()
+        base_path = source.parent / name
+        try:
+            base_path = base_path.expanduser()
+        except RuntimeError:  # `~user` naming no user: reported as not found below
+            pass
         if not base_path.is_file():
             raise ConfigError(
                 f"{source}: base: run config not found: {base_path} (paths are relative to the sweep file's directory)"
@@ -452,6 +458,7 @@ def plan_sweep(
 
     base_experiment = sweep.experiment or base.get("experiment") or "default"
     cells: list[Cell] = []
+    raw_cells: list[dict[str, Any]] = []  # cells whose values fail the schema
     seen: dict[Path, dict[str, Any]] = {}
     for seed in sweep.seed_list():
         for task in tasks:
@@ -480,9 +487,11 @@ def plan_sweep(
                         cfg, errs = _parse_cell(data)
                         if cfg is None:
                             # Invalid values do not depend on the seed: the label leaves it out, so each
-                            # problem shows once.
+                            # problem shows once. The paths the cell names are still checked (below, as
+                            # for valid cells), so a bad value does not hide a missing file.
                             label = f"{base_experiment + suffix}/{task}/{variant.get('name')}"
                             problems += [f"{label}: {e}" for e in errs]
+                            raw_cells.append(data)
                             continue
                         directory = run_dir(cfg).resolve()
                         if directory in seen:
@@ -502,6 +511,13 @@ def plan_sweep(
         if key not in checked:
             checked.add(key)
             problems += [f"{cell.config.experiment}/{cell.config.task}: {p}" for p in check_paths(cell.config)]
+    from clue_adv.validate import check_raw_paths
+
+    for data in raw_cells:
+        key = json.dumps([data.get("task"), data.get("data"), data.get("model"), data.get("max_length")], default=str)
+        if key not in checked:
+            checked.add(key)
+            problems += [f"{data.get('experiment')}/{data.get('task')}: {p}" for p in check_raw_paths(data)]
     problems = list(dict.fromkeys(problems))
     for cell in cells:
         try:
@@ -872,7 +888,8 @@ def _run_subprocesses(
                         where = f" on device {env['CUDA_VISIBLE_DEVICES']}"
                     cell.directory.mkdir(parents=True, exist_ok=True)
                     log = cell.directory / "train.log"
-                    log_file = open(log, "w", encoding="utf-8")  # noqa: SIM115 - closed when the worker ends
+                    log.unlink(missing_ok=True)  # a symlink planted here is removed, never written through
+                    log_file = open_in_run_dir(log, "w")  # closed when the worker ends
                     command = [sys.executable, "-m", "clue_adv.sweep", str(config_file)]
                     command += ["--force"] if force else []
                     # Own session: Ctrl-C reaches the sweep only, which forwards it once to each worker.
@@ -1376,7 +1393,8 @@ def run_sweep(
         elif executor != "local":
             result = _run_submitit(plan, todo, force, "local", progress, console)
         elif jobs == 1 and not devices:
-            result = _run_in_process(todo, force, progress, console)
+            with sigterm_as_interrupt():
+                result = _run_in_process(todo, force, progress, console)
         else:
             result = _run_subprocesses(todo, force, jobs, devices, progress)
     result.results = skipped + result.results
@@ -1436,7 +1454,8 @@ def worker_main(argv: list[str]) -> int:
         )
     try:
         cfg = load_config(argv[0])
-        outcome = train(cfg, force="--force" in argv[1:], show_progress=False, console=console)
+        with sigterm_as_interrupt():
+            outcome = train(cfg, force="--force" in argv[1:], show_progress=False, console=console)
     except RunFailed as e:
         console.print(f"error: {e}", highlight=False, markup=False)
         return 1

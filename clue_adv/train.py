@@ -40,7 +40,15 @@ from clue_adv.model import (
 from clue_adv.progress import RunProgress
 from clue_adv.regularizers import build_strategy
 from clue_adv.regularizers.base import Batch, PassCounter, StepContext
-from clue_adv.rundir import JsonlWriter, atomic_write_json, existing_state, release_run_lock, run_dir, start_run
+from clue_adv.rundir import (
+    JsonlWriter,
+    atomic_write_json,
+    check_writable,
+    existing_state,
+    release_run_lock,
+    run_dir,
+    start_run,
+)
 
 
 class NonFiniteError(Exception):
@@ -297,6 +305,7 @@ def _setup_out_of_memory(cfg: RunConfig, directory: Path, device: torch.device) 
 
 def _train(cfg: RunConfig, directory: Path, show_progress: bool | None, console: Any) -> RunOutcome:
     _check_paths(cfg)
+    check_writable(directory)
     from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup, set_seed
 
     device = resolve_device(cfg)

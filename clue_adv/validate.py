@@ -76,13 +76,21 @@ class _Sources:
     def local_dir(self) -> Path | None:
         if self.data_path is None:
             return None
-        return Path(self.data_path.replace("{task}", self.task or "{task}")).expanduser()
+        return _expand(self.data_path.replace("{task}", self.task or "{task}"))
+
+
+def _expand(path: Path | str) -> Path | None:
+    """expanduser(), or None for a `~user` that names no user (the schema reports that one)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return None
 
 
 def _where(path: Path | str) -> str:
     """A relative path is resolved from the current directory, not the config's: say which, since shipped configs
     name paths relative to the repository root."""
-    return "" if Path(path).expanduser().is_absolute() else f" (relative to the current directory {Path.cwd()})"
+    return "" if Path(path).is_absolute() else f" (relative to the current directory {Path.cwd()})"
 
 
 def _path_problems(s: _Sources) -> list[str]:
@@ -96,14 +104,28 @@ def _path_problems(s: _Sources) -> list[str]:
                 if not (root / name).is_file():
                     problems.append(f"data.{field}: file not found: {root / name}")
     for field, name in (("model.name_or_path", s.model), ("model.tokenizer", s.tokenizer)):
-        if name and looks_local(name) and not Path(name).expanduser().is_dir():
+        if not name or not looks_local(name):
+            continue
+        where = _expand(name)
+        if where is None:  # a `~user` naming no user: the schema says so
+            continue
+        if not where.is_dir():
             problems.append(f"{field}: directory not found: {name}{_where(name)}")
-    if s.model and s.pretrained and looks_local(s.model):
-        try:  # pretrained weights from a local directory: safetensors there, as training will insist
-            check_safetensors(s.model)
-        except ClueAdvError as e:
-            problems.append(e.message)
-    positions = model_max_positions(s.model) if s.model and looks_local(s.model) else None
+            continue
+        # What training will read from the directory, checked now rather than after tokenizing
+        if field == "model.name_or_path" and not (where / "config.json").is_file():
+            problems.append(f"{field}: {name} has no config.json (a model directory needs one)")
+        if (field == "model.tokenizer" or not s.tokenizer) and not any(
+            (where / f).is_file() for f in ("vocab.txt", "tokenizer.json")
+        ):
+            problems.append(f"{field}: {name} has no tokenizer files (vocab.txt or tokenizer.json)")
+        if field == "model.name_or_path" and s.pretrained:
+            try:  # pretrained weights from a local directory: safetensors there, as training will insist
+                check_safetensors(name)
+            except ClueAdvError as e:
+                problems.append(e.message)
+    local_model = s.model is not None and looks_local(s.model) and _expand(s.model) is not None
+    positions = model_max_positions(s.model) if local_model else None
     if positions is not None and s.max_length is not None and s.max_length > positions:
         problems.append(f"max_length: {s.max_length} exceeds the model's {positions} positions")
     return problems
@@ -159,6 +181,12 @@ def check_paths(cfg: RunConfig) -> list[str]:
     return _path_problems(_Sources.of(cfg))
 
 
+def check_raw_paths(data: dict[str, Any]) -> list[str]:
+    """check_paths for a merged config whose schema fails: the paths it names are still checked, so a bad value
+    elsewhere does not hide a missing file."""
+    return _path_problems(_Sources.raw(data))
+
+
 def check_data(cfg: RunConfig) -> list[str]:
     """What is wrong inside the local data files a valid config uses (empty: nothing, or not local)."""
     return _data_problems(_Sources.of(cfg))
@@ -179,9 +207,10 @@ def _raw_sweep_problems(path: Path, data: dict[str, Any]) -> list[str]:
     problems = []
     base = data.get("base")
     for name in [base] if isinstance(base, str) else base if isinstance(base, list) else []:
-        if isinstance(name, str) and not (path.parent / name).expanduser().is_file():
+        full = _expand(path.parent / name) if isinstance(name, str) else None
+        if isinstance(name, str) and (full is None or not full.is_file()):
             problems.append(
-                f"{path}: base: run config not found: {(path.parent / name).expanduser()} "
+                f"{path}: base: run config not found: {full or path.parent / name} "
                 "(paths are relative to the sweep file's directory)"
             )
     experiment = data.get("experiment")
@@ -191,6 +220,28 @@ def _raw_sweep_problems(path: Path, data: dict[str, Any]) -> list[str]:
         except ClueAdvError as e:
             problems += [p for p in e.problems if p.startswith("experiment")]
     return problems
+
+
+def _beyond_the_sweep_schema(path: Path, raw: dict[str, Any], overrides: list[str]) -> list[str]:
+    """When the sweep file's own schema fails, load_plan stops there; plan the sweep again without the top-level
+    fields that failed, so the problems of the rest (strategy blocks, override keys, grid, cell values, paths)
+    are reported in the same pass. Empty when the schema was not what failed, or too little remains to plan."""
+    from pydantic import ValidationError
+
+    from clue_adv.sweep import SweepConfig, plan_sweep
+
+    try:
+        SweepConfig.model_validate(raw)
+        return []
+    except ValidationError as e:
+        failed = {err["loc"][0] for err in e.errors() if err["loc"]}
+    try:
+        rest = SweepConfig.model_validate({k: v for k, v in raw.items() if k not in failed})
+        plan_sweep(rest, path, overrides=overrides)
+    except (ValidationError, ClueAdvError) as e:
+        if isinstance(e, ClueAdvError):
+            return [p for p in (e.problems or [e.message]) if "run config not found" not in p]
+    return []
 
 
 def _validate_sweep(path: Path, merged: list[Path], overrides: list[str], notes: list[str] | None = None) -> list[str]:
@@ -206,7 +257,8 @@ def _validate_sweep(path: Path, merged: list[Path], overrides: list[str], notes:
             raw = load_yaml(path)
         except ClueAdvError:
             return problems
-        return list(dict.fromkeys(problems + _raw_sweep_problems(path, raw)))
+        extra = _raw_sweep_problems(path, raw) + _beyond_the_sweep_schema(path, raw, overrides)
+        return list(dict.fromkeys(problems + extra))
     # load_plan has checked every cell's schema and paths; the data contents and hub models remain, once per
     # source.
     problems = []

@@ -139,3 +139,16 @@ def test_console_script_bad_config_exits_2_without_traceback(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "batch_size: Input should be a valid integer" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc (root ignores permission bits)")
+def test_an_output_folder_that_cannot_be_created_fails_before_setup(tmp_path, monkeypatch):
+    import clue_adv.train as train_module
+
+    def no_setup(*args, **kwargs):
+        raise AssertionError("setup ran although the output folder cannot be written")
+
+    monkeypatch.setattr(train_module, "build_tokenizer", no_setup)
+    result = invoke("train", "--config", tiny_yaml(tmp_path), "-o", "/proc/clue-adv-test")
+    assert result.exit_code == 2, result.output
+    assert "cannot write to output folder /proc/clue-adv-test/" in " ".join(result.output.split())

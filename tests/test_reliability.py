@@ -20,6 +20,12 @@ SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The shipped configs name data and tokenizer relative to the repository root.
+    monkeypatch.chdir(REPO)
+
+
 def _paths(node, prefix=()):
     """Every dotted path in a nested mapping, blocks included."""
     if isinstance(node, dict):
@@ -32,6 +38,8 @@ values = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(-(10**6), 10**6),
+    st.integers(-(2**70), 2**70),  # beyond int64 and the seeding range
+    st.sampled_from(["~no-such-user-x/a", "~", "../..", "/", "x" * 300, "a/b", "."]),  # paths and names
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12),
     st.lists(st.integers(-3, 3), max_size=3),

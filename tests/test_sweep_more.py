@@ -195,6 +195,8 @@ values = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(-(10**6), 10**6),
+    st.integers(-(2**70), 2**70),  # beyond int64 and the seeding range
+    st.sampled_from(["~no-such-user-x/a", "~", "../..", "/", "x" * 300]),  # paths and names
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12),
     st.lists(st.one_of(st.integers(-3, 3), st.text(max_size=4)), max_size=3),

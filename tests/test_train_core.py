@@ -1,5 +1,5 @@
 """The run core around the loop: environment restored, fail-fast checks, setup out-of-memory, non-finite gradients,
-mid-epoch evaluation, label smoothing, and a real SIGINT."""
+mid-epoch evaluation, label smoothing, and a real SIGINT or SIGTERM."""
 
 from __future__ import annotations
 
@@ -175,7 +175,9 @@ def test_label_smoothing_changes_the_first_loss_by_the_expected_amount(tmp_path,
 
 
 @pytest.mark.slow
-def test_sigint_exits_130_and_marks_the_run_interrupted(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sigint_or_sigterm_exits_130_and_marks_the_run_interrupted(tmp_path, signum):
+    """Ctrl-C, and SIGTERM (kill, timeout, a scheduler's time limit), which would otherwise leave it 'running'."""
     from test_kill_resume import RUN
 
     config = tmp_path / "run.yaml"
@@ -194,7 +196,7 @@ def test_sigint_exits_130_and_marks_the_run_interrupted(tmp_path):
                 break
             time.sleep(0.2)
         assert metrics is not None, proc.stderr.read().decode() if proc.poll() is not None else "no training step"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         rc = proc.wait(timeout=60)
     finally:
         if proc.poll() is None:

@@ -174,7 +174,7 @@ def test_sweep_with_a_bad_schema_still_names_a_missing_base(tmp_path):
     output = " ".join(result.output.split())
     assert "seeds" in output
     assert f"base: run config not found: {tmp_path / 'nowhere.yaml'}" in output
-    assert "experiment: Value error" in output
+    assert "experiment: must be a plain name" in output
     assert output.count("run config not found") == 1
 
 
@@ -208,3 +208,84 @@ def test_a_relative_path_that_is_missing_names_the_directory_it_was_resolved_fro
     assert (
         f"data.path: directory not found: clue_adv/assets/tnews (relative to the current directory {tmp_path})" in text
     )
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("seed=4294967296", "seed: Input should be less than or equal to 4294967295"),
+        ("model.compile_backend=nosuch", "model.compile_backend: unknown torch.compile backend 'nosuch'"),
+        ("data.path=~no-such-user-x/tnews", "data.path: '~no-such-user-x': no such user"),
+        ("model.name_or_path=~no-such-user-x/m", "model.name_or_path: '~no-such-user-x': no such user"),
+        ("output_dir=~no-such-user-x/out", "output_dir: '~no-such-user-x': no such user"),
+        ("model.architecture.num_attention_heads=3", "hidden_size 128 is not a multiple of num_attention_heads 3"),
+        ("strategy={name: vat, iterations: " + "9" * 250 + "}", "name the variant with strategy.tag"),
+    ],
+)
+def test_values_train_would_crash_on_are_config_errors(setting, message):
+    """Each of these passed validate before and then crashed `train` (a traceback, exit 1)."""
+    result = invoke(REPO / "configs" / "smoke.yaml", "--set", setting)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_a_sweep_seed_beyond_the_seeding_range_is_a_config_error(tmp_path):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(f"base: {REPO / 'configs' / 'smoke.yaml'}\nseeds: [1, 4294967296]\nstrategies: [{{name: none}}]\n")
+    result = invoke(sweep)
+    assert result.exit_code == 2 and "seeds must be between 0 and 4294967295" in " ".join(result.output.split())
+
+
+def test_a_local_model_directory_missing_its_files_is_reported_without_a_hub_hint(tmp_path):
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    result = invoke(REPO / "configs" / "smoke.yaml", "--set", f"model.name_or_path={empty}")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2
+    assert f"model.name_or_path: {empty} has no config.json" in text
+    assert f"model.name_or_path: {empty} has no tokenizer files" in text
+
+
+def test_a_local_directory_that_does_not_load_gets_no_hub_advice(tmp_path):
+    from clue_adv.config import ModelConfig
+    from clue_adv.model import build_tokenizer
+
+    broken = tmp_path / "tok"
+    broken.mkdir()
+    (broken / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(Exception) as info:
+        build_tokenizer(ModelConfig(name_or_path=str(broken)))
+    text = str(info.value)
+    assert "model.name_or_path: could not load tokenizer from the directory" in text
+    assert "Without the hub" not in text
+
+
+def test_a_sweep_reports_every_stage_in_one_pass(tmp_path):
+    """A schema error of the sweep file does not hide its strategy blocks' and override keys' problems, and a bad
+    cell value does not hide a missing data directory or too long a max_length."""
+    smoke = REPO / "configs" / "smoke.yaml"
+    first = tmp_path / "s1.yaml"
+    first.write_text(
+        f"base: {smoke}\nseedz: 3\nstrategies: [{{name: fgmm}}, {{name: fgm, epsilon: -1}}]\n"
+        "overrides: {optim.lrr: 1}\n"
+    )
+    text = " ".join(invoke(first).output.split())
+    for needle in (
+        "seedz: unknown field (did you mean 'seeds'?)",
+        "overrides.optim.lrr: unknown field",
+        "strategies[0] (fgmm): name: unknown strategy 'fgmm'",
+        "strategies[1] (fgm): epsilon: Input should be greater than or equal to 0",
+    ):
+        assert needle in text, (needle, text)
+    second = tmp_path / "s2.yaml"
+    second.write_text(f"base: {smoke}\nseeds: 1\noverrides: {{optim.lr: -1, data.path: /nope, max_length: 1000}}\n")
+    result = invoke(second)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2
+    for needle in (
+        "optim.lr: Input should be greater than 0",
+        "data.path: directory not found: /nope",
+        "max_length: 1000 exceeds the model's 512 positions",
+    ):
+        assert needle in text, (needle, text)

@@ -1,0 +1,76 @@
+"""Run-directory files: atomic writes keep the old file on failure, a cut JSONL line is dropped, and a symlink
+planted in a run directory is never written through."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import clue_adv.rundir as rundir
+from clue_adv.errors import ClueAdvError
+from clue_adv.rundir import JsonlWriter, atomic_write_json, atomic_write_text, open_in_run_dir, read_jsonl
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "summary.json"
+    atomic_write_json(path, {"status": "completed"})
+
+    def broken_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rundir.os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        atomic_write_json(path, {"status": "running"})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"status": "completed"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]  # the temporary file is gone
+    atomic_write_text(path, "new\n")
+    assert path.read_text() == "new\n"
+
+
+def test_read_jsonl_keeps_whole_lines_only(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\nnot json\n{"step": 3}\n{"step": 4, "lo', encoding="utf-8")
+    assert read_jsonl(path) == [{"step": 1}, {"step": 2}, {"step": 3}]  # bad line skipped, cut last line dropped
+    assert read_jsonl(tmp_path / "absent.jsonl") == []
+
+
+@pytest.mark.skipif(not hasattr(os, "O_NOFOLLOW"), reason="POSIX only")
+def test_a_symlink_in_a_run_directory_is_not_written_through(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to(victim)
+    with pytest.raises(ClueAdvError, match="symbolic link"):
+        JsonlWriter(run / "metrics.jsonl")
+    with pytest.raises(ClueAdvError, match="symbolic link"):
+        open_in_run_dir(run / "metrics.jsonl", "w")
+    assert victim.read_text() == "precious\n"
+    # atomic writes replace the link itself
+    (run / "summary.json").symlink_to(victim)
+    atomic_write_json(run / "summary.json", {"status": "running"})
+    assert victim.read_text() == "precious\n" and not (run / "summary.json").is_symlink()
+
+
+def test_a_sweep_worker_log_planted_as_a_symlink_is_replaced(tmp_path):
+    """The parallel sweep opens each cell's train.log itself: a link there is removed, its target untouched."""
+    from test_sweep import write_sweep
+
+    from clue_adv.sweep import load_plan, run_sweep
+
+    path = write_sweep(tmp_path, {"strategies": [{"name": "none"}], "seeds": 2})
+    plan = load_plan(path)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    for cell in plan.cells:
+        cell.directory.mkdir(parents=True)
+        (cell.directory / "train.log").symlink_to(victim)
+    result = run_sweep(plan, jobs=2, show_progress=False)
+    assert result.exit_code == 0, [r.error for r in result.results]
+    assert victim.read_text() == "precious\n"
+    assert all(not (c.directory / "train.log").is_symlink() for c in plan.cells)
+    assert all(Path(c.directory / "train.log").read_text() for c in plan.cells)
