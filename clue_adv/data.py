@@ -149,16 +149,18 @@ def _from_hub(cfg: RunConfig) -> tuple[Dataset, Dataset, LabelSet]:
         # The hub stores labels as ClassLabel ints whose names are CLUE's label strings.
         to_name = feature.int2str if hasattr(feature, "int2str") else str
 
-        def remap(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        def remap(batch: dict[str, list[Any]], rows: list[int]) -> dict[str, list[Any]]:
             out = []
-            for raw_label in batch["label"]:
+            for row, raw_label in zip(rows, batch["label"], strict=True):
                 label = to_name(raw_label)
                 if label not in index:
-                    raise DataError(f"hub {name}/{config} [{split}]: label {label!r} is not in the task's labels")
+                    raise DataError(
+                        f"hub {name}/{config} [{split}] row {row}: label {label!r} is not in the task's labels"
+                    )
                 out.append(index[label])
             return {"label": out}
 
-        return ds.map(remap, batched=True, desc=None)
+        return ds.map(remap, batched=True, with_indices=True, desc=None)
 
     return convert("train", cfg.data.max_train_samples), convert("validation", cfg.data.max_eval_samples), labels
 

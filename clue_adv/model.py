@@ -141,6 +141,13 @@ def check_vocab_size(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel)
     the forward pass on a CPU, a device-side assert on CUDA): a tokenizer with added tokens, or a model whose
     vocab_size was overridden smaller, fails here instead."""
     vocab_size = getattr(model.config, "vocab_size", None)
+    if vocab_size is not None and len(tokenizer) < vocab_size // 2:
+        # A model's vocab_size may be padded a little beyond its tokenizer, never to twice its size: this is a
+        # tokenizer that did not load its vocabulary (transformers 5 can build a 5-token one without an error).
+        raise ClueAdvError(
+            f"the tokenizer has only {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}: it did not "
+            "load the model's vocabulary; check model.tokenizer / the tokenizer files"
+        )
     if vocab_size is not None and len(tokenizer) > vocab_size:
         raise ClueAdvError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}: ids up to "

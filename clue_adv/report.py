@@ -871,7 +871,8 @@ def build_report(
             "excluded); × baseline: ratio of mean step times on the same task. Runs sharing a machine (parallel "
             "jobs) slow each other, so compare costs within one sweep. Peak memory: GPU allocations on CUDA; on CPU "
             "the peak resident memory of the run's process, largest over the seeds; – where no run measured it "
-            "(in a one-job sweep, runs after the first share the process, so their CPU peak is not recorded)."
+            "(in a one-job sweep, runs after the first share the process: their CPU peak is each run's own where "
+            "Linux lets the peak be reset between runs, and not recorded elsewhere)."
         )
         if figures.get(table.experiment):
             images = [f"![{title}]({path.relative_to(out).as_posix()})" for title, path in figures[table.experiment]]

@@ -1373,6 +1373,18 @@ def run_sweep(
     jobs = jobs if jobs is not None else (len(devices) if devices else 1)
     if jobs < 1:
         raise ClueAdvError("--jobs must be at least 1")
+    if executor != "local" and (devices or jobs > 1):
+        console.print(
+            f"note: --devices/--jobs place runs on this machine; with --executor {executor} the scheduler places "
+            "them (resources: the sweep's `slurm:` block)",
+            highlight=False,
+        )
+    elif devices and jobs > len(devices):
+        console.print(
+            f"note: --jobs {jobs} over {len(devices)} device(s): up to {math.ceil(jobs / len(devices))} runs share "
+            "a GPU (its memory and time); one run per device is --jobs equal to the number of devices",
+            highlight=False,
+        )
     write_manifests(plan)
     todo, queued = submission(plan, force)
     skipped = [CellResult(c, "skipped") for c in plan.cells if c not in todo and c.directory not in queued]

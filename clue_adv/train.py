@@ -235,6 +235,8 @@ def train(
     console: Any = None,
 ) -> RunOutcome:
     """Run `cfg` to a completed, evaluated run directory (or return the completed one already there)."""
+    if output_dir is not None:  # config.yaml records where the run really is (output_dir is not its identity)
+        cfg = cfg.model_copy(update={"output_dir": str(output_dir)})
     directory = run_dir(cfg, output_dir).resolve()
     state = existing_state(cfg, directory)  # raises if the directory holds another config
     if state == "completed" and not force:
@@ -489,6 +491,14 @@ def _train(cfg: RunConfig, directory: Path, show_progress: bool | None, console:
         )
     finally:
         metrics.close()
+        if summary["status"] != "completed" and best is not None:
+            # What the run reached before it stopped (also in metrics.jsonl), under names a completed run's
+            # readers (the report) do not take for a finished result.
+            summary.update(
+                best_dev_accuracy_so_far=best["accuracy"],
+                best_epoch_so_far=best["epoch"],
+                dev_history=[{k: h[k] for k in ("epoch", "step", "accuracy", "macro_f1", "loss")} for h in history],
+            )
         n = max(len(step_times) - 1, 1)  # the first step pays one-off costs (allocations, lazy init)
         micro_steps = max(math.ceil(seen_examples / cfg.batch_size), 1)
         summary.update(

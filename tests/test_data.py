@@ -171,3 +171,22 @@ def test_unknown_label_message_lists_only_the_first_labels(tmp_path):
     message = str(info.value)
     assert "label '999' is not in labels.json (valid: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, … (119 in all" in message
     assert ", 10," not in message and len(message) < 300
+
+
+def test_a_hub_label_outside_the_task_names_its_split_and_row(monkeypatch, tokenizer):
+    import datasets
+
+    ids = list(read_labels(ASSETS / "tnews" / "labels.json").ids)
+    features = datasets.Features(
+        {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=[*ids, "999"])}
+    )
+    labels = [0] * 10
+    labels[7] = len(ids)  # "999"
+
+    def fake_load_dataset(name, config):
+        ds = datasets.Dataset.from_dict({"sentence": ["句子"] * 10, "label": labels}, features=features)
+        return datasets.DatasetDict({"train": ds, "validation": ds})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    with pytest.raises(DataError, match=r"\[train\] row 7: label '999' is not in the task's labels"):
+        load_task_data(smoke_config(data={}), tokenizer)

@@ -123,3 +123,17 @@ def test_offline_hint_names_a_download_and_a_path_that_works_anywhere():
     assert "point it at a local directory" in message and "*.safetensors" in message
     assert "model.name_or_path=clue_adv/assets" not in message  # relative: only worked from the repo root
     assert f"model.name_or_path={TOKENIZER_DIR.resolve()}" in message and "smoke" in message
+
+
+def test_a_tokenizer_that_did_not_load_its_vocabulary_is_refused():
+    """transformers 5 can build a 5-token tokenizer without an error; a model of 21,128 ids then trains on [UNK]s."""
+    from types import SimpleNamespace
+
+    from clue_adv.errors import ClueAdvError
+    from clue_adv.model import check_vocab_size
+
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=21128))
+    with pytest.raises(ClueAdvError, match="only 5 tokens"):
+        check_vocab_size(list(range(5)), model)
+    check_vocab_size(list(range(21128)), model)
+    check_vocab_size(list(range(21000)), model)  # a vocabulary padded a little is fine

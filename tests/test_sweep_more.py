@@ -274,3 +274,23 @@ def test_sweep_checks_the_data_contents_before_any_run_starts(tmp_path):
     assert result.exit_code == 2, result.output
     assert "dev.json" in result.output and "sw/tnews/none/seed-1" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_jobs_beyond_devices_and_local_placement_options_with_a_scheduler_get_a_note(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from clue_adv.sweep import load_plan, run_sweep
+
+    path = write_sweep(tmp_path, {"strategies": [{"name": "none"}], "seeds": 1})
+    assert run_sweep(load_plan(path), show_progress=False).exit_code == 0
+
+    def notes(**kwargs) -> str:
+        screen = io.StringIO()
+        run_sweep(load_plan(path), show_progress=False, console=Console(file=screen, width=300), **kwargs)
+        return screen.getvalue()
+
+    assert "up to 2 runs share a GPU" in notes(devices=["0"], jobs=2)
+    assert "the scheduler places them" in notes(executor="submitit-local", jobs=2)
+    assert "note:" not in notes(devices=["0", "1"], jobs=2)

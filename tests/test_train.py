@@ -217,3 +217,21 @@ def test_every_strategy_starts_from_the_same_weights(tmp_path, monkeypatch):
     for name, weights in initial.items():
         assert weights.keys() == reference.keys(), name
         assert all(torch.equal(weights[k], reference[k]) for k in reference), name
+
+
+def test_config_yaml_records_the_output_folder_the_run_is_in(tmp_path):
+    outcome = train(smoke_config(data__max_train_samples=32, data__max_eval_samples=32), tmp_path, show_progress=False)
+    stored = yaml.safe_load((outcome.directory / "config.yaml").read_text())
+    assert stored["output_dir"] == str(tmp_path) and outcome.directory.is_relative_to(tmp_path)
+
+
+def test_a_run_failing_after_an_evaluation_keeps_what_it_reached(tmp_path, monkeypatch):
+    """Epoch 1 is evaluated (16 steps), then step 20's loss is NaN: the summary keeps the dev accuracy reached so
+    far under names the report does not take for a finished result."""
+    monkeypatch.setattr(NoRegularizer, "training_step", _fail_at(20, None))
+    with pytest.raises(RunFailed):
+        train(smoke_config(epochs=2), tmp_path, show_progress=False)
+    summary = json.loads((tmp_path / "test" / "tnews" / "none" / "seed-1" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "best_dev_accuracy" not in summary
+    assert summary["best_epoch_so_far"] == 1 and len(summary["dev_history"]) == 1
+    assert summary["best_dev_accuracy_so_far"] == summary["dev_history"][0]["accuracy"] > 0
