@@ -30,13 +30,26 @@ MAX_SEED = 2**32 - 1  # numpy's and torch's seeding accept 0 .. 2**32 - 1
 MAX_TAG_BYTES = 200  # a strategy's directory name (its tag); filesystems allow 255 bytes per name
 
 
-def _expandable(value: str | None) -> str | None:
-    """A path field whose `~user` prefix names no user would crash every later expanduser(): refuse it here."""
-    if value is not None and value.startswith("~"):
+NAME_MAX = 255  # bytes per path component on Linux/macOS filesystems; a longer one makes every stat() raise
+
+
+def path_problem(value: str) -> str | None:
+    """Why `value` cannot name a file at all (a `~user` naming no user, a component over NAME_MAX bytes), or
+    None. Either would make every later exists()/is_dir() raise instead of answering."""
+    if any(len(part.encode()) > NAME_MAX for part in value.split("/")):
+        return f"a path component is longer than {NAME_MAX} bytes"
+    if value.startswith("~"):
         try:
             Path(value).expanduser()
         except RuntimeError:
-            raise ValueError(f"{value.split('/', 1)[0]!r}: no such user (home directory unknown)") from None
+            return f"{value.split('/', 1)[0]!r}: no such user (home directory unknown)"
+    return None
+
+
+def _expandable(value: str | None) -> str | None:
+    """A path field is refused here when no file could have its name (see path_problem)."""
+    if value is not None and (problem := path_problem(value)):
+        raise ValueError(problem)
     return value
 
 
@@ -66,7 +79,7 @@ class DataConfig(StrictModel):
         "(faster, like HF's group_by_length) at the price of slightly less random batches.",
     )
 
-    _path_expands = field_validator("path")(_expandable)
+    _path_expands = field_validator("path", "train_file", "dev_file")(_expandable)
 
     @property
     def is_local(self) -> bool:
@@ -296,6 +309,8 @@ class RunConfig(StrictModel):
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
+    if problem := path_problem(str(path)):
+        raise ConfigError(f"config file {str(path)[:80]}...: {problem}")
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
     if not path.is_file() or not os.access(path, os.R_OK):

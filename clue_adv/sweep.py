@@ -66,6 +66,7 @@ from clue_adv.config import (
     format_validation_errors,
     load_yaml,
     merge,
+    path_problem,
     set_dotted,
 )
 from clue_adv.errors import ClueAdvError, ConfigError, RunFailed, sigterm_as_interrupt
@@ -335,11 +336,9 @@ def plan_sweep(
     base: dict[str, Any] = {}
     for name in [sweep.base] if isinstance(sweep.base, str) else sweep.base or []:
         base_path = source.parent / name
-        try:
+        if not path_problem(str(base_path)):  # otherwise no such file can exist: reported as not found below
             base_path = base_path.expanduser()
-        except RuntimeError:  # `~user` naming no user: reported as not found below
-            pass
-        if not base_path.is_file():
+        if path_problem(str(base_path)) or not base_path.is_file():
             raise ConfigError(
                 f"{source}: base: run config not found: {base_path} (paths are relative to the sweep file's directory)"
             )

@@ -7,7 +7,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clue_adv.config import TASKS, DataConfig, RunConfig, apply_override, load_yaml, merge, parse_config
+from clue_adv.config import (
+    TASKS,
+    DataConfig,
+    RunConfig,
+    apply_override,
+    load_yaml,
+    merge,
+    parse_config,
+    path_problem,
+)
 from clue_adv.errors import ClueAdvError
 from clue_adv.model import check_safetensors, looks_local, model_max_positions
 
@@ -80,11 +89,10 @@ class _Sources:
 
 
 def _expand(path: Path | str) -> Path | None:
-    """expanduser(), or None for a `~user` that names no user (the schema reports that one)."""
-    try:
-        return Path(path).expanduser()
-    except RuntimeError:
+    """expanduser(), or None for a path no file can have (the schema reports it; see config.path_problem)."""
+    if path_problem(str(path)):
         return None
+    return Path(path).expanduser()
 
 
 def _where(path: Path | str) -> str:

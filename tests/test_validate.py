@@ -289,3 +289,17 @@ def test_a_sweep_reports_every_stage_in_one_pass(tmp_path):
         "max_length: 1000 exceeds the model's 512 positions",
     ):
         assert needle in text, (needle, text)
+
+
+def test_a_path_no_file_can_have_is_a_named_error_not_an_oserror(tmp_path):
+    """A component over 255 bytes makes every stat() raise 'File name too long' (found by the sweep fuzzer)."""
+    long = "x" * 300
+    result = invoke(REPO / "configs" / "smoke.yaml", "--set", f"data.path=/tmp/{long}")
+    assert result.exit_code == 2 and "data.path: a path component is longer than 255 bytes" in result.output
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(f"base: {long}.yaml\nstrategies: [{{name: none}}]\n")
+    result = invoke(sweep)
+    assert result.exit_code == 2 and "base: run config not found" in result.output, result.output
+    result = invoke(tmp_path / f"{long}.yaml")
+    assert result.exit_code == 2 and "longer than 255 bytes" in result.output
+    assert runner.invoke(app, ["train", "-c", str(tmp_path / f"{long}.yaml")]).exit_code == 2
