@@ -3,6 +3,8 @@ and the report equals that of an uninterrupted sweep (same seeds => same numbers
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import random
@@ -43,9 +45,10 @@ strategies:
 """
 
 
-def _sweep(config: Path, out: Path, *extra: str) -> subprocess.Popen:
+def _sweep(config: Path, out: Path, *extra: str, report: bool = False) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "clue_adv", "sweep", "-c", str(config), "-o", str(out), "--no-report", *extra]
+    cmd = [sys.executable, "-m", "clue_adv", "sweep", "-c", str(config), "-o", str(out), *extra]
+    cmd += [] if report else ["--no-report"]
     # its own process group, so the kill reaches any child too
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
@@ -57,6 +60,10 @@ def _files_whole(out: Path) -> None:
         lines = metrics.read_text().split("\n")
         for line in lines[:-1]:  # every newline-terminated line is whole JSON; only the very last may be cut
             json.loads(line)
+    for table in out.rglob("*.csv"):  # the report's files: atomic, so whole (header and rows of equal width)
+        text = table.read_text()
+        rows = list(csv.reader(io.StringIO(text)))
+        assert text.endswith("\n") and rows and all(len(r) == len(rows[0]) for r in rows), table
 
 
 def _completed(out: Path) -> dict[str, str]:
@@ -89,13 +96,16 @@ def test_random_kills_then_resume_gives_the_uninterrupted_result(tmp_path):
     rng = random.Random(7)
     seen_completed: dict[str, str] = {}
     cut_short = 0
-    for _ in range(4):
-        proc = _sweep(config, out)
-        # Strike at a random moment while a run is in progress (start-up alone takes seconds).
+    for attempt in range(4):
+        # Every other sweep writes its report at the end, so a later kill can also land between runs or in the
+        # report's writing, not only inside a run.
+        proc = _sweep(config, out, report=attempt % 2 == 1)
+        # Strike at a random moment after a run is in progress (start-up alone takes seconds): within a second
+        # (inside that run) for the first two kills, within three (possibly later runs, the report) after.
         deadline = time.monotonic() + 120
         while not _running(out) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 1.0))
+        time.sleep(rng.uniform(0.0, 1.0 if attempt < 2 else 3.0))
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         cut_short += bool(_running(out))  # a run left marked running: killed mid-run
@@ -105,14 +115,15 @@ def test_random_kills_then_resume_gives_the_uninterrupted_result(tmp_path):
         assert all(now[k] == v for k, v in seen_completed.items())
         seen_completed = now
     assert cut_short >= 2, "the kills did not land inside runs; the test would prove nothing"
-    assert len(seen_completed) < 4
 
-    final = _sweep(config, out)
+    final = _sweep(config, out, report=True)
     assert final.wait(timeout=300) == 0, final.stderr.read().decode()[-2000:]
     done = _completed(out)
     assert len(done) == 4
     assert all(done[k] == v for k, v in seen_completed.items()), "a completed run was rerun"
     assert _tables(out) == _tables(tmp_path / "ref")
+    _files_whole(out)
+    assert (out / "kill" / "report.md").is_file() and (out / "kill" / "runs.csv").is_file()
 
 
 def _status(directory: Path) -> str:
