@@ -136,6 +136,9 @@ def strategies(
         try:
             for assignment in set_:
                 # `steps=5` and `strategy.steps=5` both name the strategy's field
+                key = assignment.partition("=")[0].strip().removeprefix("strategy.")
+                if key in ("name", ""):
+                    raise ClueAdvError(f"--set {assignment}: give the strategy as NAME, and its fields with --set")
                 apply_override(data, assignment if assignment.startswith("strategy.") else f"strategy.{assignment}")
             configs[name] = parse_config(data, source="--set").strategy
         except ClueAdvError as e:

@@ -33,12 +33,13 @@ MAX_TAG_BYTES = 200  # a strategy's directory name (its tag); filesystems allow 
 NAME_MAX = 255  # bytes per path component on Linux/macOS filesystems; a longer one makes every stat() raise
 
 
-def path_problem(value: str) -> str | None:
-    """Why `value` cannot name a file at all (a `~user` naming no user, a component over NAME_MAX bytes), or
-    None. Either would make every later exists()/is_dir() raise instead of answering."""
-    if any(len(part.encode()) > NAME_MAX for part in value.split("/")):
+def path_problem(value: str, expands: bool = True) -> str | None:
+    """Why `value` cannot name a file at all (a component over NAME_MAX bytes; with `expands`, a `~user` naming
+    no user), or None. Either would make every later exists()/is_dir() raise instead of answering."""
+    # surrogateescape: a name from argv may hold bytes that are not UTF-8 (a str of lone surrogates)
+    if any(len(part.encode("utf-8", "surrogateescape")) > NAME_MAX for part in value.split("/")):
         return f"a path component is longer than {NAME_MAX} bytes"
-    if value.startswith("~"):
+    if expands and value.startswith("~"):
         try:
             Path(value).expanduser()
         except RuntimeError:
@@ -309,8 +310,9 @@ class RunConfig(StrictModel):
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
-    if problem := path_problem(str(path)):
-        raise ConfigError(f"config file {str(path)[:80]}...: {problem}")
+    if problem := path_problem(str(path), expands=False):  # a config path from the shell is already expanded
+        shown = str(path) if len(str(path)) <= 80 else str(path)[:80] + "..."
+        raise ConfigError(f"config file {shown}: {problem}")
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
     if not path.is_file() or not os.access(path, os.R_OK):

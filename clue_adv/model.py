@@ -31,10 +31,14 @@ def _offline_hint(what: str, name: str, error: Exception, field: str = "model.na
     # The hint must work from any working directory and keep the experiment: a relative path to the bundled
     # tokenizer, or a switch to random init, would silently change what is being measured.
     if looks_local(name):  # a local directory that does not load: the hub is not the problem, its files are
-        return ClueAdvError(
-            f"{field}: could not load {what} from the directory {name}: {type(error).__name__}: {error}\n"
-            "A model directory needs config.json, tokenizer files (vocab.txt, tokenizer_config.json) and, for "
+        advice = (
+            "\nA model directory needs config.json, tokenizer files (vocab.txt, tokenizer_config.json) and, for "
             "init: pretrained, *.safetensors weights"
+            if isinstance(error, OSError)
+            else ""  # e.g. a ValueError from its config (hidden size vs heads): the message says what
+        )
+        return ClueAdvError(
+            f"{field}: could not load {what} from the directory {name}: {type(error).__name__}: {error}{advice}"
         )
     return ClueAdvError(
         f"could not load {what} {name!r}: {type(error).__name__}: {error}\n"

@@ -111,12 +111,17 @@ def predict(
     (default: <run>/<task>_predict.json). The run must be completed unless `allow_incomplete`."""
     import torch
 
+    from clue_adv.config import path_problem
     from clue_adv.data import read_split
     from clue_adv.train import configure_environment
 
     run = Path(run)
+    for what, path in (("run directory", run), ("--test-file", Path(test_file))):
+        if problem := path_problem(str(path), expands=False):
+            raise ClueAdvError(f"{what} {str(path)[:80]}...: {problem}")
+    if read_config(run) is not None:  # checked before minutes of loading; _load names a non-run directory
+        _check_run_status(run, allow_incomplete)
     cfg, model, tokenizer, labels = _load(run)
-    _check_run_status(run, allow_incomplete)
     out = Path(output) if output is not None else run / f"{cfg.task}_predict.json"
     warnings = _task_warnings(cfg.task, Path(test_file), out)
     configure_environment(cfg)

@@ -281,7 +281,10 @@ def _config_value(config: dict[str, Any], dotted: str) -> Any:
     node: Any = config
     for key in dotted.split("."):
         if not isinstance(node, dict) or key not in node:
-            node = parse_config({"task": config.get("task", "tnews")}).resolved()
+            try:
+                node = parse_config({"task": "tnews"}).resolved()  # defaults do not depend on the task
+            except ClueAdvError:
+                return None
             for k in dotted.split("."):
                 node = node[k]
             return node
@@ -836,7 +839,11 @@ def build_report(
     experiments: Iterable[str] | None = None,
 ) -> ReportResult:
     """Read every run under `results_dir`, write report.md, runs.csv, summary.csv and plots/."""
+    from clue_adv.config import path_problem
+
     root = Path(results_dir)
+    if problem := path_problem(str(root), expands=False):
+        raise ClueAdvError(f"results directory {str(root)[:80]}...: {problem}")
     if not root.is_dir():
         raise ClueAdvError(f"results directory not found: {root}")
     runs = collect_runs(root)

@@ -126,7 +126,7 @@ def strategy_tag(strategy: StrictModel) -> str:
 
 
 def run_dir(cfg: RunConfig, output_dir: str | Path | None = None) -> Path:
-    root = Path(output_dir if output_dir is not None else cfg.output_dir)
+    root = Path(output_dir if output_dir is not None else cfg.output_dir).expanduser()
     return root / cfg.experiment / cfg.task / strategy_tag(cfg.strategy) / f"seed-{cfg.seed}"
 
 

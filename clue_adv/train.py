@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 import clue_adv
-from clue_adv.config import RunConfig
+from clue_adv.config import RunConfig, path_problem
 from clue_adv.data import eval_loader, load_task_data, train_loader
 from clue_adv.errors import ClueAdvError, ConfigError, RunFailed
 from clue_adv.evaluate import evaluate
@@ -107,8 +107,8 @@ def configure_environment(cfg: RunConfig) -> Callable[[], None]:
     transformers.utils.logging.disable_progress_bar()  # transformers 5's per-tensor 'Loading weights' bar
     datasets.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    with contextlib.suppress(ImportError):
-        import huggingface_hub
+    with contextlib.suppress(ImportError, AttributeError):
+        import huggingface_hub.utils
 
         # Without a network its retries log a "Retrying in Ns" warning each; the failure itself is reported once,
         # with how to run from local files. Download progress bars (real use, with the hub) stay.
@@ -217,6 +217,9 @@ def _now() -> str:
 def _save_model(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
     """Replace directory/model atomically enough: write beside it, then swap by renames."""
     tmp, final, old = directory / ".model.tmp", directory / "model", directory / ".model.old"
+    for stale in (tmp, old):
+        if stale.is_symlink():  # planted: removed, never written through (rmtree refuses a link silently)
+            stale.unlink()
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
@@ -236,6 +239,8 @@ def train(
 ) -> RunOutcome:
     """Run `cfg` to a completed, evaluated run directory (or return the completed one already there)."""
     if output_dir is not None:  # config.yaml records where the run really is (output_dir is not its identity)
+        if problem := path_problem(str(output_dir)):
+            raise ConfigError(f"--output-dir: {problem}")
         cfg = cfg.model_copy(update={"output_dir": str(output_dir)})
     directory = run_dir(cfg, output_dir).resolve()
     state = existing_state(cfg, directory)  # raises if the directory holds another config

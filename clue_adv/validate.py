@@ -97,8 +97,9 @@ def _expand(path: Path | str) -> Path | None:
 
 def _where(path: Path | str) -> str:
     """A relative path is resolved from the current directory, not the config's: say which, since shipped configs
-    name paths relative to the repository root."""
-    return "" if Path(path).is_absolute() else f" (relative to the current directory {Path.cwd()})"
+    name paths relative to the repository root. (`~` paths are absolute once expanded.)"""
+    expanded = _expand(path)
+    return "" if expanded is None or expanded.is_absolute() else f" (relative to the current directory {Path.cwd()})"
 
 
 def _path_problems(s: _Sources) -> list[str]:
@@ -109,6 +110,8 @@ def _path_problems(s: _Sources) -> list[str]:
             problems.append(f"data.path: directory not found: {root}{_where(root)}")
         else:
             for field, name in (("labels", "labels.json"), ("train_file", s.train_file), ("dev_file", s.dev_file)):
+                if path_problem(name, expands=False):  # the schema names it; a stat() of it would raise
+                    continue
                 if not (root / name).is_file():
                     problems.append(f"data.{field}: file not found: {root / name}")
     for field, name in (("model.name_or_path", s.model), ("model.tokenizer", s.tokenizer)):
@@ -123,10 +126,11 @@ def _path_problems(s: _Sources) -> list[str]:
         # What training will read from the directory, checked now rather than after tokenizing
         if field == "model.name_or_path" and not (where / "config.json").is_file():
             problems.append(f"{field}: {name} has no config.json (a model directory needs one)")
-        if (field == "model.tokenizer" or not s.tokenizer) and not any(
-            (where / f).is_file() for f in ("vocab.txt", "tokenizer.json")
+        if (field == "model.tokenizer" or not s.tokenizer) and not (
+            any((where / f).is_file() for f in ("vocab.txt", "tokenizer.json", "vocab.json"))
+            or any(where.glob("*.model"))  # sentencepiece
         ):
-            problems.append(f"{field}: {name} has no tokenizer files (vocab.txt or tokenizer.json)")
+            problems.append(f"{field}: {name} has no tokenizer files (vocab.txt, tokenizer.json, ...)")
         if field == "model.name_or_path" and s.pretrained:
             try:  # pretrained weights from a local directory: safetensors there, as training will insist
                 check_safetensors(name)
@@ -176,7 +180,7 @@ def _data_problems(s: _Sources) -> list[str]:
     if len(labels.ids) != expected:
         problems.append(f"data: {s.task} has {expected} labels but {root / 'labels.json'} lists {len(labels.ids)}")
     for name, limit in ((s.train_file, s.max_train_samples), (s.dev_file, s.max_eval_samples)):
-        if (root / name).is_file():
+        if not path_problem(name, expands=False) and (root / name).is_file():
             try:
                 read_split(root / name, labels, limit)
             except DataError as e:
@@ -243,12 +247,20 @@ def _beyond_the_sweep_schema(path: Path, raw: dict[str, Any], overrides: list[st
         return []
     except ValidationError as e:
         failed = {err["loc"][0] for err in e.errors() if err["loc"]}
+    if "base" in failed:  # nothing to plan the cells against
+        return []
     try:
         rest = SweepConfig.model_validate({k: v for k, v in raw.items() if k not in failed})
         plan_sweep(rest, path, overrides=overrides)
     except (ValidationError, ClueAdvError) as e:
         if isinstance(e, ClueAdvError):
-            return [p for p in (e.problems or [e.message]) if "run config not found" not in p]
+            # Without the failed experiment/output_dir the cells' directories are not theirs: no conflicts there.
+            moved = bool(failed & {"experiment", "output_dir"})
+            return [
+                p
+                for p in (e.problems or [e.message])
+                if "run config not found" not in p and not (moved and "holds a run with a different config" in p)
+            ]
     return []
 
 

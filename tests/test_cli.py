@@ -152,3 +152,9 @@ def test_an_output_folder_that_cannot_be_created_fails_before_setup(tmp_path, mo
     result = invoke("train", "--config", tiny_yaml(tmp_path), "-o", "/proc/clue-adv-test")
     assert result.exit_code == 2, result.output
     assert "cannot write to output folder /proc/clue-adv-test/" in " ".join(result.output.split())
+
+
+def test_strategies_set_cannot_change_the_strategy_name():
+    result = invoke("strategies", "pgd", "--set", "name=fgm")
+    assert result.exit_code == 2 and "give the strategy as NAME" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)

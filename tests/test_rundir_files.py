@@ -74,3 +74,28 @@ def test_a_sweep_worker_log_planted_as_a_symlink_is_replaced(tmp_path):
     assert victim.read_text() == "precious\n"
     assert all(not (c.directory / "train.log").is_symlink() for c in plan.cells)
     assert all(Path(c.directory / "train.log").read_text() for c in plan.cells)
+
+
+def test_output_dir_under_home_is_expanded(tmp_path, monkeypatch):
+    from clue_adv.config import parse_config
+    from clue_adv.rundir import run_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = parse_config({"task": "tnews", "output_dir": "~/runs"})
+    assert run_dir(cfg) == tmp_path / "runs" / "default" / "tnews" / "none" / "seed-1"
+
+
+@pytest.mark.skipif(not hasattr(os, "O_NOFOLLOW"), reason="POSIX only")
+def test_saving_the_model_never_writes_through_a_planted_symlink(tmp_path, tokenizer):
+    from conftest import tiny_bert
+
+    from clue_adv.train import _save_model
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".model.tmp").symlink_to(outside, target_is_directory=True)
+    _save_model(tiny_bert(), tokenizer, run)
+    assert list(outside.iterdir()) == []
+    assert (run / "model" / "config.json").is_file() and not (run / "model").is_symlink()

@@ -303,3 +303,52 @@ def test_a_path_no_file_can_have_is_a_named_error_not_an_oserror(tmp_path):
     result = invoke(tmp_path / f"{long}.yaml")
     assert result.exit_code == 2 and "longer than 255 bytes" in result.output
     assert runner.invoke(app, ["train", "-c", str(tmp_path / f"{long}.yaml")]).exit_code == 2
+
+
+def test_long_names_in_every_path_argument_are_named_errors(tmp_path):
+    long = "a" * 300
+    smoke = REPO / "configs" / "smoke.yaml"
+    for setting in (f"data.train_file={long}", f"data.dev_file={long}"):
+        result = invoke(smoke, "--set", "data.path=clue_adv/assets/tnews", "--set", setting)
+        assert result.exit_code == 2 and "longer than 255 bytes" in result.output, result.output
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(f"base: {smoke}\nseeds: 1\noverrides: {{data.train_file: {long}}}\n")
+    assert "longer than 255 bytes" in invoke(sweep).output
+    for args in (
+        ["train", "-c", str(smoke), "-o", str(tmp_path / long)],
+        ["report", str(tmp_path / long)],
+        ["predict", str(tmp_path / long), "-t", str(tmp_path)],
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "longer than 255 bytes" in result.output, (args, result.output)
+    # a config path whose bytes are not UTF-8 (a str with surrogates): not found, not a UnicodeEncodeError
+    result = invoke(tmp_path / "\udcff.yaml")
+    assert result.exit_code == 2 and "config file not found" in result.output
+
+
+def test_a_home_relative_path_is_not_called_relative_to_the_current_directory():
+    result = invoke(REPO / "configs" / "smoke.yaml", "--set", "model.name_or_path=~/no-such-model-dir")
+    assert result.exit_code == 2
+    assert "directory not found: ~/no-such-model-dir" in result.output and "relative to" not in result.output
+
+
+def test_a_config_file_under_a_literal_tilde_folder_loads(tmp_path, monkeypatch):
+    """Config paths come from the shell, already expanded: `~nouser/c.yaml` is a relative path there."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "~nouser").mkdir()
+    shutil.copy(REPO / "configs" / "smoke.yaml", tmp_path / "~nouser" / "c.yaml")
+    result = invoke(
+        "~nouser/c.yaml",
+        "--set",
+        f"data.path={ASSETS / 'tnews'}",
+        "--set",
+        f"model.name_or_path={ASSETS / 'tokenizer'}",
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_a_sweep_whose_base_fails_its_schema_gets_no_invented_problems(tmp_path):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("base: 5\nstrategies: [{name: none}]\n")
+    text = invoke(sweep).output
+    assert "base" in text and "names no task" not in text
