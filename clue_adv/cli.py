@@ -70,13 +70,19 @@ def train(
     table = Table(title=f"{s.get('task')} · {s.get('strategy_tag')} · seed {s.get('seed')}")
     for col in ("best dev acc", "best epoch", "final dev acc", "macro-F1 (best)", "steps", "train time"):
         table.add_column(col, justify="right")
+
+    def pct(key: str) -> str:  # an already-completed run's summary may be from another version or hand-edited
+        value = s.get(key)
+        return f"{100 * value:.2f}" if isinstance(value, int | float) else "?"
+
+    wall = s.get("train_wall_time_s")
     table.add_row(
-        f"{100 * s['best_dev_accuracy']:.2f}",
-        str(s["best_epoch"]),
-        f"{100 * s['final_dev_accuracy']:.2f}",
-        f"{100 * s['best_dev_macro_f1']:.2f}",
-        str(s["steps"]),
-        f"{s['train_wall_time_s']:.1f}s",
+        pct("best_dev_accuracy"),
+        str(s.get("best_epoch", "?")),
+        pct("final_dev_accuracy"),
+        pct("best_dev_macro_f1"),
+        str(s.get("steps", "?")),
+        f"{wall:.1f}s" if isinstance(wall, int | float) else "?",
     )
     out.print(table)
     out.print(f"run directory: {outcome.directory}", highlight=False)
@@ -302,9 +308,16 @@ def sweep(
             built = build_report(root, experiments=plan.experiments)
         except ClueAdvError as e:
             err.print(f"[yellow]report skipped:[/] {e}", highlight=False)
+        except Exception as e:  # the runs are done and saved; a report problem must not hide that
+            err.print(
+                f"[yellow]report failed:[/] {type(e).__name__}: {e} (the runs are saved; `clue-adv report` retries)",
+                highlight=False,
+            )
         else:
             for t in built.tables:
                 out.print(rich_table(t, metric))
+            for line in built.skipped:
+                err.print(f"[yellow]skipped[/] {line}", highlight=False, markup=False)
             err.print(f"report: {root / 'report.md'}", highlight=False)
     if result.interrupted:
         err.print("interrupted: rerun the same command to resume", highlight=False)
@@ -391,6 +404,8 @@ def report(
         built = build_report(results_dir, output, plots=plots)
     except ClueAdvError as e:
         _fail(e)
+    for line in built.skipped:
+        err.print(f"skipped {line}", highlight=False, markup=False)
     if fmt == "rich":
         for t in built.tables:
             out.print(rich_table(t, metric))

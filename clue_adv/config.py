@@ -37,6 +37,8 @@ def path_problem(value: str, expands: bool = True) -> str | None:
     """Why `value` cannot name a file at all (a component over NAME_MAX bytes; with `expands`, a `~user` naming
     no user), or None. Either would make every later exists()/is_dir() raise instead of answering."""
     # surrogateescape: a name from argv may hold bytes that are not UTF-8 (a str of lone surrogates)
+    if "\0" in value:
+        return "contains a NUL byte"
     if any(len(part.encode("utf-8", "surrogateescape")) > NAME_MAX for part in value.split("/")):
         return f"a path component is longer than {NAME_MAX} bytes"
     if expands and value.startswith("~"):
@@ -329,6 +331,8 @@ def load_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{where}: YAML syntax error: {e.problem}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: YAML error: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -47,6 +47,14 @@ class TaskData:
     labels: LabelSet
 
 
+def _encodable(record: Any) -> bool:
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) for each non-empty line. Lines end at '\\n' only: IFLYTEK sentences contain
     U+2028, which str.splitlines() would treat as a line break."""
@@ -70,6 +78,11 @@ def jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{lineno}: nested too deeply to be a CLUE record") from None
+            if "\\u" in line and not _encodable(record):
+                # JSON may escape a lone UTF-16 surrogate (\ud800), which no tokenizer or UTF-8 file can take
+                raise DataError(f"{path}:{lineno}: a string holds a lone surrogate escape (not a character)")
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             yield lineno, record
@@ -97,10 +110,11 @@ def _valid_labels(labels: LabelSet, shown: int = 10) -> str:
 
 
 def read_split(path: Path, labels: LabelSet | None, limit: int | None = None) -> dict[str, list[Any]]:
-    """Columns `sentence`, `label` (index into `labels`) and `id` of a CLUE JSON-lines file.
+    """Columns `sentence` and `label` (index into `labels`) of a CLUE JSON-lines file, plus `id` for an unlabelled one.
     With `labels=None` (an unlabelled test file) `label` is -1."""
     index = labels.index() if labels is not None else {}
-    columns: dict[str, list[Any]] = {"sentence": [], "label": [], "id": []}
+    # ids only for an unlabelled (test) file, whose submission needs them: train/dev ids, of any type, unused
+    columns: dict[str, list[Any]] = {"sentence": [], "label": [], **({"id": []} if labels is None else {})}
     for lineno, record in jsonl_records(path):
         if limit is not None and len(columns["sentence"]) >= limit:
             break
@@ -116,7 +130,8 @@ def read_split(path: Path, labels: LabelSet | None, limit: int | None = None) ->
         else:
             columns["label"].append(-1)
         columns["sentence"].append(record["sentence"])
-        columns["id"].append(record.get("id", len(columns["id"])))
+        if labels is None:
+            columns["id"].append(record.get("id", len(columns["id"])))
     if not columns["sentence"]:
         raise DataError(f"{path}: no records (empty split)")
     return columns

@@ -182,9 +182,11 @@ def model_max_positions(name_or_path: str) -> int | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("max_position_embeddings")
-    except (OSError, json.JSONDecodeError):
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or not UTF-8; loading will say which
         return None
+    positions = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    return positions if isinstance(positions, int) and not isinstance(positions, bool) else None
 
 
 def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:

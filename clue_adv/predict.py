@@ -45,11 +45,14 @@ def _load(run: Path) -> tuple[Any, Any, Any, list[str]]:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if not any(model_dir.glob("*.safetensors")):
         # safetensors only: a pickled pytorch_model.bin (which could run code when loaded) is never read
         raise ClueAdvError(f"{model_dir}: no .safetensors weights; pickled checkpoints (.bin) are not loaded")
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
+    except Exception as e:  # a damaged save: bad JSON, truncated weights, a head of another size...
+        raise ClueAdvError(f"{model_dir}: the saved model does not load ({type(e).__name__}: {e})") from None
     if cfg.model.head == "cls":
         # The saved weights have no pooler (the study head has none); loading built a fresh pooler,
         # which this removes again, exactly as training did.
@@ -121,6 +124,12 @@ def predict(
             raise ClueAdvError(f"{what} {str(path)[:80]}...: {problem}")
     if read_config(run) is not None:  # checked before minutes of loading; _load names a non-run directory
         _check_run_status(run, allow_incomplete)
+    if output is not None and (
+        Path(output).is_dir() or any(p.exists() and not p.is_dir() for p in Path(output).parents)
+    ):
+        raise ClueAdvError(f"--output {output}: must be a file path whose folder exists or can be made")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ClueAdvError("--device cuda: no CUDA device is available")
     cfg, model, tokenizer, labels = _load(run)
     out = Path(output) if output is not None else run / f"{cfg.task}_predict.json"
     warnings = _task_warnings(cfg.task, Path(test_file), out)

@@ -136,13 +136,60 @@ def stale_running(directory: Path, summary: dict[str, Any]) -> bool:
 STALE_NOTE = "its process stopped without finishing (killed or the machine went down): its lock is free"
 
 
-def collect_runs(root: Path) -> list[RunRecord]:
+# Summary fields the report computes with: a value of another type (a hand-edited or damaged file) is dropped,
+# so the run shows as missing that number instead of breaking the report.
+_NUMERIC_FIELDS = (
+    "best_dev_accuracy",
+    "final_dev_accuracy",
+    "best_dev_macro_f1",
+    "final_dev_macro_f1",
+    "best_epoch",
+    "steps",
+    "mean_step_time_s",
+    "train_wall_time_s",
+    "samples_per_s",
+    "peak_memory_mb",
+)
+
+
+def _finite_number(value: Any) -> bool:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
+def _clean_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in summary.items() if k not in _NUMERIC_FIELDS or _finite_number(v)}
+    history = out.get("dev_history")
+    if history is not None and not (
+        isinstance(history, list)
+        and all(
+            isinstance(h, dict) and all(_finite_number(h.get(k)) for k in ("epoch", "step", "accuracy"))
+            for h in history
+        )
+    ):
+        del out["dev_history"]
+    return out
+
+
+def collect_runs(root: Path, skipped: list[str] | None = None) -> list[RunRecord]:
+    """Every run under `root` whose config.yaml reads as a run config (others are named in `skipped`), with
+    summary fields of the wrong type dropped; then the cells a sweep planned that have no directory yet."""
+    from clue_adv.config import parse_config
+
     runs = []
     for directory in find_run_dirs(root):
-        config = read_config(directory)
-        if not isinstance(config, dict) or not isinstance(config.get("strategy"), dict):
+        raw = read_config(directory)
+        try:
+            config = parse_config(raw or {}, source=str(directory / "config.yaml")).resolved()
+        except ClueAdvError as e:
+            if skipped is not None:
+                skipped.append(f"{directory}: config.yaml is not a run config ({(e.problems or [e.message])[0]})")
             continue
-        summary = read_summary(directory) or {}
+        summary = _clean_summary(read_summary(directory) or {})
         runs.append(
             RunRecord(
                 directory=directory,
@@ -181,7 +228,7 @@ def planned_runs(root: Path, existing: set[Path]) -> list[RunRecord]:
             data = json.loads(manifest.read_text(encoding="utf-8"))
             entries = data["cells"]
             experiment = str(data["experiment"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             continue
         for entry in entries if isinstance(entries, list) else []:
             try:
@@ -198,7 +245,7 @@ def planned_runs(root: Path, existing: set[Path]) -> list[RunRecord]:
                     config=config,
                     summary={},
                 )
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: int(Infinity)
                 continue
             if directory in existing or not directory.is_relative_to(root) or not isinstance(config, dict):
                 continue
@@ -829,6 +876,7 @@ class ReportResult:
     tables: list[ExperimentTable]
     runs: list[RunRecord]
     files: list[Path]
+    skipped: list[str] = field(default_factory=list)  # run directories that could not be read
 
 
 def build_report(
@@ -846,13 +894,16 @@ def build_report(
         raise ClueAdvError(f"results directory {str(root)[:80]}...: {problem}")
     if not root.is_dir():
         raise ClueAdvError(f"results directory not found: {root}")
-    runs = collect_runs(root)
+    skipped: list[str] = []
+    runs = collect_runs(root, skipped)
     if experiments is not None:
         wanted = set(experiments)
         runs = [r for r in runs if r.experiment in wanted]
     if not runs:
         raise ClueAdvError(f"no run directories (with config.yaml) under {root}")
     out = Path(output_dir) if output_dir is not None else root
+    if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
+        raise ClueAdvError(f"report folder {out}: it, or a folder above it, is a file")
     tables = build_tables(runs)
     files = [out / "runs.csv", out / "summary.csv", out / "report.md"]
     atomic_write_text(files[0], runs_csv(runs))
@@ -894,4 +945,4 @@ def build_report(
             parts.append("### Runs that did not complete\n\n" + "\n".join(lines))
     parts.append(reference_section(tables))
     atomic_write_text(files[2], "\n\n".join(p.rstrip("\n") for p in parts) + "\n")
-    return ReportResult(tables, runs, files)
+    return ReportResult(tables, runs, files, skipped)

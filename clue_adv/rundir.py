@@ -160,9 +160,10 @@ def read_summary(directory: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or not UTF-8
         return None
+    return data if isinstance(data, dict) else None  # a damaged or hand-edited file is no summary
 
 
 def read_config(directory: Path) -> dict[str, Any] | None:
@@ -170,9 +171,10 @@ def read_config(directory: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError, RecursionError):  # ValueError: not UTF-8
         return None
+    return data if isinstance(data, dict) else None
 
 
 def existing_state(cfg: RunConfig, directory: Path) -> str:

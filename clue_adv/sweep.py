@@ -364,7 +364,11 @@ def plan_sweep(
             if problem:
                 problems.append(problem)
 
-    tasks = list(sweep.tasks or [base.get("task")])
+    base_task = base.get("task")
+    if base_task is not None and not isinstance(base_task, str):
+        problems.append(f"base task: {base_task!r} is not a task name (valid: {', '.join(TASKS)})")
+        base_task = None
+    tasks = list(sweep.tasks or [base_task])
     if tasks == [None]:
         problems.append("tasks: the base config names no task; list them in the sweep's `tasks`")
         tasks = []
@@ -456,6 +460,8 @@ def plan_sweep(
         return variants
 
     base_experiment = sweep.experiment or base.get("experiment") or "default"
+    if not isinstance(base_experiment, str):  # the cell's schema check names it; the suffix needs a string
+        base_experiment = str(base_experiment)
     cells: list[Cell] = []
     raw_cells: list[dict[str, Any]] = []  # cells whose values fail the schema
     seen: dict[Path, dict[str, Any]] = {}
@@ -564,6 +570,9 @@ class SweepResult:
         if self.interrupted:
             return 130
         return 1 if self.by_status("failed") else 0
+
+
+MAX_JOBS = 256  # parallel local workers; more is a typo (each gets a process and a share of the cores)
 
 
 def core_sets(cores: list[int], jobs: int) -> list[list[int]]:
@@ -1138,7 +1147,8 @@ def sweep_status(plan: SweepPlan) -> list[CellStatus]:
             out.append(CellStatus(cell, "running", f"job {job} {queued.lower()}, starting", job))
         elif cell.state == "completed":
             acc = summary.get("best_dev_accuracy")
-            out.append(CellStatus(cell, "completed", f"best dev {100 * acc:.2f}" if acc is not None else "", job))
+            shown = f"best dev {100 * acc:.2f}" if isinstance(acc, int | float) and math.isfinite(acc) else ""
+            out.append(CellStatus(cell, "completed", shown, job))
         elif cell.state in ("failed", "interrupted"):
             out.append(CellStatus(cell, cell.state, str(summary.get("error") or ""), job))
         elif cell.state == "running":
@@ -1372,6 +1382,8 @@ def run_sweep(
     jobs = jobs if jobs is not None else (len(devices) if devices else 1)
     if jobs < 1:
         raise ClueAdvError("--jobs must be at least 1")
+    if jobs > MAX_JOBS:
+        raise ClueAdvError(f"--jobs {jobs}: at most {MAX_JOBS} runs at once")
     if executor != "local" and (devices or jobs > 1):
         console.print(
             f"note: --devices/--jobs place runs on this machine; with --executor {executor} the scheduler places "
