@@ -49,6 +49,21 @@ def path_problem(value: str, expands: bool = True) -> str | None:
     return None
 
 
+def expand_path(value: str | Path) -> Path | None:
+    """expanduser(), or None for a path no file can have (see path_problem): asking the filesystem about it
+    would raise."""
+    if path_problem(str(value)):
+        return None
+    return Path(value).expanduser()
+
+
+def require_nameable(path: str | Path, what: str, expands: bool = True) -> None:
+    """Raise a ConfigError naming `what` (e.g. `--output-dir`) when no file can have the name `path`."""
+    if problem := path_problem(str(path), expands):
+        shown = str(path) if len(str(path)) <= 80 else str(path)[:80] + "..."
+        raise ConfigError(f"{what} {shown}: {problem}")
+
+
 def _expandable(value: str | None) -> str | None:
     """A path field is refused here when no file could have its name (see path_problem)."""
     if value is not None and (problem := path_problem(value)):
@@ -168,7 +183,7 @@ class ModelConfig(StrictModel):
 
         known = torch._dynamo.list_backends(exclude_tags=())
         if v not in known:
-            raise ValueError(f"unknown torch.compile backend {v!r} (e.g. {', '.join(['inductor', 'aot_eager'])})")
+            raise ValueError(f"unknown torch.compile backend {v!r} (e.g. inductor, aot_eager)")
         return v
 
     @model_validator(mode="after")
@@ -312,9 +327,7 @@ class RunConfig(StrictModel):
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
-    if problem := path_problem(str(path), expands=False):  # a config path from the shell is already expanded
-        shown = str(path) if len(str(path)) <= 80 else str(path)[:80] + "..."
-        raise ConfigError(f"config file {shown}: {problem}")
+    require_nameable(path, "config file", expands=False)  # a config path from the shell is already expanded
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
     if not path.is_file() or not os.access(path, os.R_OK):

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clue_adv.config import TASKS, require_nameable
 from clue_adv.errors import ClueAdvError
-from clue_adv.rundir import atomic_write_text, read_config, read_summary
+from clue_adv.rundir import atomic_write_text, first_non_directory, read_config, read_summary
 
 
 @dataclass
@@ -64,9 +65,6 @@ def _load(run: Path) -> tuple[Any, Any, Any, list[str]]:
     return cfg, model, tokenizer, labels
 
 
-TASKS = ("tnews", "iflytek")
-
-
 def _check_run_status(run: Path, allow_incomplete: bool) -> None:
     """A submission comes from a completed run: an interrupted or failed one saved only its best model so far."""
     status = (read_summary(run) or {}).get("status", "unknown")
@@ -114,19 +112,15 @@ def predict(
     (default: <run>/<task>_predict.json). The run must be completed unless `allow_incomplete`."""
     import torch
 
-    from clue_adv.config import path_problem
     from clue_adv.data import read_split
     from clue_adv.train import configure_environment
 
     run = Path(run)
-    for what, path in (("run directory", run), ("--test-file", Path(test_file))):
-        if problem := path_problem(str(path), expands=False):
-            raise ClueAdvError(f"{what} {str(path)[:80]}...: {problem}")
+    require_nameable(run, "run directory", expands=False)
+    require_nameable(test_file, "--test-file", expands=False)
     if read_config(run) is not None:  # checked before minutes of loading; _load names a non-run directory
         _check_run_status(run, allow_incomplete)
-    if output is not None and (
-        Path(output).is_dir() or any(p.exists() and not p.is_dir() for p in Path(output).parents)
-    ):
+    if output is not None and (Path(output).is_dir() or first_non_directory(Path(output).parent) is not None):
         raise ClueAdvError(f"--output {output}: must be a file path whose folder exists or can be made")
     if device == "cuda" and not torch.cuda.is_available():
         raise ClueAdvError("--device cuda: no CUDA device is available")

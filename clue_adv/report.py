@@ -28,6 +28,7 @@ from clue_adv.rundir import (
     SWEEP_MANIFEST,
     atomic_write_text,
     find_run_dirs,
+    first_non_directory,
     read_config,
     read_summary,
     run_lock_held,
@@ -887,11 +888,10 @@ def build_report(
     experiments: Iterable[str] | None = None,
 ) -> ReportResult:
     """Read every run under `results_dir`, write report.md, runs.csv, summary.csv and plots/."""
-    from clue_adv.config import path_problem
+    from clue_adv.config import require_nameable
 
     root = Path(results_dir)
-    if problem := path_problem(str(root), expands=False):
-        raise ClueAdvError(f"results directory {str(root)[:80]}...: {problem}")
+    require_nameable(root, "results directory", expands=False)
     if not root.is_dir():
         raise ClueAdvError(f"results directory not found: {root}")
     skipped: list[str] = []
@@ -902,7 +902,7 @@ def build_report(
     if not runs:
         raise ClueAdvError(f"no run directories (with config.yaml) under {root}")
     out = Path(output_dir) if output_dir is not None else root
-    if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
+    if first_non_directory(out) is not None:
         raise ClueAdvError(f"report folder {out}: it, or a folder above it, is a file")
     tables = build_tables(runs)
     files = [out / "runs.csv", out / "summary.csv", out / "report.md"]

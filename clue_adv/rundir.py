@@ -208,14 +208,19 @@ def check_writable(directory: Path) -> None:
         raise ClueAdvError(f"cannot write to output folder {directory}: {e.strerror or e}") from None
 
 
-def _check_can_be_a_directory(directory: Path) -> None:
-    """Raise if `directory` or a folder above it exists but is a file (e.g. `-o` names a file): mkdir would
-    fail later with a bare NotADirectoryError / FileExistsError."""
+def first_non_directory(directory: Path) -> Path | None:
+    """The nearest existing one of `directory` and the folders above it, when it is not a directory (a file, a
+    broken link): mkdir there would fail with a bare NotADirectoryError / FileExistsError. None otherwise."""
     for path in (directory, *directory.parents):
         if path.exists() or path.is_symlink():
-            if not path.is_dir():
-                raise ClueAdvError(f"output folder {directory}: {path} exists and is not a directory")
-            return
+            return None if path.is_dir() else path
+    return None
+
+
+def _check_can_be_a_directory(directory: Path) -> None:
+    """Raise if `directory` or a folder above it exists but is a file (e.g. `-o` names a file)."""
+    if (path := first_non_directory(directory)) is not None:
+        raise ClueAdvError(f"output folder {directory}: {path} exists and is not a directory")
 
 
 # Locks this process holds, by resolved run directory. flock belongs to an open file description, so a second

@@ -63,10 +63,10 @@ from clue_adv.config import (
     RunConfig,
     apply_override,
     dump_config,
+    expand_path,
     format_validation_errors,
     load_yaml,
     merge,
-    path_problem,
     set_dotted,
 )
 from clue_adv.errors import ClueAdvError, ConfigError, RunFailed, sigterm_as_interrupt
@@ -335,12 +335,11 @@ def plan_sweep(
 
     base: dict[str, Any] = {}
     for name in [sweep.base] if isinstance(sweep.base, str) else sweep.base or []:
-        base_path = source.parent / name
-        if not path_problem(str(base_path)):  # otherwise no such file can exist: reported as not found below
-            base_path = base_path.expanduser()
-        if path_problem(str(base_path)) or not base_path.is_file():
+        base_path = expand_path(source.parent / name)  # None: a name no file can have
+        if base_path is None or not base_path.is_file():
             raise ConfigError(
-                f"{source}: base: run config not found: {base_path} (paths are relative to the sweep file's directory)"
+                f"{source}: base: run config not found: {base_path or source.parent / name} "
+                "(paths are relative to the sweep file's directory)"
             )
         base = merge(base, load_yaml(base_path))
     for assignment in overrides or []:  # `--set` on the command line: applied like `overrides`
@@ -856,10 +855,6 @@ def _run_in_process(cells: list[Cell], force: bool, progress: SweepProgress, con
     return SweepResult(results)
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def _run_subprocesses(
     cells: list[Cell], force: bool, jobs: int, devices: list[str] | None, progress: SweepProgress
 ) -> SweepResult:
@@ -869,10 +864,7 @@ def _run_subprocesses(
     running: dict[int, tuple[subprocess.Popen, Cell, float, Path, Any]] = {}
     results: list[CellResult] = []
     interrupted = False
-    previous_term = None
-    with contextlib.suppress(ValueError):  # not the main thread: no handler, Ctrl-C still works
-        previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
-    with tempfile.TemporaryDirectory(prefix="clue-adv-sweep-") as tmp:
+    with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="clue-adv-sweep-") as tmp:
         try:
             while queue or running:
                 for slot in range(jobs):
@@ -933,9 +925,6 @@ def _run_subprocesses(
                     result.status = "interrupted"
                 results.append(result)
                 progress.finished(result)
-        finally:
-            if previous_term is not None:
-                signal.signal(signal.SIGTERM, previous_term)
     return SweepResult(results, interrupted)
 
 

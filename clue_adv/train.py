@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 import clue_adv
-from clue_adv.config import RunConfig, path_problem
+from clue_adv.config import RunConfig, require_nameable
 from clue_adv.data import eval_loader, load_task_data, train_loader
 from clue_adv.errors import ClueAdvError, ConfigError, RunFailed
 from clue_adv.evaluate import evaluate
@@ -239,8 +239,7 @@ def train(
 ) -> RunOutcome:
     """Run `cfg` to a completed, evaluated run directory (or return the completed one already there)."""
     if output_dir is not None:  # config.yaml records where the run really is (output_dir is not its identity)
-        if problem := path_problem(str(output_dir)):
-            raise ConfigError(f"--output-dir: {problem}")
+        require_nameable(output_dir, "--output-dir")
         cfg = cfg.model_copy(update={"output_dir": str(output_dir)})
     directory = run_dir(cfg, output_dir).resolve()
     state = existing_state(cfg, directory)  # raises if the directory holds another config

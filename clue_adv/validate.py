@@ -12,6 +12,7 @@ from clue_adv.config import (
     DataConfig,
     RunConfig,
     apply_override,
+    expand_path,
     load_yaml,
     merge,
     parse_config,
@@ -85,21 +86,13 @@ class _Sources:
     def local_dir(self) -> Path | None:
         if self.data_path is None:
             return None
-        return _expand(self.data_path.replace("{task}", self.task or "{task}"))
+        return expand_path(self.data_path.replace("{task}", self.task or "{task}"))
 
 
-def _expand(path: Path | str) -> Path | None:
-    """expanduser(), or None for a path no file can have (the schema reports it; see config.path_problem)."""
-    if path_problem(str(path)):
-        return None
-    return Path(path).expanduser()
-
-
-def _where(path: Path | str) -> str:
+def _where(expanded: Path) -> str:
     """A relative path is resolved from the current directory, not the config's: say which, since shipped configs
     name paths relative to the repository root. (`~` paths are absolute once expanded.)"""
-    expanded = _expand(path)
-    return "" if expanded is None or expanded.is_absolute() else f" (relative to the current directory {Path.cwd()})"
+    return "" if expanded.is_absolute() else f" (relative to the current directory {Path.cwd()})"
 
 
 def _path_problems(s: _Sources) -> list[str]:
@@ -117,11 +110,11 @@ def _path_problems(s: _Sources) -> list[str]:
     for field, name in (("model.name_or_path", s.model), ("model.tokenizer", s.tokenizer)):
         if not name or not looks_local(name):
             continue
-        where = _expand(name)
-        if where is None:  # a `~user` naming no user: the schema says so
+        where = expand_path(name)
+        if where is None:  # a name no directory can have (e.g. `~user` naming no user): the schema says so
             continue
         if not where.is_dir():
-            problems.append(f"{field}: directory not found: {name}{_where(name)}")
+            problems.append(f"{field}: directory not found: {name}{_where(where)}")
             continue
         # What training will read from the directory, checked now rather than after tokenizing
         if field == "model.name_or_path" and not (where / "config.json").is_file():
@@ -136,7 +129,7 @@ def _path_problems(s: _Sources) -> list[str]:
                 check_safetensors(name)
             except ClueAdvError as e:
                 problems.append(e.message)
-    local_model = s.model is not None and looks_local(s.model) and _expand(s.model) is not None
+    local_model = s.model is not None and looks_local(s.model) and expand_path(s.model) is not None
     positions = model_max_positions(s.model) if local_model else None
     if positions is not None and s.max_length is not None and s.max_length > positions:
         problems.append(f"max_length: {s.max_length} exceeds the model's {positions} positions")
@@ -219,7 +212,7 @@ def _raw_sweep_problems(path: Path, data: dict[str, Any]) -> list[str]:
     problems = []
     base = data.get("base")
     for name in [base] if isinstance(base, str) else base if isinstance(base, list) else []:
-        full = _expand(path.parent / name) if isinstance(name, str) else None
+        full = expand_path(path.parent / name) if isinstance(name, str) else None
         if isinstance(name, str) and (full is None or not full.is_file()):
             problems.append(
                 f"{path}: base: run config not found: {full or path.parent / name} "
@@ -252,15 +245,16 @@ def _beyond_the_sweep_schema(path: Path, raw: dict[str, Any], overrides: list[st
     try:
         rest = SweepConfig.model_validate({k: v for k, v in raw.items() if k not in failed})
         plan_sweep(rest, path, overrides=overrides)
-    except (ValidationError, ClueAdvError) as e:
-        if isinstance(e, ClueAdvError):
-            # Without the failed experiment/output_dir the cells' directories are not theirs: no conflicts there.
-            moved = bool(failed & {"experiment", "output_dir"})
-            return [
-                p
-                for p in (e.problems or [e.message])
-                if "run config not found" not in p and not (moved and "holds a run with a different config" in p)
-            ]
+    except ValidationError:  # what remains does not make a sweep either: the first report stands
+        return []
+    except ClueAdvError as e:
+        # Without the failed experiment/output_dir the cells' directories are not theirs: no conflicts there.
+        moved = bool(failed & {"experiment", "output_dir"})
+        return [
+            p
+            for p in (e.problems or [e.message])
+            if "run config not found" not in p and not (moved and "holds a run with a different config" in p)
+        ]
     return []
 
 
