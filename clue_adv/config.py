@@ -90,7 +90,28 @@ class DataConfig(StrictModel):
     train_file: str = Field("train.json", description="Training file name inside `path`.")
     dev_file: str = Field("dev.json", description="Dev (evaluation) file name inside `path`.")
     max_train_samples: int | None = Field(None, gt=0, description="Keep only the first N training records.")
-    max_eval_samples: int | None = Field(None, gt=0, description="Keep only the first N dev records.")
+    max_eval_samples: int | None = Field(
+        None, gt=0, description="Keep only the first N records of the evaluated split (dev, or the holdout)."
+    )
+    holdout_size: int = Field(
+        0,
+        ge=0,
+        description="Carve this many examples out of the training file (a random subset drawn with holdout_seed from "
+        "the whole file, before max_train_samples) into a held-out split that is never trained on. Choosing "
+        "hyperparameters on it (`eval_split: holdout`) and reporting on dev keeps the dev score free of selection.",
+    )
+    holdout_seed: int = Field(
+        0,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed of the holdout carve, separate from the run's seed so that every run of a comparison (every "
+        "strategy and seed) holds out the same examples.",
+    )
+    eval_split: Literal["dev", "holdout"] = Field(
+        "dev",
+        description="What the run evaluates after each epoch (best epoch, early stopping, the report): the dev file, "
+        "or the held-out part of the training file (needs holdout_size > 0).",
+    )
     length_grouped: bool = Field(
         False,
         description="Shuffle, then sort by length inside windows of 50 batches: less padding per batch "
@@ -98,6 +119,14 @@ class DataConfig(StrictModel):
     )
 
     _path_expands = field_validator("path", "train_file", "dev_file")(_expandable)
+
+    @model_validator(mode="after")
+    def _holdout_to_evaluate(self) -> DataConfig:
+        if self.eval_split == "holdout" and self.holdout_size == 0:
+            raise ValueError(
+                "eval_split: 'holdout' needs data.holdout_size > 0 (how many training examples to hold out)"
+            )
+        return self
 
     @property
     def is_local(self) -> bool:

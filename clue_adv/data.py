@@ -43,7 +43,7 @@ class LabelSet:
 @dataclass
 class TaskData:
     train: Dataset
-    dev: Dataset
+    dev: Dataset  # what the run evaluates: the dev file, or the held-out part of train (data.eval_split)
     labels: LabelSet
 
 
@@ -177,7 +177,7 @@ def _from_hub(cfg: RunConfig) -> tuple[Dataset, Dataset, LabelSet]:
 
         return ds.map(remap, batched=True, with_indices=True, desc=None)
 
-    return convert("train", cfg.data.max_train_samples), convert("validation", cfg.data.max_eval_samples), labels
+    return convert("train", _train_read_limit(cfg)), convert("validation", cfg.data.max_eval_samples), labels
 
 
 def _from_local(cfg: RunConfig) -> tuple[Dataset, Dataset, LabelSet]:
@@ -187,9 +187,45 @@ def _from_local(cfg: RunConfig) -> tuple[Dataset, Dataset, LabelSet]:
     if not root.is_dir():
         raise DataError(f"data.path: directory not found: {root}")
     labels = read_labels(root / "labels.json")
-    train = read_split(root / cfg.data.train_file, labels, cfg.data.max_train_samples)
+    train = read_split(root / cfg.data.train_file, labels, _train_read_limit(cfg))
     dev = read_split(root / cfg.data.dev_file, labels, cfg.data.max_eval_samples)
     return Dataset.from_dict(train), Dataset.from_dict(dev), labels
+
+
+def _train_read_limit(cfg: RunConfig) -> int | None:
+    # A holdout is drawn from the whole training file, so max_train_samples can only cut what remains after it.
+    return None if cfg.data.holdout_size else cfg.data.max_train_samples
+
+
+def check_holdout(n: int, size: int) -> None:
+    """A holdout of `size` rows must leave some of the `n` training rows to train on."""
+    if size >= n:
+        raise DataError(f"data.holdout_size: {size} leaves no training examples (the training split has {n})")
+
+
+def holdout_indices(n: int, size: int, seed: int) -> tuple[list[int], list[int]]:
+    """(kept, held out): row indices of a split of `n` rows, each in file order; `size` rows drawn at random with
+    `seed` are held out. Depends on nothing but (n, size, seed), so every run of a comparison holds out the same
+    rows whatever its own seed."""
+    check_holdout(n, size)
+    held = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
+    is_held = torch.zeros(n, dtype=torch.bool)
+    is_held[held] = True
+    return (~is_held).nonzero().flatten().tolist(), is_held.nonzero().flatten().tolist()
+
+
+def _with_holdout(train: Dataset, dev: Dataset, cfg: RunConfig) -> tuple[Dataset, Dataset]:
+    """(what is trained on, what is evaluated) after data.holdout_size / eval_split / max_*_samples."""
+    if not cfg.data.holdout_size:
+        return train, dev
+    kept, held = holdout_indices(len(train), cfg.data.holdout_size, cfg.data.holdout_seed)
+    if cfg.data.max_train_samples is not None:
+        kept = kept[: cfg.data.max_train_samples]
+    if cfg.data.eval_split == "dev":
+        return train.select(kept), dev
+    if cfg.data.max_eval_samples is not None:
+        held = held[: cfg.data.max_eval_samples]
+    return train.select(kept), train.select(held)
 
 
 def cache_dir() -> Path:
@@ -231,7 +267,8 @@ def load_task_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> TaskDa
     train, dev, labels = _from_local(cfg) if cfg.data.is_local else _from_hub(cfg)
     if len(labels.ids) != cfg.num_labels:
         raise DataError(f"{cfg.task} has {cfg.num_labels} labels but labels.json lists {len(labels.ids)}")
-    for name, ds in (("train", train), ("dev", dev)):
+    train, dev = _with_holdout(train, dev, cfg)
+    for name, ds in (("train", train), (cfg.data.eval_split, dev)):
         if len(ds) == 0:
             raise DataError(f"the {name} split is empty")
     if cfg.data.is_local:

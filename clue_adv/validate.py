@@ -36,7 +36,8 @@ class _Sources:
     model: str | None
     tokenizer: str | None
     max_length: int | None
-    pretrained: bool = True  # model.init: pretrained (its weights must be there), or random (config only)
+    pretrained: bool = True
+    holdout_size: int = 0  # model.init: pretrained (its weights must be there), or random (config only)
 
     @classmethod
     def of(cls, cfg: RunConfig) -> _Sources:
@@ -52,6 +53,7 @@ class _Sources:
             cfg.model.tokenizer,
             cfg.max_length,
             cfg.model.init == "pretrained",
+            d.holdout_size,
         )
 
     @classmethod
@@ -81,6 +83,7 @@ class _Sources:
             text(m, "tokenizer"),
             positive(data, "max_length"),
             m.get("init", "pretrained") != "random",
+            positive(d, "holdout_size") or 0,
         )
 
     def local_dir(self) -> Path | None:
@@ -158,7 +161,7 @@ def _hub_position_check(s: _Sources) -> tuple[list[str], list[str]]:
 def _data_problems(s: _Sources) -> list[str]:
     """Contents of the local data, read the way training reads it (same records, same limits) but not
     tokenized: labels.json's size, then each split's first problem (bad line, unknown label, no records)."""
-    from clue_adv.data import read_labels, read_split
+    from clue_adv.data import check_holdout, read_labels, read_split
     from clue_adv.errors import DataError
 
     root = s.local_dir()
@@ -172,12 +175,20 @@ def _data_problems(s: _Sources) -> list[str]:
     expected = TASKS[s.task]
     if len(labels.ids) != expected:
         problems.append(f"data: {s.task} has {expected} labels but {root / 'labels.json'} lists {len(labels.ids)}")
-    for name, limit in ((s.train_file, s.max_train_samples), (s.dev_file, s.max_eval_samples)):
+    # A holdout is drawn from the whole training file (data._train_read_limit), so all of it is read then.
+    train_limit = None if s.holdout_size else s.max_train_samples
+    for name, limit in ((s.train_file, train_limit), (s.dev_file, s.max_eval_samples)):
         if not path_problem(name, expands=False) and (root / name).is_file():
             try:
-                read_split(root / name, labels, limit)
+                rows = len(read_split(root / name, labels, limit)["sentence"])
             except DataError as e:
                 problems.append(f"data: {e.message}")
+                continue
+            if name == s.train_file and s.holdout_size:
+                try:
+                    check_holdout(rows, s.holdout_size)
+                except DataError as e:
+                    problems.append(f"data: {e.message}")
     return problems
 
 
