@@ -93,7 +93,8 @@ def test_sign_is_epsilon_elementwise_with_the_sign_of_g(batch, target):
     assert torch.equal(torch.sign(r), torch.sign(g))
     padding = ~batch.attention_mask.bool()
     assert padding.any()
-    assert torch.all(space.to_x(r)[padding] == 0)
+    if target == "embedding_output":
+        assert torch.all(r[padding] == 0)  # in target space: to_x would hide padding entries
 
 
 @pytest.mark.parametrize("norm", ["l2", "sign"])
@@ -107,7 +108,6 @@ def test_padding_gets_no_perturbation_even_with_a_gradient_there(batch, target, 
     r = fgm.perturbation(ctx, space, g_x)
     r_x = space.to_x(r)
     padding = ~batch.attention_mask.bool()
-    assert torch.all(r_x[padding] == 0)
     assert torch.all(r_x[~padding].abs().sum(-1) > 0)
     if target == "embedding_output":
         assert torch.all(r[padding] == 0)  # not just hidden by to_x: no share of ε was spent there
