@@ -338,9 +338,15 @@ def _train(cfg: RunConfig, directory: Path, show_progress: bool | None, console:
     dev_loader = eval_loader(data.dev, tokenizer, cfg.eval.batch_size, pad_multiple)
     accum = cfg.optim.grad_accum_steps
     steps_per_epoch = math.ceil(len(loader) / accum)
-    # Micro-batches in full accumulation windows; an epoch's last, shorter window averages over fewer micro-batches.
-    full_windows = (len(loader) // accum) * accum
-    tail_window = len(loader) - full_windows
+    # A micro-batch weighs its share of its window's examples, so a window's gradient is that of the mean over its
+    # examples however they are split: also an epoch's last window, shorter and ending in a smaller batch (every
+    # batch but the epoch's last holds batch_size examples). Gradient penalties rely on it (StepContext).
+    window_examples = accum * cfg.batch_size
+
+    def window_size(micro: int) -> int:
+        start = (micro - 1) // accum * window_examples
+        return min(start + window_examples, len(data.train)) - start
+
     total_steps = steps_per_epoch * cfg.epochs
     warmup = round(cfg.optim.warmup_ratio * total_steps)
     scheduler = (
@@ -412,7 +418,7 @@ def _train(cfg: RunConfig, directory: Path, show_progress: bool | None, console:
                         model,
                         batch,
                         label_smoothing=cfg.label_smoothing,
-                        loss_scale=1.0 / (accum if micro <= full_windows else tail_window),
+                        loss_scale=batch.size / window_size(micro),
                         autocast=autocast,
                         counter=counter,
                         special_token_ids=special_ids,

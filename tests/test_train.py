@@ -146,10 +146,12 @@ def _no_dropout_config(samples: int = 64, **overrides):
     )
 
 
-@pytest.mark.parametrize("samples", [64, 48])
+@pytest.mark.parametrize("samples", [64, 48, 56])
 def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, samples):
     """Two micro-batches of 16 with accumulation 2 give the same update as one batch of 32; with 48 examples the
-    epoch's last window holds one micro-batch, which must be scaled by 1, not 1/2 (as the last batch of 16 is)."""
+    epoch's last window holds one micro-batch, which must be scaled by 1, not 1/2 (as the last batch of 16 is).
+    With 56 the last window is 16 + 8 examples against one batch of 24: each micro-batch weighs its share of the
+    window's examples (16/24 and 8/24; averaging the two micro-batch means, ½ and ½, gives another gradient)."""
     big = train(_no_dropout_config(samples, batch_size=32), tmp_path / "big", show_progress=False)
     small = train(
         _no_dropout_config(samples, batch_size=16, optim={"lr": 1e-3, "grad_accum_steps": 2}),
