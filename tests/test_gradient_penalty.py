@@ -248,13 +248,53 @@ def test_finite_difference_runs_with_sdpa(batch):
     assert counter.double_backward == 0
 
 
-@pytest.mark.parametrize("mode", ["exact", "normalized", "finite_difference"])
-def test_gradient_accumulation_scales_the_whole_objective(batch, mode):
-    """loss_scale (gradient accumulation) scales ∇θ of L + penalty, not g: the penalty itself is unchanged."""
-    model = model64()
-    strategy = GradientPenalty(GradientPenaltyConfig(mode=mode))
-    full, full_result, _ = step(strategy, model, batch)
+def window_share_by_hand(model, batch, mode: str, target: str, epsilon: float, share: float) -> torch.Tensor:
+    """∇θ of a micro-batch's part of its window's objective, share·L + P(share·g) (StepContext: the penalty is on
+    the window's gradient, which is share·g on this micro-batch's x), by plain autograd without PerturbationSpace:
+    g w.r.t. x (masked) or the dense V×H embedding weight; P = ½ε‖·‖², or ε·Σ of per-example norms (one norm for
+    the matrix)."""
     model.zero_grad(set_to_none=True)
-    scaled_result = strategy.training_step(StepContext(model, batch, loss_scale=0.25))
-    torch.testing.assert_close(flat_grad(model), 0.25 * full, rtol=1e-6, atol=1e-12)
-    assert scaled_result.metrics["gradient_penalty"] == pytest.approx(full_result.metrics["gradient_penalty"])
+    ctx = StepContext(model, batch)
+    x = ctx.embed()
+    loss = ctx.loss(ctx.forward(x))
+    if target == "embedding_output":
+        (g,) = torch.autograd.grad(loss, x, create_graph=True)
+        g = share * g * batch.attention_mask.unsqueeze(-1)
+        norm = g.flatten(1).norm(dim=1).sum()
+    else:
+        (g,) = torch.autograd.grad(loss, model.get_input_embeddings().weight, create_graph=True)
+        g = share * g
+        norm = g.norm()
+    penalty = epsilon * norm if mode == "normalized" else 0.5 * epsilon * g.pow(2).sum()
+    (share * loss + penalty).backward()
+    return flat_grad(model)
+
+
+# (mode, fd_step, h, tolerance on the penalty's part): the finite differences agree to O(h), as in FD_CASES
+SHARE_CASES = [
+    ("exact", "scaled", 0.1, 1e-9),
+    ("normalized", "scaled", 0.1, 1e-9),
+    ("finite_difference", "scaled", 1e-3, 1e-3),
+    ("finite_difference", "unit", 1e-4, 1e-3),
+]
+
+
+@pytest.mark.parametrize(("mode", "fd_step", "h", "tolerance"), SHARE_CASES)
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_micro_batch_penalises_the_window_gradient(batch, target, mode, fd_step, h, tolerance):
+    """Gradient accumulation, loss_scale s = a micro-batch's share of its window: the step leaves ∇θ of
+    s·L + P(s·g), the window's penalty on the window's gradient (so ½ε‖g‖² weighs ε·s, and ε‖g‖ keeps ε): not
+    s·(L + P(g)), which made ½ε‖g‖² K times stronger with K micro-batches. For `fd_step: unit` this pins c =
+    ε·s‖g‖/h, g being x.grad divided by s: without that division c would be ε·s²‖g‖/h."""
+    share, epsilon = 0.25, 2.0
+    model = model64()
+    config = GradientPenaltyConfig(target=target, epsilon=epsilon, mode=mode, h=h, fd_step=fd_step)
+    model.zero_grad(set_to_none=True)
+    GradientPenalty(config).training_step(StepContext(model, batch, loss_scale=share, special_token_ids=SPECIAL_IDS))
+    got = flat_grad(model)
+    model.zero_grad(set_to_none=True)
+    NoRegularizer(NoneConfig()).training_step(StepContext(model, batch, loss_scale=share))
+    clean = flat_grad(model)
+    want = window_share_by_hand(model, batch, "normalized" if mode == "normalized" else "exact", target, epsilon, share)
+    assert float((got - want).norm() / (want - clean).norm()) < tolerance
+    assert float((want - clean).norm()) > 1e-3 * float(clean.norm())  # the penalty's part is not negligible

@@ -112,6 +112,20 @@ class StepContext:
     `x` below is the word-embedding output (B×T×H, before position/segment embeddings and LayerNorm):
     the tensor the study perturbs. `forward(x)` feeds it through the rest of the model via
     `inputs_embeds`, so the word-embedding weights still get their gradient through `embed()`.
+
+    Gradient accumulation. An optimizer step may add up several micro-batches: a window of B examples,
+    micro-batch k holding b_k of them. `loss_scale` is the micro-batch's share b_k/B and `backward`
+    multiplies by it, so the window's objective is the mean over its EXAMPLES however it is split
+    (8 = 4+4 = 4+2+2): Σ_k (b_k/B)·(mean over micro-batch k) = mean over the window. That holds as it is
+    for every term that is a mean over examples of a per-example quantity: the task loss, batch-mean
+    divergences, losses at perturbations normalised per example. A term built from g = ∇ₓ of the mean
+    loss is different: on micro-batch k's x the window's gradient is (b_k/B)·g_k, not g_k (g_k is B/b_k
+    times too large). Such a strategy evaluates its term on the window's gradient, `window_grad(g)`, and
+    divides it by `loss_scale` before `backward` multiplies it back: ½ε‖g‖² then weighs ε·loss_scale in
+    the micro-batch's objective, while a term of degree 1 in g (ε·Σ_b‖g_b‖) keeps ε. This is exact when
+    every example has its own x (`embedding_output`); rows of the embedding matrix are shared between
+    micro-batches, so a term with one norm over ∇_E is computed per micro-batch, and each strategy's
+    `accumulation` says what that changes. Without accumulation loss_scale = 1: the batch's own objective.
     """
 
     def __init__(
@@ -128,8 +142,8 @@ class StepContext:
         self.model = model
         self.batch = batch
         self.label_smoothing = label_smoothing
-        # Gradient accumulation: every backward into the parameters is scaled so K micro-batches add
-        # up to the gradient of the mean loss.
+        # Gradient accumulation: this micro-batch's share of its window's examples (class docstring); every
+        # backward into the parameters is scaled by it, so the micro-batches add up to the window's gradient.
         self.loss_scale = loss_scale
         self._autocast = autocast
         self.counter = counter if counter is not None else PassCounter()
@@ -176,6 +190,11 @@ class StepContext:
         self.counter.backward += 1
         (loss * self.loss_scale).backward(retain_graph=retain_graph)
 
+    def window_grad(self, g: torch.Tensor) -> torch.Tensor:
+        """∇ₓ of the window's mean loss on this micro-batch's x, from g = ∇ₓ of the micro-batch's mean loss: the
+        g a gradient penalty must use to be independent of how the window is split (class docstring)."""
+        return g * self.loss_scale
+
     def grad(
         self, output: torch.Tensor, inputs: torch.Tensor, *, create_graph: bool = False, retain_graph: bool = False
     ) -> torch.Tensor:
@@ -203,6 +222,9 @@ class Strategy:
     config_class: ClassVar[type[StrategyConfig]]
     #: short description shown by `clue-adv strategies`
     summary: ClassVar[str] = ""
+    #: how the objective depends on the split of a window into micro-batches (gradient accumulation, see
+    #: StepContext), shown by `clue-adv strategies NAME`: say where it is not split-invariant, and why
+    accumulation: ClassVar[str] = ""
 
     def __init__(self, config: StrategyConfig) -> None:
         self.config = config

@@ -37,6 +37,22 @@ Modes (the parameter gradient each one leaves in `.grad`):
   c is known only after pass 1, so pass 1 adds ∇θL(x) with weight 1 and its contribution to `.grad` is then
   rescaled in place: .grad ← (1 − c)·.grad + c·(.grad before pass 1). No third pass; the price is one copy
   of the parameter gradients when `.grad` already holds earlier micro-batches (gradient accumulation).
+
+Gradient accumulation (StepContext's rule). The penalty is the WINDOW's: g above is the gradient of the
+window's mean loss, which on micro-batch k's x is s·g_k (s = loss_scale = b_k/B, g_k the micro-batch's own
+gradient). With `embedding_output` each example's x is its own, so ‖g‖² = Σ_k s²‖g_k‖² and the window's
+½ε‖g‖² is the sum of per-micro-batch terms ½ε·s²‖g_k‖²: micro-batch k's objective (which `backward` scales
+by s) is L_k + ½(ε·s)‖g_k‖², and the window's gradient is the same for 8 = 4+4 = 4+2+2 examples. In the
+finite differences that is ε·s in place of ε: `scaled` steps to x + hε·s·g_k (the window's step, the same
+point for every split), `unit` weighs its second pass by c = ε·s‖g_k‖/h (its step has length h per
+micro-batch, so only the O(h) error depends on the split). `normalized` is of degree 1 in g: ε·Σ_b‖s·g_kb‖/s
+= ε·Σ_b‖g_kb‖, unchanged. The logged `gradient_penalty` is the term in micro-batch k's objective (the
+window's penalty is their s-weighted sum, as its loss is); `input_grad_norm` is ‖g_k‖.
+With `embedding_matrix` the rows of E are shared between micro-batches, and the window's ½ε‖Σ_k s·G_k‖²
+(ε‖Σ_k s·G_k‖ for `normalized`) cannot be computed one micro-batch at a time: each contributes ½ε‖s·G_k‖²
+(ε·s‖G_k‖). The squared penalty loses the window's cross terms ε·Σ_{k<l}⟨s_k·G_k, s_l·G_l⟩ (equal when
+micro-batches share no token; otherwise off by those terms, largest for rows every example uses: [CLS],
+[SEP]); the normalized one is never smaller than the window's (triangle inequality).
 """
 
 from __future__ import annotations
@@ -98,6 +114,14 @@ class GradientPenaltyConfig(StrategyConfig):
 class GradientPenalty(Strategy):
     config_class = GradientPenaltyConfig
     summary = "L + ½ε‖∇ₓL‖² (exact double backward), ε‖∇ₓL‖ (normalized), or a 2-pass finite difference"
+    accumulation = (
+        "embedding_output: the penalty is on the gradient of the window's mean loss, so splitting a batch into "
+        "micro-batches changes nothing (exact, normalized, finite_difference `scaled`; `unit` up to its O(h) "
+        "error, its step being h per micro-batch). embedding_matrix: NOT split-invariant. E's rows are shared "
+        "between micro-batches, and each micro-batch penalises its own part of ∇_E: ½ε‖g‖² loses the cross terms "
+        "between micro-batches (equal only when they share no token) and ε‖g‖ is never smaller than the whole "
+        "batch's."
+    )
     config: GradientPenaltyConfig
 
     def cost(self) -> StepCost:
@@ -115,11 +139,13 @@ class GradientPenalty(Strategy):
             note="backward 1 is ∇ₓL with create_graph; backward 2 runs through it (the double backward)",
         )
 
-    def penalty(self, space: PerturbationSpace, g: torch.Tensor) -> torch.Tensor:
-        """The term added to L for the differentiable modes, from g in target space."""
+    def penalty(self, ctx: StepContext, space: PerturbationSpace, g: torch.Tensor) -> torch.Tensor:
+        """The term added to this micro-batch's L, from its g (target space): the window's penalty, on the window's
+        gradient, per unit of the micro-batch's share (`backward` multiplies it back; module docstring)."""
+        g_window = ctx.window_grad(g)
         if self.config.mode == "normalized":
-            return self.config.epsilon * space.norms(g).sum()
-        return 0.5 * self.config.epsilon * space.squared_norm_sum(g)
+            return self.config.epsilon * space.norms(g_window).sum() / ctx.loss_scale
+        return 0.5 * self.config.epsilon * space.squared_norm_sum(g_window) / ctx.loss_scale
 
     def training_step(self, ctx: StepContext) -> StepResult:
         space = PerturbationSpace(ctx, self.config.target)
@@ -128,7 +154,7 @@ class GradientPenalty(Strategy):
         x = ctx.embed()
         loss = ctx.loss(ctx.forward(x))
         g = space.from_x_grad(ctx.grad(loss, x, create_graph=True))
-        penalty = self.penalty(space, g)
+        penalty = self.penalty(ctx, space, g)
         ctx.backward(loss + penalty)
         return StepResult(loss.detach(), _metrics(space, g.detach(), penalty.detach()))
 
@@ -148,11 +174,11 @@ class GradientPenalty(Strategy):
             ctx.backward(clean_weight * loss)
             g_x = x.grad / (clean_weight * ctx.loss_scale)
         g = space.from_x_grad(g_x.detach())
-        step = space.to_x(h * epsilon * g).to(x.dtype)
+        # ε·loss_scale·g, the window's step (module docstring): the penalty weighs ε·loss_scale in this objective.
+        step = space.to_x(h * epsilon * ctx.window_grad(g)).to(x.dtype)
         shifted_loss = ctx.loss(ctx.forward(ctx.embed() + step))
         ctx.backward(shifted_loss / h)
-        penalty = 0.5 * epsilon * space.squared_norm_sum(g)
-        metrics = _metrics(space, g, penalty)
+        metrics = _metrics(space, g, self.penalty(ctx, space, g))
         metrics["shifted_loss"] = float(shifted_loss.detach())
         return StepResult(loss.detach(), metrics)
 
@@ -166,9 +192,10 @@ class GradientPenalty(Strategy):
             loss = ctx.loss(ctx.forward(x))
         x.retain_grad()
         ctx.backward(loss)
-        g = space.from_x_grad(x.grad.detach() / ctx.loss_scale)
+        g = space.from_x_grad(x.grad.detach() / ctx.loss_scale)  # x.grad holds loss_scale·g
         norm = space.squared_norm_sum(g).sqrt()
-        c = float(epsilon * norm / h)
+        # c = ε·loss_scale·‖g‖/h: the penalty weighs ε·loss_scale in this micro-batch's objective (module docstring).
+        c = float(epsilon * space.squared_norm_sum(ctx.window_grad(g)).sqrt() / h)
         with torch.no_grad():
             for p, old in zip(params, before, strict=True):
                 if p.grad is not None:
@@ -180,7 +207,7 @@ class GradientPenalty(Strategy):
         direction = g / norm if c > 0.0 else g
         shifted_loss = ctx.loss(ctx.forward(ctx.embed() + space.to_x(h * direction).to(x.dtype)))
         ctx.backward(c * shifted_loss)
-        metrics = _metrics(space, g, 0.5 * epsilon * space.squared_norm_sum(g))
+        metrics = _metrics(space, g, self.penalty(ctx, space, g))
         metrics["shifted_loss"] = float(shifted_loss.detach())
         return StepResult(loss.detach(), metrics)
 
