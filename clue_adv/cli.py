@@ -166,6 +166,8 @@ def strategies(
             cost += f" on {k}×B examples (= {r['forward'] * k} forward, {r['backward'] * k} backward at batch B)"
         note = f" ({r['note']})" if r["note"] else ""
         out.print(f"cost per step: {cost}{note}", highlight=False)
+        if r["accumulation"]:
+            out.print(f"gradient accumulation (optim.grad_accum_steps > 1): {r['accumulation']}", highlight=False)
         changed = any(p["value"] != p["default"] for p in r["parameters"].values())
         table = Table("parameter", *(["value"] if changed else []), "default", "description", show_lines=True)
         for key, p in r["parameters"].items():

@@ -255,7 +255,13 @@ class OptimConfig(StrictModel):
         description="Clip the global gradient norm; null disables. 1.0, BERT's optimizer code (clip_by_global_norm) "
         "and the Hugging Face Trainer default: one outlier batch cannot throw the weights far.",
     )
-    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    grad_accum_steps: int = Field(
+        1,
+        ge=1,
+        description="Micro-batches per optimizer step, each weighted by its share of the step's examples: the "
+        "objective, gradient penalties included, is that of one batch of batch_size × grad_accum_steps "
+        "(`clue-adv strategies NAME` says where a split changes it, e.g. `target: embedding_matrix`).",
+    )
 
     @field_validator("betas")
     @classmethod

@@ -38,9 +38,9 @@ def config_classes() -> tuple[type[StrategyConfig], ...]:
 
 
 def describe_strategies(configs: dict[str, StrategyConfig] | None = None) -> list[dict[str, Any]]:
-    """Name, summary, cost and parameters (default, description) of every strategy. A config in `configs` (by
-    name) is costed instead of the defaults, and its values are listed as `value`: a strategy's cost depends on
-    its settings (gradient_penalty's mode, PGD's steps, VAT's iterations)."""
+    """Name, summary, cost, behaviour under gradient accumulation and parameters (default, description) of every
+    strategy. A config in `configs` (by name) is costed instead of the defaults, and its values are listed as
+    `value`: a strategy's cost depends on its settings (gradient_penalty's mode, PGD's steps, VAT's iterations)."""
     rows = []
     for name, cls in registry().items():
         config = (configs or {}).get(name) or cls.config_class()
@@ -59,6 +59,7 @@ def describe_strategies(configs: dict[str, StrategyConfig] | None = None) -> lis
                 "double_backward": cost.double_backward,
                 "batch_factor": cost.batch_factor,
                 "note": cost.note,
+                "accumulation": cls.accumulation,
                 "parameters": params,
             }
         )

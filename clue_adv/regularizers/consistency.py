@@ -27,6 +27,9 @@ its BERT/GLUE `bert_kl` (huggingface_transformer_src, read in a stored copy) com
 CE₁ + CE₂ + 0.5·Σ_batch ½(KL + KL), i.e. α = 0.5·B per example (weight = B/4: 8 at B = 32).
 The values α ∈ {0.1, 0.5, 1.0} tuned per GLUE task are quoted from memory of the paper, and it is not clear
 which of these reductions they refer to: treat the weight as a hyper-parameter to search, not a settled value.
+
+Gradient accumulation: split-invariant with `embedding_output` (for the same draws); with `embedding_matrix`
+noise only in expectation (`accumulation` below; StepContext has the rule).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from pydantic import Field
 from clue_adv.regularizers import register
 from clue_adv.regularizers.base import Batch, StepContext, StepCost, StepResult, Strategy
 from clue_adv.regularizers.gaussian_noise import noise_x
-from clue_adv.regularizers.perturb import PerturbationConfig, same_dropout
+from clue_adv.regularizers.perturb import PerturbationConfig, accumulation_note, same_dropout
 
 Divergence = Literal["mse", "kl", "sym_kl"]
 
@@ -124,6 +127,10 @@ def doubled_context(ctx: StepContext) -> StepContext:
 class Consistency(Strategy):
     config_class = ConsistencyConfig
     summary = "L + λ·d(f(x + ε), f(x)), ε = dropout and/or σ·N(0, I); R-Drop with sym_kl + ce_on_both"
+    accumulation = accumulation_note(
+        "split-invariant for the same noise and dropout draws (losses and divergences are means over examples).",
+        "noise as in `gaussian_noise`: the same in expectation, not per draw.",
+    )
     config: ConsistencyConfig
 
     def cost(self) -> StepCost:

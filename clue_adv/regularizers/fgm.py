@@ -3,6 +3,9 @@
 r = ε·g/‖g‖ (`norm: l2`, FGM) or ε·sign(g) (`norm: sign`, FGSM), g = ∇ₓL. The update uses either the
 adversarial loss's gradient alone (`adversarial_only`, what the study's Keras code does: add r, take the
 normal training step, remove r) or clean + adversarial gradients (`sum`, the common PyTorch snippet).
+
+Gradient accumulation: split-invariant with `embedding_output`, NOT with `embedding_matrix`, whose single norm
+is taken over the rows each micro-batch uses (`accumulation` below; StepContext has the rule).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pydantic import Field
 
 from clue_adv.regularizers import register
 from clue_adv.regularizers.base import StepContext, StepCost, StepResult, Strategy
-from clue_adv.regularizers.perturb import PerturbationConfig, PerturbationSpace, train_on_perturbed
+from clue_adv.regularizers.perturb import PerturbationConfig, PerturbationSpace, accumulation_note, train_on_perturbed
 
 
 class FGMConfig(PerturbationConfig):
@@ -32,6 +35,11 @@ class FGMConfig(PerturbationConfig):
 class FGM(Strategy):
     config_class = FGMConfig
     summary = "one adversarial step r = ε·g/‖g‖ (or ε·sign g) on the embeddings"
+    accumulation = accumulation_note(
+        "split-invariant (the step is per example, ε·ĝ_b or ε·sign g_b; both losses are means).",
+        "NOT split-invariant: each micro-batch steps along its own ∇_E (ε·G_k/‖G_k‖ over the rows it uses, or "
+        "ε·sign G_k), not along the whole batch's.",
+    )
     config: FGMConfig
 
     def cost(self) -> StepCost:

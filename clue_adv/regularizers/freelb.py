@@ -15,6 +15,9 @@ Dropout: with `same_dropout_mask` (default) every step draws the same masks: ste
 after each), and the last step then draws the same masks and advances the RNG as one ordinary forward would.
 
 The loss returned for logging is the mean of the K losses (FreeLB's objective; there is no clean pass).
+
+Gradient accumulation: split-invariant with `embedding_output`, NOT with `embedding_matrix`, whose single norm
+is taken over the rows each micro-batch uses (`accumulation` below; StepContext has the rule).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pydantic import Field
 
 from clue_adv.regularizers import register
 from clue_adv.regularizers.base import StepContext, StepCost, StepResult, Strategy
-from clue_adv.regularizers.perturb import PerturbationConfig, PerturbationSpace, same_dropout
+from clue_adv.regularizers.perturb import PerturbationConfig, PerturbationSpace, accumulation_note, same_dropout
 
 
 class FreeLBConfig(PerturbationConfig):
@@ -51,6 +54,11 @@ class FreeLBConfig(PerturbationConfig):
 class FreeLB(Strategy):
     config_class = FreeLBConfig
     summary = "K ascent steps, parameter gradient averaged over the K passes (each loss / K)"
+    accumulation = accumulation_note(
+        "split-invariant for the same δ₀ (init, steps and projection are per example; losses are means).",
+        "NOT split-invariant: each micro-batch ascends along its own ∇_E and projects with one norm over the rows "
+        "it uses, not the whole batch's.",
+    )
     config: FreeLBConfig
 
     #: set to True to keep δ₀ … δ_{K−1} (target space, detached) and the K losses after a step

@@ -1,6 +1,9 @@
 """Gaussian noise on the word embeddings: train on L(x + σξ), ξ ~ N(0, I).
 
 By Taylor, E[L(x + σξ)] ≈ L(x) + ½σ²·tr ∇ₓ²L: the study's "noise ≈ loss + ½σ²ΔL" curvature penalty.
+
+Gradient accumulation: split-invariant with `embedding_output` (for the same draws); with `embedding_matrix`
+only in expectation (`accumulation` below; StepContext has the rule).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from pydantic import Field
 
 from clue_adv.regularizers import register
 from clue_adv.regularizers.base import StepContext, StepCost, StepResult, Strategy
-from clue_adv.regularizers.perturb import PerturbationConfig, PerturbationSpace
+from clue_adv.regularizers.perturb import PerturbationConfig, PerturbationSpace, accumulation_note
 
 
 class GaussianNoiseConfig(PerturbationConfig):
@@ -37,6 +40,11 @@ def noise_x(ctx: StepContext, config: PerturbationConfig, sigma: float) -> torch
 class GaussianNoise(Strategy):
     config_class = GaussianNoiseConfig
     summary = "train on L(x + σ·N(0, I)) ≈ L + ½σ²·ΔL"
+    accumulation = accumulation_note(
+        "split-invariant for the same noise draws (noise per coordinate, a mean loss).",
+        "the same in expectation, not per draw: a token in two micro-batches gets two independent noise draws "
+        "where the whole batch would give it one.",
+    )
     config: GaussianNoiseConfig
 
     def cost(self) -> StepCost:

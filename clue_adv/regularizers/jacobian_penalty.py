@@ -10,6 +10,9 @@ study's eq. 8). The loss backpropagates through the estimate: a double backward 
 `embedding_output`: ∇ over each example's tokens (an example's f depends on its own x only, so the
 batch-wide gradient splits into per-example ones). `embedding_matrix`: ∇_E, the rows of the used tokens;
 cross-example terms also vanish in expectation, so the estimate stays unbiased for Σ_{b,i}‖∇_E f_{bi}‖².
+
+Gradient accumulation: split-invariant with `embedding_output` (for the same signs); with `embedding_matrix`
+only in expectation, cross-example terms being per micro-batch (`accumulation` below; StepContext's rule).
 """
 
 from __future__ import annotations
@@ -69,6 +72,11 @@ def jacobian_estimate(
 class JacobianPenalty(Strategy):
     config_class = JacobianPenaltyConfig
     summary = "CE + λ·Σᵢ‖∇ₓfᵢ‖² (softmax outputs), one random-sign backward per sample"
+    accumulation = (
+        "embedding_output: split-invariant for the same sign draws (each example's f depends on its own x, and the "
+        "estimate is a mean over examples). embedding_matrix: the same in expectation over the signs, not per draw: "
+        "one draw's cross-example terms (mean zero) involve only the pairs of examples inside a micro-batch."
+    )
     config: JacobianPenaltyConfig
 
     def cost(self) -> StepCost:

@@ -18,6 +18,7 @@ class NoneConfig(StrategyConfig):
 class NoRegularizer(Strategy):
     config_class = NoneConfig
     summary = "plain fine-tuning on the task loss (baseline)"
+    accumulation = "Split-invariant: the objective is the mean loss over the examples of the window."
 
     def cost(self) -> StepCost:
         return StepCost(forward=1, backward=1)

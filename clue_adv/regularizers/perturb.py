@@ -223,6 +223,16 @@ class PerturbationConfig(StrategyConfig):
         return value * coordinate_scale(ctx, self.target)
 
 
+def accumulation_note(output: str, matrix: str) -> str:
+    """A perturbing strategy's `accumulation` text (see StepContext): what a split of the batch into micro-batches
+    changes for each target, and the caveat every strategy with `epsilon_unit` shares."""
+    return (
+        f"embedding_output: {output} embedding_matrix: {matrix} With `epsilon_unit: relative` the unit is measured "
+        "on each micro-batch (a mean over its examples' embeddings, or the rows it uses), so sizes depend slightly "
+        "on the split."
+    )
+
+
 def train_on_perturbed(
     ctx: StepContext, space: PerturbationSpace, r: torch.Tensor, clean_loss: torch.Tensor
 ) -> StepResult:

@@ -8,6 +8,9 @@ gradient plus the last adversarial step's. The clean backward also yields ∇ₓ
 direction when r₀ = 0; the intermediate steps take only ∇ᵣ with `ctx.grad`, so parameter `.grad` holds
 exactly those two terms. Cost: K+1 forward, K+1 backward (one more of each with `random_start`, which
 needs ∇ₓ at x + r₀). With K = 1, α = ε (L2) and r₀ = 0 this is FGM with `combine: sum`.
+
+Gradient accumulation: split-invariant with `embedding_output`, NOT with `embedding_matrix`, whose single norm
+is taken over the rows each micro-batch uses (`accumulation` below; StepContext has the rule).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pydantic import Field
 
 from clue_adv.regularizers import register
 from clue_adv.regularizers.base import StepContext, StepCost, StepResult, Strategy
-from clue_adv.regularizers.perturb import PerturbationConfig, PerturbationSpace, train_on_perturbed
+from clue_adv.regularizers.perturb import PerturbationConfig, PerturbationSpace, accumulation_note, train_on_perturbed
 
 
 class PGDConfig(PerturbationConfig):
@@ -41,6 +44,11 @@ class PGDConfig(PerturbationConfig):
 class PGD(Strategy):
     config_class = PGDConfig
     summary = "K projected ascent steps r ← Π_ε(r + α·ĝ); update on ∇θL(x) + ∇θL(x + r_K)"
+    accumulation = accumulation_note(
+        "split-invariant for the same random start (steps, balls and starts are per example; losses are means).",
+        "NOT split-invariant: each micro-batch ascends along its own ∇_E and projects with one norm over the rows "
+        "it uses, not the whole batch's.",
+    )
     config: PGDConfig
 
     #: set to True to keep every iterate r₀ … r_K (target space, detached) in `iterates` after a step

@@ -21,6 +21,9 @@ Note that mt-dnn's train.py passes its own command-line defaults to that class (
 adv_step_size 1e-5, adv_noise_var 1e-5, adv_epsilon 1e-6, adv_alpha 1, adv_k 1, adv_p_norm inf), so its runs
 step η = 1e-5 unless told otherwise; η is the first value to sweep when SMART does nothing.
 Cost with one iteration: 4 forward (clean, x + r₀, x + r, the teacher's), 2 backward (3 forward with μ = 0).
+
+Gradient accumulation: split-invariant with `embedding_output`, NOT with `embedding_matrix`, whose single norm
+is taken over the rows each micro-batch uses (`accumulation` below; StepContext has the rule).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from pydantic import Field
 
 from clue_adv.regularizers import register
 from clue_adv.regularizers.base import StepContext, StepCost, StepResult, Strategy
-from clue_adv.regularizers.perturb import PerturbationConfig, PerturbationSpace, same_dropout
+from clue_adv.regularizers.perturb import PerturbationConfig, PerturbationSpace, accumulation_note, same_dropout
 
 
 def symmetric_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -80,6 +83,11 @@ class SMARTConfig(PerturbationConfig):
 class SMART(Strategy):
     config_class = SMARTConfig
     summary = "CE + λ_s·symKL(f(x + r), f(x)), r by L∞-projected ascent, + μ·symKL to an EMA teacher"
+    accumulation = accumulation_note(
+        "split-invariant for the same random start (the ascent is scaled by each example's ‖g‖_∞; the terms are "
+        "means over examples; the EMA teacher is updated per optimizer step).",
+        "NOT split-invariant: the ascent is scaled by ‖g‖_∞ over the rows the micro-batch uses.",
+    )
     config: SMARTConfig
 
     #: set to True to keep r₀ … r_T (target space, detached) in `iterates` after a step

@@ -13,6 +13,9 @@ does not shrink with ξ, and the VAT term adds an R-Drop-like term that does not
 
 Numerics: d is normalised in fp32 after dividing by its max-abs entry, so squaring tiny fp16/bf16-born
 gradient entries cannot underflow to a zero norm (the NaN pitfall of normalising in half precision).
+
+Gradient accumulation: split-invariant with `embedding_output`, NOT with `embedding_matrix`, whose single norm
+is taken over the rows each micro-batch uses (`accumulation` below; StepContext has the rule).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pydantic import Field
 
 from clue_adv.regularizers import register
 from clue_adv.regularizers.base import StepContext, StepCost, StepResult, Strategy
-from clue_adv.regularizers.perturb import PerturbationConfig, PerturbationSpace, same_dropout
+from clue_adv.regularizers.perturb import PerturbationConfig, PerturbationSpace, accumulation_note, same_dropout
 
 Normalize = Callable[[torch.Tensor], torch.Tensor]
 Grad = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -111,6 +114,10 @@ class VATConfig(PerturbationConfig):
 class VAT(Strategy):
     config_class = VATConfig
     summary = "CE + α·KL(f(x) ‖ f(x + ε·d̂)), d̂ from power iteration on the KL Hessian"
+    accumulation = accumulation_note(
+        "split-invariant for the same random start (d̂ is normalised per example; CE and KL are means).",
+        "NOT split-invariant: d̂ is normalised over the rows the micro-batch uses, not the whole batch's.",
+    )
     config: VATConfig
 
     #: set to True to keep the power-iteration directions d̂₀ … d̂_k (target space) in `iterates`; r = ε·d̂_k
