@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from clue_adv.diagnostics import DiagnosticsConfig
 from clue_adv.errors import ConfigError
 from clue_adv.regularizers import config_classes
 from clue_adv.regularizers.none import NoneConfig
@@ -301,6 +302,11 @@ class RunConfig(StrictModel):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when available.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation on dev.")
+    diagnostics: DiagnosticsConfig = Field(
+        default_factory=DiagnosticsConfig,
+        description="Input-gradient norm, input curvature, accuracy under attack, generalisation gap "
+        "(docs/DIAGNOSTICS.md).",
+    )
     log_every_n_steps: int = Field(
         10,
         gt=0,

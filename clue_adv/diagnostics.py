@@ -1,0 +1,505 @@
+"""Diagnostics: measure the mechanism the study argues for, on a fixed subset of dev and train examples.
+
+The study's argument is that Gaussian noise on the embeddings penalises the input curvature ½σ²·tr ∇ₓ²ℓ,
+adversarial training penalises the input-gradient norm ‖∇ₓℓ‖, and a loss flatter around the inputs generalises
+better. These functions measure, for a given model, what those statements are about (docs/DIAGNOSTICS.md):
+
+* the input-gradient norm ‖∇ₓℓ‖ per example (x = the word-embedding output, real tokens only);
+* the input curvature tr ∇ₓ²ℓ per example, by Hutchinson's estimator (Rademacher probes v, E vᵀHv = tr H), one
+  Hessian-vector product (double backward) per probe;
+* accuracy under an FGM and a PGD attack on x at radii ε stated relative to each example's own ‖x‖;
+* loss and accuracy on the train subset beside the dev subset (the generalisation gap).
+
+Everything runs in evaluation mode (no dropout), in the model's own precision (second derivatives in bf16 are
+noise), and through `torch.autograd.grad` with respect to x only: parameters, their `.grad`, the training mode,
+the attention implementation and the global random state are exactly as they were before. Subsets and probes
+come from generators seeded by (seed, split), so two runs with the same seed are measured on the same examples
+with the same probes: their differences are paired.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+
+from clue_adv.regularizers.base import Batch, at_least_fp32
+from clue_adv.schema import StrictModel
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
+PREFIX = "diag/"
+Split = Literal["dev", "train"]
+AttackMethod = Literal["fgm", "pgd"]
+
+# Guards divisions by a norm: a confident example's gradient can be ~0.
+_TINY = 1e-12
+# PGD step size as a multiple of ε/K (Madry et al. 2018's rule of thumb): K steps of 2.5ε/K can reach the
+# sphere and still move along it after a projection.
+PGD_STEP_RATIO = 2.5
+
+
+class DiagnosticsConfig(StrictModel):
+    """What the diagnostics measure and when (docs/DIAGNOSTICS.md)."""
+
+    enabled: bool = Field(
+        True,
+        description="Measure input-gradient norm, input curvature, accuracy under attack and the generalisation gap "
+        "(docs/DIAGNOSTICS.md). On by default: they are how a report tells whether a strategy did what the theory "
+        "says; their wall time is recorded apart from training (a few seconds on the smoke config).",
+    )
+    when: Literal["end", "every_eval"] = Field(
+        "end",
+        description="`end`: once, on the best and on the final model; `every_eval`: at every dev evaluation too "
+        "(how they evolve during training, at that many times the cost).",
+    )
+    examples: int = Field(
+        128,
+        gt=0,
+        description="Dev examples measured (all when dev is smaller), and as many train examples for the gap. 128: a "
+        "few seconds per call for the smoke model on 2 CPU cores (results/bench/diagnostics-cost.md). The curvature "
+        "varies far more between examples than with the probes: raise this, not `probes`, for a tighter mean.",
+    )
+    batch_size: int = Field(
+        32,
+        gt=0,
+        description="Examples per diagnostics batch. The curvature pass keeps a graph of the gradient (double "
+        "backward), about 3× a training step's activation memory: 32, the training batch of the study.",
+    )
+    probes: int = Field(
+        4,
+        ge=0,
+        description="Rademacher probes per example for the curvature estimate (one Hessian-vector product each); "
+        "0 skips the curvature. 4: on the smoke model the probes then make about a quarter of the curvature mean's "
+        "standard error, the spread between examples the rest (results/bench/diagnostics-cost.md); ≥ 2 gives each "
+        "example a standard error.",
+    )
+    epsilons: list[float] = Field(
+        [0.01, 0.03, 0.1],
+        description="Attack radii as fractions of each example's own word-embedding norm ‖x‖ (real tokens), so one "
+        "grid serves tiny random-init and pretrained models, whose embeddings differ several-fold in size; [] skips "
+        "the attacks. On the smoke model 0.01 flips a few predictions and 0.1 nearly all "
+        "(results/bench/diagnostics-cost.md).",
+    )
+    pgd_steps: int = Field(
+        3,
+        ge=1,
+        description="PGD ascent steps per radius (step 2.5ε/K). 3: as strong as 10 steps at the default radii on the "
+        "smoke model (results/bench/diagnostics-cost.md), for 3 forward and 2 backward passes per radius.",
+    )
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=2**32 - 1,
+        description="Seed of the subsets and probes. null: the run's seed, so runs of different strategies with the "
+        "same seed are measured on the same examples with the same probes (paired), and the spread over seeds "
+        "includes the choice of examples. A number fixes them for every seed.",
+    )
+
+    @field_validator("epsilons")
+    @classmethod
+    def _positive_sorted(cls, v: list[float]) -> list[float]:
+        # Sorted: the PGD accuracy at a radius counts every attack at the radii below it (see `attack_accuracy`).
+        if any(e <= 0 for e in v):
+            raise ValueError("every ε must be > 0 (ε = 0 is the clean accuracy, always measured)")
+        return sorted(set(v))
+
+    def resolved_seed(self, run_seed: int) -> int:
+        return run_seed if self.seed is None else self.seed
+
+
+# --------------------------------------------------------------------------------------------------
+# Metric names
+
+
+def metric(split: Split | Literal["gap"], quantity: str) -> str:
+    """`diag/<split>/<quantity>`, e.g. `diag/dev/input_grad_norm_mean`."""
+    return f"{PREFIX}{split}/{quantity}"
+
+
+def attack_metric(method: AttackMethod, quantity: Literal["accuracy", "loss"], epsilon: float) -> str:
+    """`diag/dev/<method>_<quantity>/eps=<ε>`, e.g. `diag/dev/pgd_accuracy/eps=0.03` (ε relative, as configured)."""
+    return f"{PREFIX}dev/{method}_{quantity}/eps={epsilon:g}"
+
+
+def parse_attack_metric(name: str) -> tuple[AttackMethod, str, float] | None:
+    """(method, quantity, ε) of an `attack_metric` name, or None for any other name."""
+    head, sep, eps = name.rpartition("/eps=")
+    if not sep or not head.startswith(f"{PREFIX}dev/"):
+        return None
+    method, _, quantity = head.removeprefix(f"{PREFIX}dev/").partition("_")
+    if method not in ("fgm", "pgd") or quantity not in ("accuracy", "loss"):
+        return None
+    try:
+        return method, quantity, float(eps)  # type: ignore[return-value]
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeded subsets
+
+
+def split_seed(seed: int, split: str) -> int:
+    """A seed for one (seed, split) pair: the dev and train subsets (and probes) are independent draws."""
+    return int.from_bytes(hashlib.sha256(f"clue_adv.diagnostics/{seed}/{split}".encode()).digest()[:8], "big") >> 1
+
+
+def subset_indices(total: int, count: int, seed: int, split: str) -> list[int]:
+    """`min(count, total)` distinct indices of 0..total-1, drawn by (seed, split) alone, in increasing order."""
+    generator = torch.Generator().manual_seed(split_seed(seed, split))
+    return sorted(torch.randperm(total, generator=generator)[: min(count, total)].tolist())
+
+
+def subset_batches(
+    dataset: Dataset,
+    indices: Sequence[int],
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    pad_to_multiple_of: int | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """The tokenized examples at `indices` as padded batches (CPU tensors), sorted by length: little padding,
+    and the same batches, hence the same probe draws, for every run measuring the same indices."""
+    from clue_adv.data import _collator
+
+    rows = dataset.select(list(indices))
+    order = sorted(range(len(rows)), key=lambda i: (len(rows[i]["input_ids"]), i))
+    collate = _collator(tokenizer, pad_to_multiple_of)
+    return [
+        dict(collate([rows[i] for i in order[start : start + batch_size]]))
+        for start in range(0, len(order), batch_size)
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-example measurements on one batch
+
+
+def _as_batch(raw: Batch | Mapping[str, torch.Tensor], device: torch.device) -> Batch:
+    if isinstance(raw, Batch):
+        return Batch(
+            raw.input_ids.to(device),
+            raw.attention_mask.to(device),
+            raw.labels.to(device),
+            None if raw.token_type_ids is None else raw.token_type_ids.to(device),
+        )
+    return Batch.from_mapping(dict(raw), device)
+
+
+def _logits(model: torch.nn.Module, batch: Batch, x: torch.Tensor) -> torch.Tensor:
+    out = model(inputs_embeds=x, attention_mask=batch.attention_mask, token_type_ids=batch.token_type_ids)
+    return at_least_fp32(out.logits)
+
+
+def _embed(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (detached, B×T×H) and its B×T×1 mask of real tokens in x's dtype."""
+    x = model.get_input_embeddings()(batch.input_ids).detach()
+    return x, batch.attention_mask.unsqueeze(-1).to(x.dtype)
+
+
+def _per_example_norm(v: torch.Tensor) -> torch.Tensor:
+    return at_least_fp32(v).flatten(1).norm(dim=1)
+
+
+def rademacher_probes(count: int, shape: Sequence[int], mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`count` probes of `shape` with independent ±1 entries on real tokens and 0 on padding (count×B×T×H). Drawn
+    on the CPU from `generator`, so a CPU and a GPU run get the same probes."""
+    signs = torch.randint(0, 2, (count, *shape), generator=generator).mul_(2).sub_(1)
+    return signs.to(device=mask.device, dtype=mask.dtype) * mask
+
+
+@dataclass
+class ExampleMeasures:
+    """Per-example values for one batch (each of shape (B,), attack values (E, B) for E radii)."""
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    input_grad_norm: torch.Tensor
+    embedding_norm: torch.Tensor
+    curvature: torch.Tensor | None = None
+    curvature_se: torch.Tensor | None = None
+    fgm_correct: torch.Tensor | None = None
+    fgm_loss: torch.Tensor | None = None
+    pgd_correct: torch.Tensor | None = None
+    pgd_loss: torch.Tensor | None = None
+
+
+def measure_batch(
+    model: torch.nn.Module,
+    batch: Batch | Mapping[str, torch.Tensor],
+    *,
+    probes: int | torch.Tensor = 0,
+    generator: torch.Generator | None = None,
+    epsilons: Sequence[float] = (),
+    pgd_steps: int = 3,
+) -> ExampleMeasures:
+    """Clean loss and correctness, ‖∇ₓℓ‖, and optionally the Hutchinson curvature and the attacks, per example.
+
+    ℓ is each example's cross-entropy (no label smoothing), x its word-embedding output. `probes` is a number of
+    Rademacher probes drawn from `generator`, or explicit probes (P×B×T×H, e.g. every sign vector in a test).
+    The model is used as it is (call it in eval mode); parameters' `.grad` are not touched."""
+    device = next(model.parameters()).device
+    batch = _as_batch(batch, device)
+    x0, mask = _embed(model, batch)
+    count = probes if isinstance(probes, int) else int(probes.shape[0])
+    with torch.enable_grad():
+        x = x0.clone().requires_grad_(True)
+        logits = _logits(model, batch, x)
+        losses = F.cross_entropy(logits, batch.labels, reduction="none")
+        # The sum: its gradient in example i's slice is ∇ₓℓᵢ (examples do not interact in eval mode), and its
+        # Hessian is block-diagonal, so vᵀHv restricted to slice i is example i's own quadratic form.
+        (grad,) = torch.autograd.grad(losses.sum(), x, create_graph=count > 0)
+        out = ExampleMeasures(
+            loss=losses.detach(),
+            correct=logits.detach().argmax(-1) == batch.labels,
+            input_grad_norm=_per_example_norm(grad.detach() * mask),
+            embedding_norm=_per_example_norm(x0 * mask),
+        )
+        if count > 0:
+            if isinstance(probes, int):
+                if generator is None:
+                    raise ValueError("random probes need a generator (seeded: runs are compared in pairs)")
+                probes = rademacher_probes(count, x0.shape, mask, generator)
+            quadratic = []
+            for k in range(count):
+                v = probes[k].to(device=device, dtype=x0.dtype) * mask
+                (hv,) = torch.autograd.grad(grad, x, grad_outputs=v, retain_graph=k < count - 1)
+                quadratic.append(at_least_fp32(v * hv).flatten(1).sum(1).detach())
+            values = torch.stack(quadratic)  # P×B
+            out.curvature = values.mean(0)
+            out.curvature_se = values.std(0) / math.sqrt(count) if count > 1 else torch.full_like(values[0], math.nan)
+        clean_grad = grad.detach() * mask
+        del grad, logits, losses, x  # the double-backward graph is not needed by the attacks
+        if epsilons:
+            _attacks(model, batch, x0, mask, clean_grad, out, list(epsilons), pgd_steps)
+    return out
+
+
+def _attacks(
+    model: torch.nn.Module,
+    batch: Batch,
+    x0: torch.Tensor,
+    mask: torch.Tensor,
+    gradient: torch.Tensor,
+    out: ExampleMeasures,
+    epsilons: list[float],
+    steps: int,
+) -> None:
+    """FGM and PGD (L2, per example, r₀ = 0) at each relative radius, in increasing order.
+
+    FGM: the point x + ε‖x‖·ĝ. PGD: K steps r ← Π(r + α·ĝ(x + r)), α = 2.5ε/K. Every point tried lies in the
+    ball, so the PGD figures are those of the strongest attack run: an example counts as correct at ε only if
+    the clean input, the FGM point and every PGD iterate at every radius ≤ ε are classified correctly, and its
+    loss is the highest found there. Hence PGD accuracy never rises with ε and is at most the FGM and the clean
+    accuracy (FGM alone is a linear guess and need not be monotone)."""
+    scale = out.embedding_norm.to(x0.dtype).view(-1, 1, 1)
+    broken = ~out.correct
+    worst = out.loss.clone()
+    fgm_correct, fgm_loss, pgd_correct, pgd_loss = [], [], [], []
+    for epsilon in sorted(epsilons):
+        radius = epsilon * scale  # B×1×1, per example
+        with torch.no_grad():
+            logits = _logits(model, batch, x0 + radius * _direction(gradient))
+        loss = F.cross_entropy(logits, batch.labels, reduction="none")
+        correct = logits.argmax(-1) == batch.labels
+        fgm_correct.append(correct)
+        fgm_loss.append(loss)
+        broken, worst = broken | ~correct, torch.maximum(worst, loss)
+        r, g = torch.zeros_like(x0), gradient
+        alpha = PGD_STEP_RATIO * radius / steps
+        for k in range(steps):
+            r = _project(r + alpha * _direction(g), radius)
+            g, loss, correct = _input_grad(model, batch, x0, mask, r, need_grad=k < steps - 1)
+            broken, worst = broken | ~correct, torch.maximum(worst, loss)
+        pgd_correct.append(~broken)
+        pgd_loss.append(worst.clone())
+    out.fgm_correct, out.fgm_loss = torch.stack(fgm_correct), torch.stack(fgm_loss)
+    out.pgd_correct, out.pgd_loss = torch.stack(pgd_correct), torch.stack(pgd_loss)
+
+
+def _direction(g: torch.Tensor) -> torch.Tensor:
+    """ĝ per example (zero on padding, where g is masked to zero)."""
+    return g / _per_example_norm(g).clamp_min(_TINY).to(g.dtype).view(-1, 1, 1)
+
+
+def _project(r: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """Onto the per-example L2 ball of `radius` (B×1×1)."""
+    norms = _per_example_norm(r).to(r.dtype).view(-1, 1, 1)
+    return r * torch.clamp(radius / norms.clamp_min(_TINY), max=1.0)
+
+
+def _input_grad(
+    model: torch.nn.Module, batch: Batch, x0: torch.Tensor, mask: torch.Tensor, r: torch.Tensor, need_grad: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(∇ᵣΣℓ masked to real tokens, per-example loss, correct) at x0 + r. Without `need_grad` (the last PGD
+    iterate only needs its prediction) no graph is built and the gradient is zeros."""
+    r = (r * mask).detach().requires_grad_(need_grad)
+    with torch.set_grad_enabled(need_grad):
+        logits = _logits(model, batch, x0 + r)
+        losses = F.cross_entropy(logits, batch.labels, reduction="none")
+        grad = torch.autograd.grad(losses.sum(), r)[0] * mask if need_grad else torch.zeros_like(r)
+    return grad.detach(), losses.detach(), logits.detach().argmax(-1) == batch.labels
+
+
+# --------------------------------------------------------------------------------------------------
+# The model, made ready for the pass and put back as it was
+
+
+@contextlib.contextmanager
+def measuring(model: torch.nn.Module, double_backward: bool) -> Iterator[None]:
+    """Evaluation mode (no dropout), the uncompiled forward, and eager attention when a double backward is
+    needed (fused SDPA kernels have none), whatever the run uses; everything restored afterwards."""
+    was_training = model.training
+    # nn.Module.compile keeps the compiled call here; torch.compile has no double backward, and the shapes
+    # measured here would only trigger recompilations.
+    compiled = model.__dict__.get("_compiled_call_impl")
+    config = getattr(model, "config", None)
+    attention = getattr(config, "_attn_implementation", None)
+    switch = double_backward and attention not in (None, "eager") and hasattr(model, "set_attn_implementation")
+    model.eval()
+    if compiled is not None:
+        model._compiled_call_impl = None
+    if switch:
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(attention)
+        if compiled is not None:
+            model._compiled_call_impl = compiled
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------------
+# A whole split, and the full set of diagnostics
+
+
+@dataclass
+class DiagnosticsResult:
+    """The flat metric dict (documented names, see docs/DIAGNOSTICS.md) and the wall time it took."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+
+
+def _median(values: torch.Tensor) -> float:
+    return float(torch.quantile(values.double(), 0.5))
+
+
+def measure_split(
+    model: torch.nn.Module,
+    batches: Iterable[Batch | Mapping[str, torch.Tensor]],
+    split: Split,
+    config: DiagnosticsConfig,
+    seed: int,
+    *,
+    attacks: bool,
+) -> dict[str, float]:
+    """The `diag/<split>/...` metrics over `batches` (call inside `measuring`). Probes come from a generator
+    seeded by (seed, split) alone."""
+    generator = torch.Generator().manual_seed(split_seed(seed, f"{split}/probes"))
+    parts = [
+        measure_batch(
+            model,
+            batch,
+            probes=config.probes,
+            generator=generator,
+            epsilons=config.epsilons if attacks else (),
+            pgd_steps=config.pgd_steps,
+        )
+        for batch in batches
+    ]
+    if not parts:
+        return {}
+
+    def cat(name: str, dim: int = 0) -> torch.Tensor:
+        return torch.cat([getattr(p, name).double().cpu() for p in parts], dim=dim)
+
+    grad_norm = cat("input_grad_norm")
+    n = grad_norm.numel()
+    values = {
+        "examples": float(n),
+        "loss": float(cat("loss").mean()),
+        "accuracy": float(cat("correct").mean()),
+        "input_grad_norm_mean": float(grad_norm.mean()),
+        "input_grad_norm_median": _median(grad_norm),
+        "embedding_norm_mean": float(cat("embedding_norm").mean()),
+    }
+    if config.probes > 0:
+        curvature, probe_se = cat("curvature"), cat("curvature_se")
+        values |= {
+            "input_curvature_mean": float(curvature.mean()),
+            "input_curvature_median": _median(curvature),
+            # Over examples: the per-example estimates vary with the example and with the probes; both are in it.
+            "input_curvature_se": float(curvature.std() / math.sqrt(n)) if n > 1 else math.nan,
+            # The probes' share alone (the examples held fixed): whether more probes would help.
+            "input_curvature_probe_se": float(probe_se.pow(2).sum().sqrt() / n),
+        }
+    out = {metric(split, k): v for k, v in values.items()}
+    if attacks and config.epsilons:
+        fgm_correct, fgm_loss = cat("fgm_correct", 1), cat("fgm_loss", 1)
+        pgd_correct, pgd_loss = cat("pgd_correct", 1), cat("pgd_loss", 1)
+        for i, epsilon in enumerate(config.epsilons):
+            out[attack_metric("fgm", "accuracy", epsilon)] = float(fgm_correct[i].mean())
+            out[attack_metric("fgm", "loss", epsilon)] = float(fgm_loss[i].mean())
+            out[attack_metric("pgd", "accuracy", epsilon)] = float(pgd_correct[i].mean())
+            out[attack_metric("pgd", "loss", epsilon)] = float(pgd_loss[i].mean())
+    return out
+
+
+def diagnose(
+    model: torch.nn.Module,
+    dev_batches: Iterable[Batch | Mapping[str, torch.Tensor]],
+    train_batches: Iterable[Batch | Mapping[str, torch.Tensor]] | None,
+    config: DiagnosticsConfig,
+    *,
+    seed: int,
+) -> DiagnosticsResult:
+    """Every diagnostic of `config` for `model`: dev (with the attacks), train (without), and the gap.
+
+    `seed` is the resolved one (`config.resolved_seed(run_seed)`); the batches are the seeded subsets
+    (`subset_indices` + `subset_batches`). The model, its `.grad`, its training mode and attention, and the
+    global random state are left as they were."""
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    with measuring(model, double_backward=config.probes > 0):
+        metrics = measure_split(model, dev_batches, "dev", config, seed, attacks=True)
+        if train_batches is not None:
+            metrics |= measure_split(model, train_batches, "train", config, seed, attacks=False)
+    if metric("train", "loss") in metrics and metric("dev", "loss") in metrics:
+        metrics[metric("gap", "loss")] = metrics[metric("dev", "loss")] - metrics[metric("train", "loss")]
+        metrics[metric("gap", "accuracy")] = metrics[metric("train", "accuracy")] - metrics[metric("dev", "accuracy")]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # honest wall time
+    wall = time.perf_counter() - start
+    metrics[f"{PREFIX}wall_time_s"] = wall
+    return DiagnosticsResult(metrics, wall)
+
+
+def diagnostic_batches(
+    dev: Dataset,
+    train: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    config: DiagnosticsConfig,
+    seed: int,
+    pad_to_multiple_of: int | None = None,
+) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """The seeded dev subset (`config.examples`, all of dev when smaller) and a train subset of the same size,
+    as padded batches. Build them once per run: every later call of `diagnose` measures the same examples."""
+    dev_idx = subset_indices(len(dev), config.examples, seed, "dev")
+    train_idx = subset_indices(len(train), len(dev_idx), seed, "train")
+    return (
+        subset_batches(dev, dev_idx, tokenizer, config.batch_size, pad_to_multiple_of),
+        subset_batches(train, train_idx, tokenizer, config.batch_size, pad_to_multiple_of),
+    )
