@@ -73,16 +73,16 @@ class DiagnosticsConfig(StrictModel):
     batch_size: int = Field(
         32,
         gt=0,
-        description="Examples per diagnostics batch. The curvature pass keeps a graph of the gradient (double "
-        "backward), about 3× a training step's activation memory: 32, the training batch of the study.",
+        description="Examples per diagnostics batch. 32, the study's training batch: the curvature pass keeps the "
+        "graph of the gradient (double backward), so it needs more memory than a training step at the same batch.",
     )
     probes: int = Field(
-        4,
+        2,
         ge=0,
         description="Rademacher probes per example for the curvature estimate (one Hessian-vector product each); "
-        "0 skips the curvature. 4: on the smoke model the probes then make about a quarter of the curvature mean's "
-        "standard error, the spread between examples the rest (results/bench/diagnostics-cost.md); ≥ 2 gives each "
-        "example a standard error.",
+        "0 skips the curvature. 2, the fewest that give each example a standard error: on the smoke model the "
+        "probes' share of the curvature mean's variance is then about a tenth, the spread between examples the rest "
+        "(results/bench/diagnostics-cost.md), and the curvature costs about as much as the attacks.",
     )
     epsilons: list[float] = Field(
         [0.01, 0.03, 0.1],
