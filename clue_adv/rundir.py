@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,23 @@ def strategy_tag(strategy: StrictModel) -> str:
 def run_dir(cfg: RunConfig, output_dir: str | Path | None = None) -> Path:
     root = Path(output_dir if output_dir is not None else cfg.output_dir).expanduser()
     return root / cfg.experiment / cfg.task / strategy_tag(cfg.strategy) / f"seed-{cfg.seed}"
+
+
+def summary_header(cfg: RunConfig, directory: Path, status: str) -> dict[str, Any]:
+    """The fields every summary.json starts with: its status, then which run it is (the report groups by these)."""
+    return {
+        "status": status,
+        "experiment": cfg.experiment,
+        "task": cfg.task,
+        "strategy": cfg.strategy.name,
+        "strategy_tag": directory.parent.name,
+        "seed": cfg.seed,
+    }
+
+
+def utc_now() -> str:
+    """A timestamp for run files (started_at, finished_at): UTC, to the second."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def identity(config: dict[str, Any]) -> dict[str, Any]:

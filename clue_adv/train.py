@@ -1,8 +1,14 @@
-"""One training run, for every strategy: setup in dependency order, the loop, evaluation, run files.
+"""One training run, for every strategy, read top to bottom as a recipe:
 
-The loop asks the strategy for the step's gradients (`training_step`) and then steps the optimizer; it
-never looks at the strategy's name. Setup (tokenizer, data, model) finishes before the run directory is
-touched, so a bad path or label fails without leaving anything behind.
+    train()       the run directory decides: skip a completed run, or run this one
+    setup()       paths → device → strategy → tokenizer → data → model → optimizer → loaders → scheduler,
+                  in dependency order; nothing is written until all of it succeeded, so a bad path or label
+                  fails without leaving anything behind
+    fit()         epochs of `train_step`s, evaluations at their points
+    finish        summary.json from `build_summary`, however the run ended
+
+`train_step` is one optimizer step: a window of micro-batches through the strategy (which leaves the
+gradients), then clipping and the optimizer step. The loop never looks at the strategy's name.
 """
 
 from __future__ import annotations
@@ -16,17 +22,18 @@ import shutil
 import subprocess
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from torch.utils.data import DataLoader
 
 import clue_adv
+from clue_adv.checks import check_paths
 from clue_adv.config import RunConfig, require_nameable
-from clue_adv.data import eval_loader, load_task_data, train_loader
+from clue_adv.data import TaskData, eval_loader, load_task_data, train_loader
 from clue_adv.errors import ClueAdvError, ConfigError, RunFailed
 from clue_adv.evaluate import evaluate
 from clue_adv.model import (
@@ -39,22 +46,26 @@ from clue_adv.model import (
 )
 from clue_adv.progress import RunProgress
 from clue_adv.regularizers import build_strategy
-from clue_adv.regularizers.base import Batch, PassCounter, StepContext
+from clue_adv.regularizers.base import Batch, PassCounter, StepContext, Strategy
 from clue_adv.rundir import (
     JsonlWriter,
     atomic_write_json,
     check_writable,
     existing_state,
+    read_summary,
     release_run_lock,
     run_dir,
     start_run,
+    summary_header,
+    utc_now,
 )
 
 
 class NonFiniteError(Exception):
-    def __init__(self, step: int, quantity: str) -> None:
-        super().__init__(f"non-finite {quantity} at step {step}")
-        self.step = step
+    """A non-finite loss or gradient norm in `train_step`; the loop knows (and reports) the step."""
+
+    def __init__(self, quantity: str) -> None:
+        super().__init__(f"non-finite {quantity}")
         self.quantity = quantity
 
 
@@ -63,6 +74,390 @@ class RunOutcome:
     directory: Path
     summary: dict[str, Any]
     skipped: bool = False
+
+
+@dataclass
+class Learner:
+    """What one optimizer step touches. `scheduler` None keeps the learning rate (the strategy benchmark)."""
+
+    model: torch.nn.Module
+    strategy: Strategy
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    autocast: Callable[[], Any] = contextlib.nullcontext
+    label_smoothing: float = 0.0
+    max_grad_norm: float | None = None
+    special_token_ids: tuple[int, ...] = ()
+    counter: PassCounter = field(default_factory=PassCounter)
+
+    def __post_init__(self) -> None:
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+
+@dataclass
+class StepOutput:
+    """What `train_step` reports: each micro-batch's clean task loss and strategy metrics, the gradient norm
+    before clipping, and the window's example count."""
+
+    losses: list[float]
+    metrics: dict[str, list[float]]
+    grad_norm: float
+    examples: int
+
+
+@dataclass
+class Run:
+    """Everything `setup` built for one run."""
+
+    cfg: RunConfig
+    directory: Path
+    device: torch.device
+    data: TaskData
+    tokenizer: Any
+    learner: Learner
+    loader: DataLoader
+    dev_loader: DataLoader
+    steps_per_epoch: int
+    facts: dict[str, Any]  # summary.json's description of the run (device, precision, sizes, versions)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg.epochs
+
+
+@dataclass
+class LoopState:
+    """Where the loop is: everything `fit` changes besides the model, optimizer and scheduler."""
+
+    started_at: str = field(default_factory=utc_now)
+    epoch: int = 0  # epochs finished
+    step: int = 0  # optimizer steps taken
+    examples: int = 0  # training examples seen
+    history: list[dict[str, Any]] = field(default_factory=list)  # the eval records, in order
+    best: dict[str, Any] | None = None  # the eval record with the best dev accuracy so far
+    log_window: dict[str, list[float]] = field(default_factory=dict)  # per micro-batch values since the last log
+    train_time_s: float = 0.0  # training only: evaluation and checkpoints excluded
+    timed_steps: int = 0
+    first_step_s: float = 0.0
+    later_steps_s: float = 0.0
+
+    def timed(self, seconds: float) -> None:
+        if self.timed_steps == 0:
+            self.first_step_s = seconds
+        else:
+            self.later_steps_s += seconds
+        self.timed_steps += 1
+
+    @property
+    def mean_step_time_s(self) -> float:
+        # the first step pays one-off costs (allocations, lazy init)
+        return self.later_steps_s / (self.timed_steps - 1) if self.timed_steps > 1 else self.first_step_s
+
+
+def train(
+    cfg: RunConfig,
+    output_dir: str | Path | None = None,
+    *,
+    force: bool = False,
+    show_progress: bool | None = None,
+    console: Any = None,
+) -> RunOutcome:
+    """Run `cfg` to a completed, evaluated run directory (or return the completed one already there)."""
+    if output_dir is not None:  # config.yaml records where the run really is (output_dir is not its identity)
+        require_nameable(output_dir, "--output-dir")
+        cfg = cfg.model_copy(update={"output_dir": str(output_dir)})
+    directory = run_dir(cfg, output_dir).resolve()
+    state = existing_state(cfg, directory)  # raises if the directory holds another config
+    if state == "completed" and not force:
+        return RunOutcome(directory, read_summary(directory) or {}, skipped=True)
+
+    restore_environment = configure_environment(cfg)
+    if not all_sources_local(cfg) and os.environ.get("HF_HUB_OFFLINE", "").upper() not in ("1", "TRUE", "ON", "YES"):
+        _hub_note(console)
+    try:
+        return _train(cfg, directory, show_progress, console)
+    finally:
+        restore_environment()
+        release_run_lock(directory)  # the run is over (completed, failed or interrupted): the folder is free
+
+
+def _train(cfg: RunConfig, directory: Path, show_progress: bool | None, console: Any) -> RunOutcome:
+    """setup → run files → fit → summary."""
+    run = setup(cfg, directory)
+    state = LoopState()
+    start_run(cfg, directory)
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)  # this run's peak, not an earlier run's in the same process
+    atomic_write_json(directory / "summary.json", build_summary(run, state, {"status": "running"}))
+    metrics = JsonlWriter(directory / "metrics.jsonl")
+    name = f"{cfg.task}/{directory.parent.name}/seed-{cfg.seed}"
+    progress = RunProgress(name, run.total_steps, cfg.epochs, show_progress, console)
+    ending: dict[str, Any] = {"status": "completed"}
+    try:
+        with progress:
+            fit(run, state, metrics, progress)
+    except BaseException as e:
+        ending, instead = _ending(e, state.step, directory)
+        if instead is None:
+            raise
+        raise instead from None
+    finally:
+        metrics.close()
+        summary = build_summary(run, state, ending)
+        atomic_write_json(directory / "summary.json", summary)
+    return RunOutcome(directory, summary)
+
+
+def setup(cfg: RunConfig, directory: Path) -> Run:
+    """Build everything the run needs, in dependency order. Writes nothing, except a failed run's summary when
+    the model or optimizer does not fit in memory."""
+    _check_paths(cfg)
+    check_writable(directory)
+    from transformers import set_seed
+
+    device = resolve_device(cfg)
+    precision, autocast = autocast_for(cfg, device)
+    strategy = build_strategy(cfg.strategy)
+    tokenizer = build_tokenizer(cfg.model)
+    data = load_task_data(cfg, tokenizer)
+    set_seed(cfg.seed)  # before the model is built: init must be the same for every strategy
+    model = build_model(cfg, data.labels, strategy.needs_double_backward)
+    check_vocab_size(tokenizer, model)
+    try:
+        model = model.to(device)
+        strategy.setup(model)  # before compiling: SMART's teacher is a plain copy
+        optimizer = build_optimizer(model, cfg, device)
+        if cfg.model.compile:
+            # In place (nn.Module.compile): the module, its parameters and save_pretrained stay as they are.
+            model.compile(backend=cfg.model.compile_backend)
+    except torch.OutOfMemoryError:
+        raise _setup_out_of_memory(cfg, directory, device) from None
+    pad_multiple = pad_multiple_for(device)
+    loader = train_loader(data.train, tokenizer, cfg, pad_multiple)
+    dev_loader = eval_loader(data.dev, tokenizer, cfg.eval.batch_size, pad_multiple)
+    steps_per_epoch = math.ceil(len(loader) / cfg.optim.grad_accum_steps)  # as accumulation_windows cuts them
+    learner = Learner(
+        model,
+        strategy,
+        optimizer,
+        build_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs),
+        autocast,
+        label_smoothing=cfg.label_smoothing,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        special_token_ids=special_token_ids(tokenizer),
+    )
+    facts = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "precision": precision,
+        "attn_implementation": model.config._attn_implementation,
+        "train_examples": len(data.train),
+        "dev_examples": len(data.dev),
+        "epochs": cfg.epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+    }
+    return Run(cfg, directory, device, data, tokenizer, learner, loader, dev_loader, steps_per_epoch, facts)
+
+
+def fit(run: Run, state: LoopState, metrics: JsonlWriter, progress: RunProgress) -> None:
+    """Train from `state` to the last epoch: `train_step` per accumulation window, a log line every
+    `log_every_n_steps`, an evaluation every `eval.every_n_steps` and at each epoch's end."""
+    cfg, learner = run.cfg, run.learner
+    learner.model.train()
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        progress.epoch(epoch)
+        clock = step_start = time.perf_counter()
+        for window in accumulation_windows(run.loader, cfg.optim.grad_accum_steps):
+            out = train_step(learner, [Batch.from_mapping(raw, run.device) for raw in window])
+            state.step += 1
+            state.examples += out.examples
+            for key, values in {"loss": out.losses, **out.metrics}.items():
+                state.log_window.setdefault(key, []).extend(values)
+            if run.device.type == "cuda":
+                torch.cuda.synchronize(run.device)  # honest step times
+            now = time.perf_counter()
+            step_time, step_start = now - step_start, now
+            state.timed(step_time)
+            lr = learner.optimizer.param_groups[0]["lr"]
+            progress.step(state.step, out.losses[-1], lr)
+            if state.step % cfg.log_every_n_steps == 0:
+                _log(state, epoch, metrics, progress, lr=lr, grad_norm=out.grad_norm, step_time_s=step_time)
+            if cfg.eval.every_n_steps and state.step % cfg.eval.every_n_steps == 0:
+                state.train_time_s += time.perf_counter() - clock
+                _evaluate(run, state, epoch, metrics, progress)
+                clock = step_start = time.perf_counter()
+        state.train_time_s += time.perf_counter() - clock
+        if not state.history or state.history[-1]["step"] != state.step:  # unless this step was just evaluated
+            _evaluate(run, state, epoch, metrics, progress)
+        state.epoch = epoch
+
+
+def train_step(learner: Learner, window: list[Batch], on_gradients: Callable[[], None] | None = None) -> StepOutput:
+    """One optimizer step on one accumulation window: each micro-batch through the strategy, its gradients
+    weighted by its share of the window's examples, so the step follows the mean loss over the window's examples
+    whatever the micro-batch sizes (an epoch's short last window, a short last micro-batch; gradient penalties rely
+    on it, see StepContext.loss_scale); then clipping, the optimizer and scheduler steps. `on_gradients` is called
+    once the gradients are in, before clipping (the benchmark times the strategy's part there)."""
+    examples = sum(batch.size for batch in window)
+    losses: list[float] = []
+    metrics: dict[str, list[float]] = {}
+    for batch in window:
+        ctx = StepContext(
+            learner.model,
+            batch,
+            label_smoothing=learner.label_smoothing,
+            loss_scale=batch.size / examples,
+            autocast=learner.autocast,
+            counter=learner.counter,
+            special_token_ids=learner.special_token_ids,
+        )
+        result = learner.strategy.training_step(ctx)
+        loss = float(result.loss)  # a CPU-GPU sync point, once per micro-batch
+        if not math.isfinite(loss):
+            raise NonFiniteError("loss")
+        losses.append(loss)
+        for key, value in result.metrics.items():
+            metrics.setdefault(key, []).append(value)
+    if on_gradients is not None:
+        on_gradients()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(learner.params, learner.max_grad_norm or math.inf))
+    if not math.isfinite(grad_norm):
+        raise NonFiniteError("gradient norm")
+    learner.optimizer.step()
+    if learner.scheduler is not None:
+        learner.scheduler.step()
+    learner.optimizer.zero_grad(set_to_none=True)
+    learner.strategy.after_optimizer_step(learner.model)
+    return StepOutput(losses, metrics, grad_norm, examples)
+
+
+T = TypeVar("T")
+
+
+def accumulation_windows(micro_batches: Iterable[T], size: int) -> Iterator[list[T]]:
+    """The epoch's micro-batches, `size` per optimizer step; the epoch's last window may hold fewer."""
+    window: list[T] = []
+    for micro_batch in micro_batches:
+        window.append(micro_batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def _log(state: LoopState, epoch: int, metrics: JsonlWriter, progress: RunProgress, **step_fields: float) -> None:
+    """A train line: the last step's lr, gradient norm and time, and the micro-batch means since the last line."""
+    record = {
+        "type": "train",
+        "epoch": epoch,
+        "step": state.step,
+        **step_fields,
+        **{k: sum(v) / len(v) for k, v in state.log_window.items() if v},
+    }
+    metrics.write(record)
+    progress.log(record)
+    state.log_window = {}
+
+
+def _evaluate(run: Run, state: LoopState, epoch: int, metrics: JsonlWriter, progress: RunProgress) -> None:
+    learner = run.learner
+    result = evaluate(learner.model, run.dev_loader, run.device, len(run.data.labels.ids), learner.autocast)
+    record = {"type": "eval", "epoch": epoch, "step": state.step, **result}
+    metrics.write(record)
+    state.history.append(record)
+    if state.best is None or result["accuracy"] > state.best["accuracy"]:
+        state.best = record
+        if run.cfg.save_model:
+            _save_model(learner.model, run.tokenizer, run.directory)
+    progress.evaluated(result["accuracy"])
+
+
+def build_summary(run: Run, state: LoopState, ending: dict[str, Any]) -> dict[str, Any]:
+    """summary.json: which run, what it ran on, how it ended (`ending`: status and its details), its results and
+    its costs. Results of a run that did not complete carry `_so_far` names, which the report does not take for a
+    finished result."""
+    cfg, status = run.cfg, ending["status"]
+    summary = {
+        **summary_header(cfg, run.directory, status),
+        **run.facts,
+        "started_at": state.started_at,
+        **{k: v for k, v in ending.items() if k != "status"},
+    }
+    history = [{k: h[k] for k in ("epoch", "step", "accuracy", "macro_f1", "loss")} for h in state.history]
+    best = state.best
+    if status == "completed" and best is not None:
+        final = state.history[-1]
+        summary.update(
+            best_dev_accuracy=best["accuracy"],
+            best_dev_macro_f1=best["macro_f1"],
+            best_epoch=best["epoch"],
+            best_step=best["step"],
+            final_dev_accuracy=final["accuracy"],
+            final_dev_macro_f1=final["macro_f1"],
+            dev_history=history,
+        )
+    elif best is not None:
+        summary.update(best_dev_accuracy_so_far=best["accuracy"], best_epoch_so_far=best["epoch"], dev_history=history)
+    if status == "running":
+        return summary
+    counter = run.learner.counter
+    micro_steps = max(math.ceil(state.examples / cfg.batch_size), 1)
+    summary.update(
+        steps=state.step,
+        train_wall_time_s=state.train_time_s,
+        mean_step_time_s=state.mean_step_time_s,
+        samples_per_s=state.examples / state.train_time_s if state.train_time_s > 0 else None,
+        peak_memory_mb=_peak_memory_mb(run.device),
+        passes_per_micro_step={
+            "forward": counter.forward / micro_steps,
+            "backward": counter.backward / micro_steps,
+            "double_backward": counter.double_backward / micro_steps,
+        },
+        finished_at=utc_now(),
+    )
+    return summary
+
+
+def _ending(e: BaseException, steps_done: int, directory: Path) -> tuple[dict[str, Any], BaseException | None]:
+    """How exception `e` ends the run: the summary's status and details, and what to raise instead (None: `e`)."""
+    step = steps_done + 1  # the step that was running
+    if isinstance(e, NonFiniteError):
+        error = f"non-finite {e.quantity} at step {step}"
+        fields = {"status": "failed", "error": error, "failed_step": step, "failed_quantity": e.quantity}
+        return fields, RunFailed(f"run failed: {error} ({directory})")
+    if isinstance(e, torch.OutOfMemoryError):
+        fields = {"status": "failed", "error": "out of memory", "failed_step": step, "advice": OOM_ADVICE}
+        return fields, RunFailed(f"run failed: out of memory at step {step}: {OOM_ADVICE} ({directory})")
+    if isinstance(e, KeyboardInterrupt):
+        return {"status": "interrupted", "interrupted_step": steps_done}, None
+    return {"status": "failed", "error": f"{type(e).__name__}: {e}", "failed_step": step}, None
+
+
+def _check_paths(cfg: RunConfig) -> None:
+    """The checks `clue-adv validate` makes, before minutes of tokenizing: a missing file fails at once."""
+    problems = check_paths(cfg)
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s) with the files this config names:", problems)
+
+
+def _setup_out_of_memory(cfg: RunConfig, directory: Path, device: torch.device) -> RunFailed:
+    """Out of memory while moving the model or building the optimizer: record it as a failed run, with the same
+    advice as an out-of-memory training step (nothing was written before, so the run directory starts here)."""
+    start_run(cfg, directory)
+    summary = {
+        **summary_header(cfg, directory, "failed"),
+        "error": "out of memory",
+        "failed_step": 0,
+        "failed_during": "setup",
+        "advice": OOM_ADVICE,
+        "steps": 0,
+        "peak_memory_mb": _peak_memory_mb(device),
+        "finished_at": utc_now(),
+    }
+    atomic_write_json(directory / "summary.json", summary)
+    return RunFailed(f"run failed: out of memory during setup: {OOM_ADVICE} ({directory})")
 
 
 # Printed with an out-of-memory failure and kept in summary.json: the fix that keeps the effective batch.
@@ -210,8 +605,15 @@ def process_peak_rss_mb() -> float | None:
     return None
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: RunConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    warmup = round(cfg.optim.warmup_ratio * total_steps)
+    if cfg.optim.schedule == "linear":
+        return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    return get_constant_schedule_with_warmup(optimizer, warmup)
 
 
 def _save_model(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
@@ -227,35 +629,6 @@ def _save_model(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def train(
-    cfg: RunConfig,
-    output_dir: str | Path | None = None,
-    *,
-    force: bool = False,
-    show_progress: bool | None = None,
-    console: Any = None,
-) -> RunOutcome:
-    """Run `cfg` to a completed, evaluated run directory (or return the completed one already there)."""
-    if output_dir is not None:  # config.yaml records where the run really is (output_dir is not its identity)
-        require_nameable(output_dir, "--output-dir")
-        cfg = cfg.model_copy(update={"output_dir": str(output_dir)})
-    directory = run_dir(cfg, output_dir).resolve()
-    state = existing_state(cfg, directory)  # raises if the directory holds another config
-    if state == "completed" and not force:
-        from clue_adv.rundir import read_summary
-
-        return RunOutcome(directory, read_summary(directory) or {}, skipped=True)
-
-    restore_environment = configure_environment(cfg)
-    if not all_sources_local(cfg) and os.environ.get("HF_HUB_OFFLINE", "").upper() not in ("1", "TRUE", "ON", "YES"):
-        _hub_note(console)
-    try:
-        return _train(cfg, directory, show_progress, console)
-    finally:
-        restore_environment()
-        release_run_lock(directory)  # the run is over (completed, failed or interrupted): the folder is free
 
 
 _hub_note_shown = False
@@ -275,254 +648,3 @@ def _hub_note(console: Any) -> None:
         "or point model.name_or_path and data.path at local directories",
         highlight=False,
     )
-
-
-def _check_paths(cfg: RunConfig) -> None:
-    """The checks `clue-adv validate` makes, before minutes of tokenizing: a missing file fails at once."""
-    from clue_adv.validate import check_paths
-
-    problems = check_paths(cfg)
-    if problems:
-        raise ConfigError(f"{len(problems)} problem(s) with the files this config names:", problems)
-
-
-def _setup_out_of_memory(cfg: RunConfig, directory: Path, device: torch.device) -> RunFailed:
-    """Out of memory while moving the model or building the optimizer: record it as a failed run, with the same
-    advice as an out-of-memory training step (nothing was written before, so the run directory starts here)."""
-    start_run(cfg, directory)
-    summary = {
-        "status": "failed",
-        "experiment": cfg.experiment,
-        "task": cfg.task,
-        "strategy": cfg.strategy.name,
-        "strategy_tag": directory.parent.name,
-        "seed": cfg.seed,
-        "error": "out of memory",
-        "failed_step": 0,
-        "failed_during": "setup",
-        "advice": OOM_ADVICE,
-        "steps": 0,
-        "peak_memory_mb": _peak_memory_mb(device),
-        "finished_at": _now(),
-    }
-    atomic_write_json(directory / "summary.json", summary)
-    return RunFailed(f"run failed: out of memory during setup: {OOM_ADVICE} ({directory})")
-
-
-def _train(cfg: RunConfig, directory: Path, show_progress: bool | None, console: Any) -> RunOutcome:
-    _check_paths(cfg)
-    check_writable(directory)
-    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup, set_seed
-
-    device = resolve_device(cfg)
-    precision, autocast = autocast_for(cfg, device)
-    strategy = build_strategy(cfg.strategy)
-
-    # Setup, in dependency order; nothing is written until all of it succeeded.
-    tokenizer = build_tokenizer(cfg.model)
-    data = load_task_data(cfg, tokenizer)
-    set_seed(cfg.seed)  # before the model is built: init must be the same for every strategy
-    model = build_model(cfg, data.labels, strategy.needs_double_backward)
-    check_vocab_size(tokenizer, model)
-    try:
-        model = model.to(device)
-        strategy.setup(model)  # before compiling: SMART's teacher is a plain copy
-        optimizer = build_optimizer(model, cfg, device)
-        if cfg.model.compile:
-            # In place (nn.Module.compile): the module, its parameters and save_pretrained stay as they are.
-            model.compile(backend=cfg.model.compile_backend)
-    except torch.OutOfMemoryError:
-        raise _setup_out_of_memory(cfg, directory, device) from None
-    pad_multiple = pad_multiple_for(device)
-    loader = train_loader(data.train, tokenizer, cfg, pad_multiple)
-    dev_loader = eval_loader(data.dev, tokenizer, cfg.eval.batch_size, pad_multiple)
-    accum = cfg.optim.grad_accum_steps
-    steps_per_epoch = math.ceil(len(loader) / accum)
-    # A micro-batch weighs its share of its window's examples, so a window's gradient is that of the mean over its
-    # examples however they are split: also an epoch's last window, shorter and ending in a smaller batch (every
-    # batch but the epoch's last holds batch_size examples). Gradient penalties rely on it (StepContext).
-    window_examples = accum * cfg.batch_size
-
-    def window_size(micro: int) -> int:
-        start = (micro - 1) // accum * window_examples
-        return min(start + window_examples, len(data.train)) - start
-
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = round(cfg.optim.warmup_ratio * total_steps)
-    scheduler = (
-        get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
-        if cfg.optim.schedule == "linear"
-        else get_constant_schedule_with_warmup(optimizer, warmup)
-    )
-    special_ids = special_token_ids(tokenizer)
-
-    start_run(cfg, directory)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not an earlier run's in the same process
-    summary: dict[str, Any] = {
-        "status": "running",
-        "experiment": cfg.experiment,
-        "task": cfg.task,
-        "strategy": cfg.strategy.name,
-        "strategy_tag": directory.parent.name,
-        "seed": cfg.seed,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "precision": precision,
-        "attn_implementation": model.config._attn_implementation,
-        "train_examples": len(data.train),
-        "dev_examples": len(data.dev),
-        "epochs": cfg.epochs,
-        "steps_per_epoch": steps_per_epoch,
-        "versions": _versions(),
-        "git_commit": _git_commit(),
-        "started_at": _now(),
-    }
-    atomic_write_json(directory / "summary.json", summary)
-    metrics = JsonlWriter(directory / "metrics.jsonl")
-    progress = RunProgress(
-        f"{cfg.task}/{directory.parent.name}/seed-{cfg.seed}", total_steps, cfg.epochs, show_progress, console
-    )
-    counter = PassCounter()
-    params = [p for p in model.parameters() if p.requires_grad]
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] | None = None
-    step_times: list[float] = []
-    train_time = 0.0
-    seen_examples = 0
-    global_step = 0
-
-    def run_eval(epoch: int) -> dict[str, Any]:
-        nonlocal best
-        result = evaluate(model, dev_loader, device, len(data.labels.ids), autocast)
-        record = {"type": "eval", "epoch": epoch, "step": global_step, **result}
-        metrics.write(record)
-        history.append(record)
-        if best is None or result["accuracy"] > best["accuracy"]:
-            best = record
-            if cfg.save_model:
-                _save_model(model, tokenizer, directory)
-        progress.evaluated(result["accuracy"])
-        return record
-
-    try:
-        with progress:
-            window: dict[str, list[float]] = {}
-            model.train()
-            for epoch in range(1, cfg.epochs + 1):
-                progress.epoch(epoch)
-                epoch_start = time.perf_counter()
-                step_start = time.perf_counter()
-                for micro, raw in enumerate(loader, start=1):
-                    batch = Batch.from_mapping(raw, device)
-                    ctx = StepContext(
-                        model,
-                        batch,
-                        label_smoothing=cfg.label_smoothing,
-                        loss_scale=batch.size / window_size(micro),
-                        autocast=autocast,
-                        counter=counter,
-                        special_token_ids=special_ids,
-                    )
-                    result = strategy.training_step(ctx)
-                    loss = float(result.loss)  # a CPU-GPU sync point, once per micro-batch
-                    if not math.isfinite(loss):
-                        raise NonFiniteError(global_step + 1, "loss")
-                    window.setdefault("loss", []).append(loss)
-                    for key, value in result.metrics.items():
-                        window.setdefault(key, []).append(value)
-                    seen_examples += batch.size
-                    if micro % accum and micro != len(loader):
-                        continue
-                    max_norm = cfg.optim.max_grad_norm or float("inf")
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-                    if not math.isfinite(grad_norm):
-                        raise NonFiniteError(global_step + 1, "gradient norm")
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    strategy.after_optimizer_step(model)
-                    global_step += 1
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)  # honest step times
-                    now = time.perf_counter()
-                    step_times.append(now - step_start)
-                    step_start = now
-                    lr = scheduler.get_last_lr()[0]
-                    progress.step(global_step, loss, lr)
-                    if global_step % cfg.log_every_n_steps == 0:
-                        record = {
-                            "type": "train",
-                            "epoch": epoch,
-                            "step": global_step,
-                            "lr": lr,
-                            "grad_norm": grad_norm,
-                            "step_time_s": step_times[-1],
-                            **{k: sum(v) / len(v) for k, v in window.items() if v},
-                        }
-                        metrics.write(record)
-                        progress.log(record)
-                        window = {}
-                    if cfg.eval.every_n_steps and global_step % cfg.eval.every_n_steps == 0:
-                        train_time += time.perf_counter() - epoch_start
-                        run_eval(epoch)
-                        epoch_start = step_start = time.perf_counter()
-                train_time += time.perf_counter() - epoch_start
-                if not (cfg.eval.every_n_steps and global_step % cfg.eval.every_n_steps == 0):
-                    run_eval(epoch)
-                model.train()
-    except NonFiniteError as e:
-        summary.update(status="failed", error=str(e), failed_step=e.step, failed_quantity=e.quantity)
-        raise RunFailed(f"run failed: {e} ({directory})") from None
-    except torch.OutOfMemoryError:
-        summary.update(
-            status="failed",
-            error="out of memory",
-            failed_step=global_step + 1,
-            advice=OOM_ADVICE,
-        )
-        raise RunFailed(f"run failed: out of memory at step {global_step + 1}: {OOM_ADVICE} ({directory})") from None
-    except KeyboardInterrupt:
-        summary.update(status="interrupted", interrupted_step=global_step)
-        raise
-    except BaseException as e:
-        summary.update(status="failed", error=f"{type(e).__name__}: {e}", failed_step=global_step + 1)
-        raise
-    else:
-        final = history[-1]
-        summary.update(
-            status="completed",
-            best_dev_accuracy=best["accuracy"],
-            best_dev_macro_f1=best["macro_f1"],
-            best_epoch=best["epoch"],
-            best_step=best["step"],
-            final_dev_accuracy=final["accuracy"],
-            final_dev_macro_f1=final["macro_f1"],
-            dev_history=[{k: h[k] for k in ("epoch", "step", "accuracy", "macro_f1", "loss")} for h in history],
-        )
-    finally:
-        metrics.close()
-        if summary["status"] != "completed" and best is not None:
-            # What the run reached before it stopped (also in metrics.jsonl), under names a completed run's
-            # readers (the report) do not take for a finished result.
-            summary.update(
-                best_dev_accuracy_so_far=best["accuracy"],
-                best_epoch_so_far=best["epoch"],
-                dev_history=[{k: h[k] for k in ("epoch", "step", "accuracy", "macro_f1", "loss")} for h in history],
-            )
-        n = max(len(step_times) - 1, 1)  # the first step pays one-off costs (allocations, lazy init)
-        micro_steps = max(math.ceil(seen_examples / cfg.batch_size), 1)
-        summary.update(
-            steps=global_step,
-            train_wall_time_s=train_time,
-            mean_step_time_s=sum(step_times[1:]) / n if len(step_times) > 1 else (step_times or [0.0])[0],
-            samples_per_s=seen_examples / train_time if train_time > 0 else None,
-            peak_memory_mb=_peak_memory_mb(device),
-            passes_per_micro_step={
-                "forward": counter.forward / micro_steps,
-                "backward": counter.backward / micro_steps,
-                "double_backward": counter.double_backward / micro_steps,
-            },
-            finished_at=_now(),
-        )
-        atomic_write_json(directory / "summary.json", summary)
-    return RunOutcome(directory, summary)

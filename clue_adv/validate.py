@@ -3,13 +3,13 @@ before any training starts or any directory is created."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# check_paths and check_raw_paths are imported from here by the sweep's planning too
+from clue_adv.checks import Sources, check_paths, check_raw_paths, path_problems  # noqa: F401
 from clue_adv.config import (
     TASKS,
-    DataConfig,
     RunConfig,
     apply_override,
     expand_path,
@@ -19,127 +19,10 @@ from clue_adv.config import (
     path_problem,
 )
 from clue_adv.errors import ClueAdvError
-from clue_adv.model import check_safetensors, looks_local, model_max_positions
+from clue_adv.model import looks_local
 
 
-@dataclass(frozen=True)
-class _Sources:
-    """The fields the filesystem checks need, taken from a valid RunConfig or, when the schema fails, from
-    the raw merged dict (None where a field is absent or not usable)."""
-
-    task: str | None
-    data_path: str | None
-    train_file: str
-    dev_file: str
-    max_train_samples: int | None
-    max_eval_samples: int | None
-    model: str | None
-    tokenizer: str | None
-    max_length: int | None
-    pretrained: bool = True
-    holdout_size: int = 0  # model.init: pretrained (its weights must be there), or random (config only)
-
-    @classmethod
-    def of(cls, cfg: RunConfig) -> _Sources:
-        d = cfg.data
-        return cls(
-            cfg.task,
-            d.path,
-            d.train_file,
-            d.dev_file,
-            d.max_train_samples,
-            d.max_eval_samples,
-            cfg.model.name_or_path,
-            cfg.model.tokenizer,
-            cfg.max_length,
-            cfg.model.init == "pretrained",
-            d.holdout_size,
-        )
-
-    @classmethod
-    def raw(cls, data: dict[str, Any]) -> _Sources:
-        def block(name: str) -> dict[str, Any]:
-            value = data.get(name)
-            return value if isinstance(value, dict) else {}
-
-        def text(d: dict[str, Any], key: str, default: str | None = None) -> str | None:
-            return d[key] if isinstance(d.get(key), str) else default
-
-        def positive(d: dict[str, Any], key: str) -> int | None:
-            value = d.get(key)
-            return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-        d, m = block("data"), block("model")
-        defaults = DataConfig.model_fields
-        task = data.get("task")
-        return cls(
-            task if isinstance(task, str) and task in TASKS else None,
-            text(d, "path"),
-            text(d, "train_file", defaults["train_file"].default) or "train.json",
-            text(d, "dev_file", defaults["dev_file"].default) or "dev.json",
-            positive(d, "max_train_samples"),
-            positive(d, "max_eval_samples"),
-            text(m, "name_or_path"),
-            text(m, "tokenizer"),
-            positive(data, "max_length"),
-            m.get("init", "pretrained") != "random",
-            positive(d, "holdout_size") or 0,
-        )
-
-    def local_dir(self) -> Path | None:
-        if self.data_path is None:
-            return None
-        return expand_path(self.data_path.replace("{task}", self.task or "{task}"))
-
-
-def _where(expanded: Path) -> str:
-    """A relative path is resolved from the current directory, not the config's: say which, since shipped configs
-    name paths relative to the repository root. (`~` paths are absolute once expanded.)"""
-    return "" if expanded.is_absolute() else f" (relative to the current directory {Path.cwd()})"
-
-
-def _path_problems(s: _Sources) -> list[str]:
-    problems = []
-    root = s.local_dir()
-    if root is not None and (s.task is not None or "{task}" not in (s.data_path or "")):
-        if not root.is_dir():
-            problems.append(f"data.path: directory not found: {root}{_where(root)}")
-        else:
-            for field, name in (("labels", "labels.json"), ("train_file", s.train_file), ("dev_file", s.dev_file)):
-                if path_problem(name, expands=False):  # the schema names it; a stat() of it would raise
-                    continue
-                if not (root / name).is_file():
-                    problems.append(f"data.{field}: file not found: {root / name}")
-    for field, name in (("model.name_or_path", s.model), ("model.tokenizer", s.tokenizer)):
-        if not name or not looks_local(name):
-            continue
-        where = expand_path(name)
-        if where is None:  # a name no directory can have (e.g. `~user` naming no user): the schema says so
-            continue
-        if not where.is_dir():
-            problems.append(f"{field}: directory not found: {name}{_where(where)}")
-            continue
-        # What training will read from the directory, checked now rather than after tokenizing
-        if field == "model.name_or_path" and not (where / "config.json").is_file():
-            problems.append(f"{field}: {name} has no config.json (a model directory needs one)")
-        if (field == "model.tokenizer" or not s.tokenizer) and not (
-            any((where / f).is_file() for f in ("vocab.txt", "tokenizer.json", "vocab.json"))
-            or any(where.glob("*.model"))  # sentencepiece
-        ):
-            problems.append(f"{field}: {name} has no tokenizer files (vocab.txt, tokenizer.json, ...)")
-        if field == "model.name_or_path" and s.pretrained:
-            try:  # pretrained weights from a local directory: safetensors there, as training will insist
-                check_safetensors(name)
-            except ClueAdvError as e:
-                problems.append(e.message)
-    local_model = s.model is not None and looks_local(s.model) and expand_path(s.model) is not None
-    positions = model_max_positions(s.model) if local_model else None
-    if positions is not None and s.max_length is not None and s.max_length > positions:
-        problems.append(f"max_length: {s.max_length} exceeds the model's {positions} positions")
-    return problems
-
-
-def _hub_position_check(s: _Sources) -> tuple[list[str], list[str]]:
+def _hub_position_check(s: Sources) -> tuple[list[str], list[str]]:
     """max_length against a hub model's positions, from the HF cache only (validate never uses the network).
     Returns (problems, notes): a model whose config is not cached gets a note, so the gap is visible."""
     if not s.model or looks_local(s.model) or s.max_length is None:
@@ -158,7 +41,7 @@ def _hub_position_check(s: _Sources) -> tuple[list[str], list[str]]:
     return [], []
 
 
-def _data_problems(s: _Sources) -> list[str]:
+def _data_problems(s: Sources) -> list[str]:
     """Contents of the local data, read the way training reads it (same records, same limits) but not
     tokenized: labels.json's size, then each split's first problem (bad line, unknown label, no records)."""
     from clue_adv.data import check_holdout, read_labels, read_split
@@ -192,20 +75,9 @@ def _data_problems(s: _Sources) -> list[str]:
     return problems
 
 
-def check_paths(cfg: RunConfig) -> list[str]:
-    """Files and directories a valid config names (data, labels, model, tokenizer), and max_length."""
-    return _path_problems(_Sources.of(cfg))
-
-
-def check_raw_paths(data: dict[str, Any]) -> list[str]:
-    """check_paths for a merged config whose schema fails: the paths it names are still checked, so a bad value
-    elsewhere does not hide a missing file."""
-    return _path_problems(_Sources.raw(data))
-
-
 def check_data(cfg: RunConfig) -> list[str]:
     """What is wrong inside the local data files a valid config uses (empty: nothing, or not local)."""
-    return _data_problems(_Sources.of(cfg))
+    return _data_problems(Sources.of(cfg))
 
 
 SWEEP_ONLY_FIELDS = {"base", "seeds", "strategies", "grid", "per_task", "tasks", "overrides", "slurm"}
@@ -287,9 +159,9 @@ def _validate_sweep(path: Path, merged: list[Path], overrides: list[str], notes:
     # load_plan has checked every cell's schema and paths; the data contents and hub models remain, once per
     # source.
     problems = []
-    seen: set[_Sources] = set()
+    seen: set[Sources] = set()
     for cell in plan.cells:
-        sources = _Sources.of(cell.config)
+        sources = Sources.of(cell.config)
         if sources not in seen:
             seen.add(sources)
             where = f"{cell.config.experiment}/{cell.config.task}"
@@ -319,12 +191,12 @@ def validate_file(
     except ClueAdvError as e:
         return e.problems or [e.message]
     try:
-        sources = _Sources.of(parse_config(data, source=" + ".join(map(str, files))))
+        sources = Sources.of(parse_config(data, source=" + ".join(map(str, files))))
         problems: list[str] = []
     except ClueAdvError as e:
-        sources = _Sources.raw(data)
+        sources = Sources.raw(data)
         problems = e.problems or [e.message]
     hub_problems, hub_notes = _hub_position_check(sources)
     if notes is not None:
         notes += hub_notes
-    return problems + _path_problems(sources) + hub_problems + _data_problems(sources)
+    return problems + path_problems(sources) + hub_problems + _data_problems(sources)

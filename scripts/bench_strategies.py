@@ -4,8 +4,8 @@ Every registered strategy (default parameters; a strategy with a `mode` field ge
 e.g. `gradient_penalty[finite_difference]`) trains its own copy of the same random-init model on the
 same fixed batches of real TNEWS titles. After a warm-up, the strategies take turns, one step each per
 round, in a freshly shuffled order every round, so a slow spell on the shared machine hits all of them
-alike; the ratio to `none` is the median over rounds of the within-round ratio. A step is what
-clue_adv/train.py does per micro-batch: `strategy.training_step`, gradient clipping, the optimizer step.
+alike; the ratio to `none` is the median over rounds of the within-round ratio. A step is
+clue_adv.train.train_step on one micro-batch: `strategy.training_step`, gradient clipping, the optimizer step.
 
 Peak memory is measured in a fresh process per strategy (CUDA max allocated on a GPU; peak RSS on CPU,
 where the whole process's resident memory is the only honest number).
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import subprocess
 import sys
@@ -37,8 +36,15 @@ from clue_adv.config import RunConfig  # noqa: E402
 from clue_adv.data import bundled_labels  # noqa: E402
 from clue_adv.model import build_model, special_token_ids  # noqa: E402
 from clue_adv.regularizers import build_strategy, registry  # noqa: E402
-from clue_adv.regularizers.base import Batch, PassCounter, StepContext, Strategy, StrategyConfig  # noqa: E402
-from clue_adv.train import autocast_for, build_optimizer, pad_multiple_for  # noqa: E402
+from clue_adv.regularizers.base import Batch, Strategy, StrategyConfig  # noqa: E402
+from clue_adv.train import (  # noqa: E402
+    Learner,
+    NonFiniteError,
+    autocast_for,
+    build_optimizer,
+    pad_multiple_for,
+    train_step,
+)
 
 # Issue 6's targets: step time as a multiple of the `none` step. PGD and FreeLB targets are for K = 3.
 TARGETS: dict[str, float] = {
@@ -113,47 +119,49 @@ def cost_estimate(strategy: Strategy) -> float:
 class Contender:
     row: Row
     cfg: RunConfig
-    strategy: Strategy
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    params: list[torch.nn.Parameter]
-    autocast: Any
+    learner: Learner
     precision: str
-    special_ids: tuple[int, ...]
     device: torch.device
-    counter: PassCounter = field(default_factory=PassCounter)
     step_ms: list[float] = field(default_factory=list)
     strategy_ms: list[float] = field(default_factory=list)
     passes: list[tuple[int, int, int]] = field(default_factory=list)
 
+    @property
+    def strategy(self) -> Strategy:
+        return self.learner.strategy
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.learner.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.learner.optimizer
+
     def step(self, raw: dict[str, torch.Tensor], record: bool = True) -> None:
-        """One micro-batch exactly as clue_adv/train.py runs it (no accumulation)."""
+        """One optimizer step on one micro-batch (no accumulation, a fixed learning rate): clue_adv.train's own
+        `train_step`, timed in whole and up to the gradients (the strategy's part)."""
         cuda = self.device.type == "cuda"
         batch = Batch.from_mapping(raw, self.device)
-        self.counter.reset()
+        counter = self.learner.counter
+        counter.reset()
         if cuda:
             torch.cuda.synchronize(self.device)
             marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
             marks[0].record()
         start = time.perf_counter()
-        ctx = StepContext(
-            self.model,
-            batch,
-            label_smoothing=self.cfg.label_smoothing,
-            autocast=self.autocast,
-            counter=self.counter,
-            special_token_ids=self.special_ids,
-        )
-        result = self.strategy.training_step(ctx)
-        if cuda:
-            marks[1].record()
-        loss = float(result.loss)  # the loop's per-micro-batch sync point
-        middle = time.perf_counter()
-        max_norm = self.cfg.optim.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.strategy.after_optimizer_step(self.model)
+        middle = start
+
+        def gradients_in() -> None:
+            nonlocal middle
+            if cuda:
+                marks[1].record()
+            middle = time.perf_counter()
+
+        try:
+            train_step(self.learner, [batch], on_gradients=gradients_in)
+        except NonFiniteError as e:
+            raise RuntimeError(f"{self.row.label}: {e} in the benchmark") from None
         if cuda:
             marks[2].record()
             torch.cuda.synchronize(self.device)
@@ -161,12 +169,10 @@ class Contender:
         else:
             end = time.perf_counter()
             total, part = (end - start) * 1e3, (middle - start) * 1e3
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise RuntimeError(f"{self.row.label}: non-finite loss or gradient norm in the benchmark")
         if record:
             self.step_ms.append(total)
             self.strategy_ms.append(part)
-            self.passes.append((self.counter.forward, self.counter.backward, self.counter.double_backward))
+            self.passes.append((counter.forward, counter.backward, counter.double_backward))
 
 
 def build_contender(row: Row, architecture: dict[str, int], device: torch.device, task: str, seed: int) -> Contender:
@@ -180,18 +186,16 @@ def build_contender(row: Row, architecture: dict[str, int], device: torch.device
     strategy.setup(model)
     optimizer = build_optimizer(model, cfg, device)
     precision, autocast = autocast_for(cfg, device)
-    return Contender(
-        row=row,
-        cfg=cfg,
-        strategy=strategy,
-        model=model,
-        optimizer=optimizer,
-        params=[p for p in model.parameters() if p.requires_grad],
+    learner = Learner(
+        model,
+        strategy,
+        optimizer,
         autocast=autocast,
-        precision=precision,
-        special_ids=special_token_ids(common.load_tokenizer()),
-        device=device,
+        label_smoothing=cfg.label_smoothing,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        special_token_ids=special_token_ids(common.load_tokenizer()),
     )
+    return Contender(row=row, cfg=cfg, learner=learner, precision=precision, device=device)
 
 
 def interleave(

@@ -168,6 +168,52 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, samples):
     assert grad_norms(small) == pytest.approx(grad_norms(big), rel=1e-4)
 
 
+def _window_gradients(model, window):
+    """The parameter gradients train_step's window leaves just before clipping (read by its on_gradients hook)."""
+    from clue_adv.regularizers.none import NoneConfig
+    from clue_adv.train import Learner, train_step
+
+    seen = {}
+
+    def snapshot():
+        seen.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the weights stay for the next window
+    train_step(Learner(model, NoRegularizer(NoneConfig()), optimizer), window, on_gradients=snapshot)
+    return seen
+
+
+def test_a_window_of_uneven_micro_batches_follows_the_mean_loss_over_its_examples(tokenizer):
+    """Eight examples as one batch, as 4 + 4 and as 4 + 2 + 2 micro-batches: the same gradient (each micro-batch
+    weighs by its examples, not 1/3 each), checked against a plain backward of the 8-example mean loss."""
+    from conftest import tiny_bert
+
+    from clue_adv.data import ASSETS
+
+    lines = (ASSETS / "tnews" / "train.json").read_text(encoding="utf-8").splitlines()[:8]
+    sentences = [json.loads(line)["sentence"] for line in lines]
+    labels = torch.arange(8) % 5
+
+    def batch(lo, hi):  # each micro-batch padded to its own longest example, as the collator does
+        enc = tokenizer(sentences[lo:hi], padding=True, return_tensors="pt")
+        return Batch.from_mapping({**enc, "labels": labels[lo:hi]}, torch.device("cpu"))
+
+    model = tiny_bert(dtype=torch.float64, dropout=0.0)
+    model.train()
+    whole = batch(0, 8)
+    model.zero_grad()
+    logits = model(input_ids=whole.input_ids, attention_mask=whole.attention_mask, token_type_ids=whole.token_type_ids)
+    torch.nn.functional.cross_entropy(logits.logits, whole.labels).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    for cuts in ([(0, 8)], [(0, 4), (4, 8)], [(0, 4), (4, 6), (6, 8)]):
+        actual = _window_gradients(model, [batch(lo, hi) for lo, hi in cuts])
+        assert actual.keys() == expected.keys()
+        for name, want in expected.items():
+            torch.testing.assert_close(actual[name], want, rtol=1e-10, atol=1e-12, msg=f"{cuts}: {name}")
+
+
 def test_out_of_memory_marks_the_run_failed_with_advice(tmp_path, monkeypatch):
     monkeypatch.setattr(NoRegularizer, "training_step", _fail_at(2, torch.OutOfMemoryError("CUDA out of memory")))
     with pytest.raises(RunFailed, match="out of memory at step 2: lower batch_size .*grad_accum_steps"):

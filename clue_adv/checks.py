@@ -1,0 +1,142 @@
+"""The filesystem checks a run needs before its setup starts: the files and directories its config names.
+
+`clue-adv validate` reports these with the rest; training and sweeps make them before minutes of tokenizing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clue_adv.config import TASKS, DataConfig, RunConfig, expand_path, path_problem
+from clue_adv.errors import ClueAdvError
+from clue_adv.model import check_safetensors, looks_local, model_max_positions
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The fields the filesystem checks need, taken from a valid RunConfig or, when the schema fails, from
+    the raw merged dict (None where a field is absent or not usable)."""
+
+    task: str | None
+    data_path: str | None
+    train_file: str
+    dev_file: str
+    max_train_samples: int | None
+    max_eval_samples: int | None
+    model: str | None
+    tokenizer: str | None
+    max_length: int | None
+    pretrained: bool = True  # model.init: pretrained (its weights must be there), or random (config only)
+    holdout_size: int = 0
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> Sources:
+        d = cfg.data
+        return cls(
+            cfg.task,
+            d.path,
+            d.train_file,
+            d.dev_file,
+            d.max_train_samples,
+            d.max_eval_samples,
+            cfg.model.name_or_path,
+            cfg.model.tokenizer,
+            cfg.max_length,
+            cfg.model.init == "pretrained",
+            d.holdout_size,
+        )
+
+    @classmethod
+    def raw(cls, data: dict[str, Any]) -> Sources:
+        def block(name: str) -> dict[str, Any]:
+            value = data.get(name)
+            return value if isinstance(value, dict) else {}
+
+        def text(d: dict[str, Any], key: str, default: str | None = None) -> str | None:
+            return d[key] if isinstance(d.get(key), str) else default
+
+        def positive(d: dict[str, Any], key: str) -> int | None:
+            value = d.get(key)
+            return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+        d, m = block("data"), block("model")
+        defaults = DataConfig.model_fields
+        task = data.get("task")
+        return cls(
+            task if isinstance(task, str) and task in TASKS else None,
+            text(d, "path"),
+            text(d, "train_file", defaults["train_file"].default) or "train.json",
+            text(d, "dev_file", defaults["dev_file"].default) or "dev.json",
+            positive(d, "max_train_samples"),
+            positive(d, "max_eval_samples"),
+            text(m, "name_or_path"),
+            text(m, "tokenizer"),
+            positive(data, "max_length"),
+            m.get("init", "pretrained") != "random",
+            positive(d, "holdout_size") or 0,
+        )
+
+    def local_dir(self) -> Path | None:
+        if self.data_path is None:
+            return None
+        return expand_path(self.data_path.replace("{task}", self.task or "{task}"))
+
+
+def _where(expanded: Path) -> str:
+    """A relative path is resolved from the current directory, not the config's: say which, since shipped configs
+    name paths relative to the repository root. (`~` paths are absolute once expanded.)"""
+    return "" if expanded.is_absolute() else f" (relative to the current directory {Path.cwd()})"
+
+
+def path_problems(s: Sources) -> list[str]:
+    problems = []
+    root = s.local_dir()
+    if root is not None and (s.task is not None or "{task}" not in (s.data_path or "")):
+        if not root.is_dir():
+            problems.append(f"data.path: directory not found: {root}{_where(root)}")
+        else:
+            for field, name in (("labels", "labels.json"), ("train_file", s.train_file), ("dev_file", s.dev_file)):
+                if path_problem(name, expands=False):  # the schema names it; a stat() of it would raise
+                    continue
+                if not (root / name).is_file():
+                    problems.append(f"data.{field}: file not found: {root / name}")
+    for field, name in (("model.name_or_path", s.model), ("model.tokenizer", s.tokenizer)):
+        if not name or not looks_local(name):
+            continue
+        where = expand_path(name)
+        if where is None:  # a name no directory can have (e.g. `~user` naming no user): the schema says so
+            continue
+        if not where.is_dir():
+            problems.append(f"{field}: directory not found: {name}{_where(where)}")
+            continue
+        # What training will read from the directory, checked now rather than after tokenizing
+        if field == "model.name_or_path" and not (where / "config.json").is_file():
+            problems.append(f"{field}: {name} has no config.json (a model directory needs one)")
+        if (field == "model.tokenizer" or not s.tokenizer) and not (
+            any((where / f).is_file() for f in ("vocab.txt", "tokenizer.json", "vocab.json"))
+            or any(where.glob("*.model"))  # sentencepiece
+        ):
+            problems.append(f"{field}: {name} has no tokenizer files (vocab.txt, tokenizer.json, ...)")
+        if field == "model.name_or_path" and s.pretrained:
+            try:  # pretrained weights from a local directory: safetensors there, as training will insist
+                check_safetensors(name)
+            except ClueAdvError as e:
+                problems.append(e.message)
+    local_model = s.model is not None and looks_local(s.model) and expand_path(s.model) is not None
+    positions = model_max_positions(s.model) if local_model else None
+    if positions is not None and s.max_length is not None and s.max_length > positions:
+        problems.append(f"max_length: {s.max_length} exceeds the model's {positions} positions")
+    return problems
+
+
+def check_paths(cfg: RunConfig) -> list[str]:
+    """Files and directories a valid config names (data, labels, model, tokenizer), and max_length."""
+    return path_problems(Sources.of(cfg))
+
+
+def check_raw_paths(data: dict[str, Any]) -> list[str]:
+    """check_paths for a merged config whose schema fails: the paths it names are still checked, so a bad value
+    elsewhere does not hide a missing file."""
+    return path_problems(Sources.raw(data))
