@@ -47,7 +47,12 @@ def train(
     config: ConfigArg,
     set_: SetOpt = None,
     output_dir: OutputOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Rerun even if this run already completed.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Rerun even if this run already completed; start over instead of resuming a checkpoint."
+        ),
+    ] = False,
 ) -> None:
     """Train one run from a YAML config and evaluate it on dev every epoch."""
     from clue_adv.config import load_config

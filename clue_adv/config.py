@@ -277,6 +277,20 @@ class EvalConfig(StrictModel):
     batch_size: int = Field(128, gt=0, description="Dev batch size (no gradients, so larger than training).")
 
 
+class CheckpointConfig(StrictModel):
+    """Resumable checkpoints in the run directory. Not part of the run's identity: turning them on for a run that
+    was interrupted without them is the same run."""
+
+    every_epoch: bool = Field(
+        False,
+        description="At every epoch's end, replace `checkpoint/` in the run directory with the model (safetensors), "
+        "optimizer, scheduler, strategy and RNG/data-order state and the loop's bookkeeping (best epoch, history): "
+        "an interrupted or failed run with the same config then resumes after its last finished epoch and ends "
+        "exactly as an uninterrupted run would (`--force` starts over). Deleted when the run completes. Costs a "
+        "write of about 3x the model's size per epoch; worth it for long runs (the study's 50 epochs).",
+    )
+
+
 class RunConfig(StrictModel):
     """One training run: a task, a model, a strategy, a seed."""
 
@@ -314,6 +328,9 @@ class RunConfig(StrictModel):
         "170 lines per TNEWS epoch at batch 32, enough for loss curves without a file write every step.",
     )
     save_model: bool = Field(False, description="Save the best-dev model (safetensors) in the run directory.")
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="Resumable checkpoints (not part of the run's identity)."
+    )
     output_dir: str = Field("results", description="Root of the run directories.")
 
     _output_expands = field_validator("output_dir")(_expandable)

@@ -4,6 +4,7 @@
         config.yaml     the fully resolved config (the run's identity)
         metrics.jsonl   one JSON object per line: training logs and evaluations, appended and flushed
         summary.json    status (running | completed | failed | interrupted) and the results
+        checkpoint/     an unfinished run's last epoch, to resume from (checkpoint.every_epoch; see checkpoint.py)
 
 Every whole-file write goes through a temp file + rename, so a kill at any moment leaves either the
 old file or the new one. JSONL lines are written with one write() each and readers skip a trailing
@@ -16,6 +17,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -32,8 +34,10 @@ STATUSES = ("running", "completed", "failed", "interrupted")
 LOCK_NAME = ".lock"
 # In <output>/<experiment>/: every cell the last sweep planned there (written by sweep, read by report).
 SWEEP_MANIFEST = "sweep.json"
-# Fields that say where a run is written, not what it computes: not part of its identity.
-_NOT_IDENTITY = {"output_dir"}
+# Fields that say where and how a run is written, not what it computes: not part of its identity.
+_NOT_IDENTITY = {"output_dir", "checkpoint"}
+# <run>/checkpoint/: a resumable state of an unfinished run (see clue_adv/checkpoint.py)
+CHECKPOINT_DIR = "checkpoint"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -108,6 +112,11 @@ class JsonlWriter:
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(_json_safe(record), ensure_ascii=False) + "\n")
         self._file.flush()
+
+    def size(self) -> int:
+        """Bytes in the file: every line written so far, whole (a resumed run cuts the file back to this)."""
+        self._file.flush()
+        return os.fstat(self._file.fileno()).st_size
 
     def close(self) -> None:
         self._file.close()
@@ -320,7 +329,24 @@ def start_run(cfg: RunConfig, directory: Path) -> None:
     acquire_run_lock(directory)
     for name in ("metrics.jsonl", "summary.json"):
         (directory / name).unlink(missing_ok=True)
+    remove_checkpoint(directory)  # an earlier attempt's: this run starts over
     atomic_write_text(directory / "config.yaml", dump_config(cfg))
+
+
+def resume_run(cfg: RunConfig, directory: Path, metrics_bytes: int) -> None:
+    """Make the directory a run resumed from its checkpoint: metrics.jsonl cut back to the lines it had then (what
+    the interrupted epoch logged is logged again), config.yaml rewritten (it records the output folder). The
+    caller holds the run lock."""
+    with open_in_run_dir(directory / "metrics.jsonl", "a") as f:
+        f.truncate(metrics_bytes)
+    atomic_write_text(directory / "config.yaml", dump_config(cfg))
+
+
+def remove_checkpoint(directory: Path) -> None:
+    path = directory / CHECKPOINT_DIR
+    if path.is_symlink():  # planted: removed, never followed (rmtree refuses a link silently)
+        path.unlink()
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def find_run_dirs(root: Path) -> list[Path]:

@@ -4,7 +4,8 @@
     setup()       paths → device → strategy → tokenizer → data → model → optimizer → loaders → scheduler,
                   in dependency order; nothing is written until all of it succeeded, so a bad path or label
                   fails without leaving anything behind
-    fit()         epochs of `train_step`s, evaluations at their points
+    resume        an unfinished run with a checkpoint (checkpoint.every_epoch) continues after its last epoch
+    fit()         epochs of `train_step`s, evaluations at their points, checkpoints at epoch ends
     finish        summary.json from `build_summary`, however the run ended
 
 `train_step` is one optimizer step: a window of micro-batches through the strategy (which leaves the
@@ -23,7 +24,7 @@ import subprocess
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import clue_adv
+from clue_adv import checkpoint
 from clue_adv.checks import check_paths
 from clue_adv.config import RunConfig, require_nameable
 from clue_adv.data import TaskData, eval_loader, load_task_data, train_loader
@@ -49,11 +51,14 @@ from clue_adv.regularizers import build_strategy
 from clue_adv.regularizers.base import Batch, PassCounter, StepContext, Strategy
 from clue_adv.rundir import (
     JsonlWriter,
+    acquire_run_lock,
     atomic_write_json,
     check_writable,
     existing_state,
     read_summary,
     release_run_lock,
+    remove_checkpoint,
+    resume_run,
     run_dir,
     start_run,
     summary_header,
@@ -96,11 +101,12 @@ class Learner:
 
 @dataclass
 class StepOutput:
-    """What `train_step` reports: each micro-batch's clean task loss and strategy metrics, the gradient norm
-    before clipping, and the window's example count."""
+    """What `train_step` reports: each micro-batch's clean task loss and strategy metrics, the window's mean
+    clean loss over its examples, the gradient norm before clipping, and the window's example count."""
 
     losses: list[float]
     metrics: dict[str, list[float]]
+    loss: float
     grad_norm: float
     examples: int
 
@@ -136,6 +142,10 @@ class LoopState:
     history: list[dict[str, Any]] = field(default_factory=list)  # the eval records, in order
     best: dict[str, Any] | None = None  # the eval record with the best dev accuracy so far
     log_window: dict[str, list[float]] = field(default_factory=dict)  # per micro-batch values since the last log
+    last_step: dict[str, float] = field(default_factory=dict)  # the latest step's lr, grad_norm and time
+    epoch_loss_sum: float = 0.0  # this epoch's clean loss summed over its examples: the final training loss
+    epoch_examples: int = 0
+    resumed_from: list[int] = field(default_factory=list)  # the epochs this run was resumed after
     train_time_s: float = 0.0  # training only: evaluation and checkpoints excluded
     timed_steps: int = 0
     first_step_s: float = 0.0
@@ -175,17 +185,19 @@ def train(
     if not all_sources_local(cfg) and os.environ.get("HF_HUB_OFFLINE", "").upper() not in ("1", "TRUE", "ON", "YES"):
         _hub_note(console)
     try:
-        return _train(cfg, directory, show_progress, console)
+        return _train(cfg, directory, show_progress, console, force)
     finally:
         restore_environment()
         release_run_lock(directory)  # the run is over (completed, failed or interrupted): the folder is free
 
 
-def _train(cfg: RunConfig, directory: Path, show_progress: bool | None, console: Any) -> RunOutcome:
-    """setup → run files → fit → summary."""
+def _train(cfg: RunConfig, directory: Path, show_progress: bool | None, console: Any, force: bool) -> RunOutcome:
+    """setup → resume or start the run files → fit → summary."""
     run = setup(cfg, directory)
-    state = LoopState()
-    start_run(cfg, directory)
+    state = None if force else _resume(run, console)
+    if state is None:
+        state = LoopState()
+        start_run(cfg, directory)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)  # this run's peak, not an earlier run's in the same process
     atomic_write_json(directory / "summary.json", build_summary(run, state, {"status": "running"}))
@@ -205,7 +217,61 @@ def _train(cfg: RunConfig, directory: Path, show_progress: bool | None, console:
         metrics.close()
         summary = build_summary(run, state, ending)
         atomic_write_json(directory / "summary.json", summary)
+    remove_checkpoint(directory)  # completed: never resumed from again, and it is about 3x the model's size
     return RunOutcome(directory, summary)
+
+
+def _resume(run: Run, console: Any) -> LoopState | None:
+    """The loop state of the run's last checkpoint, with the model, optimizer, scheduler, strategy and RNGs put
+    back as they were then; None when there is no usable checkpoint (the run starts over)."""
+    path = checkpoint.latest(run.directory)
+    if path is None:
+        return None
+    acquire_run_lock(run.directory)  # before reading: no other process may be writing there
+    try:
+        loop, tensors = checkpoint.read(path, _data_shape(run))
+        state = LoopState(**loop["state"])
+        passes = PassCounter(**loop["passes"])
+        metrics_bytes = loop["metrics_bytes"]
+        if (run.directory / "metrics.jsonl").stat().st_size < metrics_bytes:
+            raise checkpoint.Unusable("metrics.jsonl is shorter than when the checkpoint was written")
+    except (checkpoint.Unusable, OSError, KeyError, TypeError) as e:
+        _say(console, f"{run.directory}: not resuming from {path.name} ({e}); starting over")
+        return None
+    try:
+        checkpoint.restore(path, _resumable(run), loop, tensors)
+    except Exception as e:  # read fine but does not fit the model built from the same config: not silently redone
+        raise ClueAdvError(
+            f"{path} does not fit this run ({type(e).__name__}: {e}); rerun with --force to start over"
+        ) from None
+    run.learner.counter = passes
+    resume_run(run.cfg, run.directory, metrics_bytes)
+    state.resumed_from.append(state.epoch)
+    _say(console, f"{run.directory}: resuming after epoch {state.epoch} (step {state.step}) from its checkpoint")
+    return state
+
+
+def _resumable(run: Run) -> checkpoint.Resumable:
+    learner = run.learner
+    # Both training samplers (random, length-grouped) draw every epoch's order from this one seeded generator.
+    generator = run.loader.sampler.generator
+    return checkpoint.Resumable(learner.model, learner.optimizer, learner.scheduler, learner.strategy, generator)
+
+
+def _data_shape(run: Run) -> dict[str, Any]:
+    """What a checkpoint must agree on with the run resuming it: the same config can name changed data files."""
+    return {
+        "train_examples": len(run.data.train),
+        "dev_examples": len(run.data.dev),
+        "steps_per_epoch": run.steps_per_epoch,
+        "data_fingerprint": [getattr(ds, "_fingerprint", None) for ds in (run.data.train, run.data.dev)],
+    }
+
+
+def _say(console: Any, message: str) -> None:
+    from rich.console import Console
+
+    (console or Console(stderr=True)).print(message, highlight=False, markup=False, soft_wrap=True)
 
 
 def setup(cfg: RunConfig, directory: Path) -> Run:
@@ -267,11 +333,14 @@ def fit(run: Run, state: LoopState, metrics: JsonlWriter, progress: RunProgress)
     learner.model.train()
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         progress.epoch(epoch)
+        state.epoch_loss_sum, state.epoch_examples = 0.0, 0
         clock = step_start = time.perf_counter()
         for window in accumulation_windows(run.loader, cfg.optim.grad_accum_steps):
             out = train_step(learner, [Batch.from_mapping(raw, run.device) for raw in window])
             state.step += 1
             state.examples += out.examples
+            state.epoch_loss_sum += out.loss * out.examples
+            state.epoch_examples += out.examples
             for key, values in {"loss": out.losses, **out.metrics}.items():
                 state.log_window.setdefault(key, []).extend(values)
             if run.device.type == "cuda":
@@ -279,10 +348,11 @@ def fit(run: Run, state: LoopState, metrics: JsonlWriter, progress: RunProgress)
             now = time.perf_counter()
             step_time, step_start = now - step_start, now
             state.timed(step_time)
-            lr = learner.optimizer.param_groups[0]["lr"]
-            progress.step(state.step, out.losses[-1], lr)
+            state.last_step = {"lr": learner.optimizer.param_groups[0]["lr"], "grad_norm": out.grad_norm}
+            state.last_step["step_time_s"] = step_time
+            progress.step(state.step, out.losses[-1], state.last_step["lr"])
             if state.step % cfg.log_every_n_steps == 0:
-                _log(state, epoch, metrics, progress, lr=lr, grad_norm=out.grad_norm, step_time_s=step_time)
+                _log(state, epoch, metrics, progress)
             if cfg.eval.every_n_steps and state.step % cfg.eval.every_n_steps == 0:
                 state.train_time_s += time.perf_counter() - clock
                 _evaluate(run, state, epoch, metrics, progress)
@@ -291,6 +361,12 @@ def fit(run: Run, state: LoopState, metrics: JsonlWriter, progress: RunProgress)
         if not state.history or state.history[-1]["step"] != state.step:  # unless this step was just evaluated
             _evaluate(run, state, epoch, metrics, progress)
         state.epoch = epoch
+        if cfg.checkpoint.every_epoch:
+            loop = {"state": asdict(state), "passes": asdict(learner.counter), "metrics_bytes": metrics.size()}
+            loop |= _data_shape(run)
+            checkpoint.save(run.directory, epoch, _resumable(run), loop)
+    if state.log_window:  # the last, partial logging window: a short run logs its training loss too
+        _log(state, state.epoch, metrics, progress)
 
 
 def train_step(learner: Learner, window: list[Batch], on_gradients: Callable[[], None] | None = None) -> StepOutput:
@@ -301,6 +377,7 @@ def train_step(learner: Learner, window: list[Batch], on_gradients: Callable[[],
     once the gradients are in, before clipping (the benchmark times the strategy's part there)."""
     examples = sum(batch.size for batch in window)
     losses: list[float] = []
+    loss_sum = 0.0
     metrics: dict[str, list[float]] = {}
     for batch in window:
         ctx = StepContext(
@@ -317,6 +394,7 @@ def train_step(learner: Learner, window: list[Batch], on_gradients: Callable[[],
         if not math.isfinite(loss):
             raise NonFiniteError("loss")
         losses.append(loss)
+        loss_sum += loss * batch.size
         for key, value in result.metrics.items():
             metrics.setdefault(key, []).append(value)
     if on_gradients is not None:
@@ -329,7 +407,7 @@ def train_step(learner: Learner, window: list[Batch], on_gradients: Callable[[],
         learner.scheduler.step()
     learner.optimizer.zero_grad(set_to_none=True)
     learner.strategy.after_optimizer_step(learner.model)
-    return StepOutput(losses, metrics, grad_norm, examples)
+    return StepOutput(losses, metrics, loss_sum / examples, grad_norm, examples)
 
 
 T = TypeVar("T")
@@ -347,13 +425,13 @@ def accumulation_windows(micro_batches: Iterable[T], size: int) -> Iterator[list
         yield window
 
 
-def _log(state: LoopState, epoch: int, metrics: JsonlWriter, progress: RunProgress, **step_fields: float) -> None:
+def _log(state: LoopState, epoch: int, metrics: JsonlWriter, progress: RunProgress) -> None:
     """A train line: the last step's lr, gradient norm and time, and the micro-batch means since the last line."""
     record = {
         "type": "train",
         "epoch": epoch,
         "step": state.step,
-        **step_fields,
+        **state.last_step,
         **{k: sum(v) / len(v) for k, v in state.log_window.items() if v},
     }
     metrics.write(record)
@@ -396,10 +474,13 @@ def build_summary(run: Run, state: LoopState, ending: dict[str, Any]) -> dict[st
             best_step=best["step"],
             final_dev_accuracy=final["accuracy"],
             final_dev_macro_f1=final["macro_f1"],
+            final_train_loss=state.epoch_loss_sum / max(state.epoch_examples, 1),
             dev_history=history,
         )
     elif best is not None:
         summary.update(best_dev_accuracy_so_far=best["accuracy"], best_epoch_so_far=best["epoch"], dev_history=history)
+    if state.resumed_from:
+        summary["resumed_after_epochs"] = state.resumed_from
     if status == "running":
         return summary
     counter = run.learner.counter

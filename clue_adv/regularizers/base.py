@@ -243,5 +243,13 @@ class Strategy:
     def after_optimizer_step(self, model: torch.nn.Module) -> None:  # noqa: B027 - optional hook
         """Called after every optimizer step (e.g. to update an EMA teacher)."""
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """State the strategy carries from step to step (e.g. an EMA teacher's weights), for a resumable
+        checkpoint; stateless strategies have none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:  # noqa: B027 - optional hook
+        """Put back what `state_dict` returned (called after `setup`)."""
+
     def training_step(self, ctx: StepContext) -> StepResult:
         raise NotImplementedError

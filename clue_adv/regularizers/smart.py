@@ -114,6 +114,13 @@ class SMART(Strategy):
             p.grad = None
         self.teacher = teacher
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self.teacher is None else dict(self.teacher.state_dict())
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.teacher is not None:
+            self.teacher.load_state_dict(state)
+
     @torch.no_grad()
     def after_optimizer_step(self, model: torch.nn.Module) -> None:
         if self.teacher is None:

@@ -1,0 +1,155 @@
+"""Resumable checkpoints inside a run directory (`checkpoint.every_epoch`).
+
+    <run>/checkpoint/epoch-<k>/
+        model.safetensors   the model's weights
+        state.pt            optimizer, scheduler and strategy state and the torch RNG states: tensors and plain
+                            values only, read back with torch.load(weights_only=True), which runs no pickled code
+        loop.json           the loop's bookkeeping (steps, dev history, best epoch, ...), metrics.jsonl's size at
+                            that moment, Python's and NumPy's RNG states, and what the data looked like
+
+Written after the epoch's evaluation, under a temporary name that is renamed into place once every file is on
+disk; the older epochs are removed after that, so a kill at any moment leaves the last whole checkpoint.
+Everything that decides the rest of the run is in it: weights, optimizer moments, learning-rate schedule, the
+strategy's own state (SMART's EMA teacher), the global RNG (dropout, noise) and the sampler's generator (the
+data order of the epochs to come), so a resumed run ends exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clue_adv.regularizers.base import Strategy
+from clue_adv.rundir import CHECKPOINT_DIR
+
+FORMAT = 1  # raised when the files change: an older checkpoint is then not used (the run starts over)
+_EPOCH_DIR = re.compile(r"epoch-(\d+)")
+
+
+class Unusable(Exception):
+    """A checkpoint that cannot be resumed from (damaged, another format, other data): the run starts over."""
+
+
+@dataclass
+class Resumable:
+    """What a checkpoint saves and puts back, besides the loop's own bookkeeping."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    strategy: Strategy
+    sampler_generator: torch.Generator
+
+
+def latest(directory: Path) -> Path | None:
+    """The newest whole checkpoint of the run in `directory`, or None."""
+    root = directory / CHECKPOINT_DIR
+    if root.is_symlink() or not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _EPOCH_DIR.fullmatch(p.name)) and p.is_dir()]
+    return max(found)[1] if found else None
+
+
+def save(directory: Path, epoch: int, parts: Resumable, loop: dict[str, Any]) -> None:
+    """Write epoch `epoch`'s checkpoint (`loop`: the loop's JSON-able bookkeeping), then drop the older ones."""
+    from safetensors.torch import save_model
+
+    root = directory / CHECKPOINT_DIR
+    if root.is_symlink():  # planted: removed, never written through
+        root.unlink()
+    root.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".epoch-{epoch}."))
+    final = root / f"epoch-{epoch}"
+    try:
+        save_model(parts.model, str(tmp / "model.safetensors"))
+        state = {
+            "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict() if parts.scheduler is not None else None,
+            "strategy": parts.strategy.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "sampler_rng": parts.sampler_generator.get_state(),
+        }
+        torch.save(state, tmp / "state.pt")
+        _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+        loop = {
+            "format": FORMAT,
+            "epoch": epoch,
+            **loop,
+            "python_rng": _jsonable(random.getstate()),
+            "numpy_rng": [keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        }
+        (tmp / "loop.json").write_text(json.dumps(loop), encoding="utf-8")
+        for path in tmp.iterdir():  # on disk before the rename makes the checkpoint count
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in root.iterdir():
+        if old != final:
+            if old.is_symlink() or not old.is_dir():
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def read(path: Path, expect: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The loop bookkeeping and the tensor state of checkpoint `path`, read without applying anything. Raises
+    Unusable when it is damaged, of another format, or its `expect` fields (data sizes) differ from this run's."""
+    try:
+        loop = json.loads((path / "loop.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise Unusable(f"{path / 'loop.json'} cannot be read ({e})") from None
+    if not isinstance(loop, dict) or loop.get("format") != FORMAT:
+        raise Unusable(f"{path} is not a checkpoint this version writes (format {FORMAT})")
+    for key, value in expect.items():
+        if loop.get(key) != value:
+            raise Unusable(f"{key} is {value} now but {loop.get(key)} in the checkpoint (the data changed?)")
+    if not (path / "model.safetensors").is_file():
+        raise Unusable(f"{path / 'model.safetensors'} is missing")
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged or foreign file: torch raises many types (UnpicklingError, RuntimeError...)
+        raise Unusable(f"{path / 'state.pt'} cannot be read ({type(e).__name__}: {e})") from None
+    return loop, state
+
+
+def restore(path: Path, parts: Resumable, loop: dict[str, Any], state: dict[str, Any]) -> None:
+    """Put what `read` returned back into the model, optimizer, scheduler, strategy and RNGs."""
+    from safetensors.torch import load_model
+
+    device = next(parts.model.parameters()).device
+    load_model(parts.model, str(path / "model.safetensors"), strict=True, device=str(device))
+    parts.optimizer.load_state_dict(state["optimizer"])
+    if parts.scheduler is not None:
+        parts.scheduler.load_state_dict(state["scheduler"])
+    parts.strategy.load_state_dict(state["strategy"])
+    parts.sampler_generator.set_state(state["sampler_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if torch.cuda.is_available() and state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    random.setstate(_tupled(loop["python_rng"]))
+    keys, pos, has_gauss, cached = loop["numpy_rng"]
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, tuple | list) else value
+
+
+def _tupled(value: Any) -> Any:
+    # random.setstate wants the nested tuples random.getstate gave; JSON made them lists
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
