@@ -11,6 +11,7 @@ import copy
 import difflib
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -272,9 +273,30 @@ class OptimConfig(StrictModel):
         return v
 
 
+class EarlyStoppingConfig(StrictModel):
+    """Stop when dev accuracy (the metric that picks the best epoch) stops improving, as Keras' and the HF
+    Trainer's early stopping do."""
+
+    patience: int = Field(
+        gt=0, description="Stop after this many evaluations in a row without an improvement of dev accuracy."
+    )
+    min_delta: float = Field(
+        0.0,
+        ge=0,
+        description="An improvement must beat the reference accuracy by more than this (absolute: 0.001 = 0.1 "
+        "point); the reference moves only on such an improvement.",
+    )
+
+
 class EvalConfig(StrictModel):
     every_n_steps: int | None = Field(None, gt=0, description="Also evaluate every N optimizer steps.")
     batch_size: int = Field(128, gt=0, description="Dev batch size (no gradients, so larger than training).")
+    early_stopping: EarlyStoppingConfig | None = Field(
+        None,
+        description="Stop training early when dev accuracy stops improving (checked at every evaluation, mid-epoch "
+        "ones too); the run is `completed`, with `stopped_early_at_epoch` in summary.json. null (the default, and "
+        "the CLUE and study protocols): train every epoch.",
+    )
 
 
 class CheckpointConfig(StrictModel):
@@ -450,7 +472,9 @@ def _field_names(root: type[StrictModel], loc: tuple[Any, ...]) -> list[str]:
             continue
         field = model.model_fields.get(str(part)) if model is not None else None
         ann = field.annotation if field is not None else None
-        model = ann if isinstance(ann, type) and issubclass(ann, StrictModel) else None
+        # an optional block (`X | None`, e.g. eval.early_stopping) names X's fields
+        candidates = [ann, *typing.get_args(ann)]
+        model = next((a for a in candidates if isinstance(a, type) and issubclass(a, StrictModel)), None)
     return list(model.model_fields) if model is not None else []
 
 

@@ -30,12 +30,26 @@ def _type(field: FieldInfo) -> str:
     return text.replace("|", "\\|")
 
 
+def _optional_block(ann: Any) -> type[StrictModel] | None:
+    """The block of an `X | None` field (e.g. eval.early_stopping: off when null), else None."""
+    args = typing.get_args(ann)
+    if type(None) not in args:
+        return None
+    blocks = [a for a in args if isinstance(a, type) and issubclass(a, StrictModel)]
+    return blocks[0] if len(blocks) == 1 else None
+
+
 def _rows(model: type[StrictModel], prefix: str = "") -> list[str]:
     rows, blocks = [], []
     for name, field in model.model_fields.items():
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, StrictModel):
             blocks.append((f"{prefix}{name}.", ann))
+            continue
+        if (block := _optional_block(ann)) is not None:  # its own row (null is a value), then its fields
+            desc = (field.description or "").replace("|", "\\|").replace("\n", " ")
+            rows.append(f"| `{prefix}{name}` | block \\| None | {_default(field)} | {desc} |")
+            blocks.append((f"{prefix}{name}.", block))
             continue
         if name == "strategy" and not prefix:
             rows.append(f"| `strategy` | block | `{{name: none}}` | {field.description} See below. |")

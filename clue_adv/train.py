@@ -146,6 +146,10 @@ class LoopState:
     epoch_loss_sum: float = 0.0  # this epoch's clean loss summed over its examples: the final training loss
     epoch_examples: int = 0
     resumed_from: list[int] = field(default_factory=list)  # the epochs this run was resumed after
+    # eval.early_stopping: the accuracy to beat (by min_delta) and the evaluations since it was set
+    reference_accuracy: float | None = None
+    evals_without_improvement: int = 0
+    stopped_early_at: tuple[int, int] | None = None  # (epoch, step)
     train_time_s: float = 0.0  # training only: evaluation and checkpoints excluded
     timed_steps: int = 0
     first_step_s: float = 0.0
@@ -357,10 +361,19 @@ def fit(run: Run, state: LoopState, metrics: JsonlWriter, progress: RunProgress)
                 state.train_time_s += time.perf_counter() - clock
                 _evaluate(run, state, epoch, metrics, progress)
                 clock = step_start = time.perf_counter()
+                if state.stopped_early_at:
+                    break
         state.train_time_s += time.perf_counter() - clock
         if not state.history or state.history[-1]["step"] != state.step:  # unless this step was just evaluated
             _evaluate(run, state, epoch, metrics, progress)
         state.epoch = epoch
+        if state.stopped_early_at:
+            _say(
+                progress.console,
+                f"stopping early at epoch {epoch}, step {state.step}: dev accuracy has not "
+                f"improved in {state.evals_without_improvement} evaluation(s)",
+            )
+            break
         if cfg.checkpoint.every_epoch:
             loop = {"state": asdict(state), "passes": asdict(learner.counter), "metrics_bytes": metrics.size()}
             loop |= _data_shape(run)
@@ -450,6 +463,15 @@ def _evaluate(run: Run, state: LoopState, epoch: int, metrics: JsonlWriter, prog
         if run.cfg.save_model:
             _save_model(learner.model, run.tokenizer, run.directory)
     progress.evaluated(result["accuracy"])
+    stopping = run.cfg.eval.early_stopping
+    if stopping is not None:
+        reference = state.reference_accuracy
+        if reference is None or result["accuracy"] > reference + stopping.min_delta:
+            state.reference_accuracy, state.evals_without_improvement = result["accuracy"], 0
+        else:
+            state.evals_without_improvement += 1
+            if state.evals_without_improvement >= stopping.patience:
+                state.stopped_early_at = (epoch, state.step)
 
 
 def build_summary(run: Run, state: LoopState, ending: dict[str, Any]) -> dict[str, Any]:
@@ -477,6 +499,8 @@ def build_summary(run: Run, state: LoopState, ending: dict[str, Any]) -> dict[st
             final_train_loss=state.epoch_loss_sum / max(state.epoch_examples, 1),
             dev_history=history,
         )
+        if state.stopped_early_at:
+            summary["stopped_early_at_epoch"], summary["stopped_early_at_step"] = state.stopped_early_at
     elif best is not None:
         summary.update(best_dev_accuracy_so_far=best["accuracy"], best_epoch_so_far=best["epoch"], dev_history=history)
     if state.resumed_from:

@@ -42,3 +42,13 @@ def test_shipped_config_runs_one_step(path, tmp_path):
     train_losses = [r["loss"] for r in records if r["type"] == "train"]
     assert train_losses and all(math.isfinite(x) for x in train_losses)
     assert all(math.isfinite(h["loss"]) for h in outcome.summary["dev_history"])
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
+def test_protocol_configs_train_every_epoch(path):
+    """The CLUE and study protocols train a fixed number of epochs: no early stopping (it would change what the
+    published numbers mean); the study's 50-epoch runs keep resumable checkpoints."""
+    cfg = load_config(path)
+    assert cfg.eval.early_stopping is None
+    if cfg.experiment == "study-protocol":
+        assert cfg.checkpoint.every_epoch

@@ -1,5 +1,5 @@
 """The run core around the loop: environment restored, fail-fast checks, setup out-of-memory, non-finite gradients,
-mid-epoch evaluation, label smoothing, and a real SIGINT or SIGTERM."""
+mid-epoch evaluation, label smoothing, a real SIGINT or SIGTERM, and early stopping."""
 
 from __future__ import annotations
 
@@ -31,9 +31,8 @@ def _tiny(**overrides):
     arch = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64,
             "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # fmt: skip
     overrides.setdefault("data", {"path": base.data.path, "max_train_samples": 64, "max_eval_samples": 32})
-    return smoke_config(
-        epochs=1, log_every_n_steps=1, model={**base.model.model_dump(), "architecture": arch}, **overrides
-    )
+    fields = {"epochs": 1, "log_every_n_steps": 1, "model": {**base.model.model_dump(), "architecture": arch}}
+    return smoke_config(**(fields | overrides))
 
 
 def _summary(tmp_path):
@@ -236,3 +235,56 @@ def test_a_hub_run_says_once_how_to_run_offline_before_trying_the_hub(tmp_path, 
     assert attempt(smoke_config(), None) == ""  # every source local
     assert "set HF_HUB_OFFLINE=1" in attempt(hub, None)
     assert attempt(hub, None) == ""  # once per process
+
+
+def _scripted_accuracies(monkeypatch, accuracies):
+    """Replace dev evaluation by a scripted sequence of accuracies (the rule is checked, not the model)."""
+    script = iter(accuracies)
+
+    def scripted(*args, **kwargs):
+        return {"accuracy": next(script), "macro_f1": 0.0, "loss": 1.0, "examples": 32}
+
+    monkeypatch.setattr(train_module, "evaluate", scripted)
+
+
+@pytest.mark.parametrize(
+    ("patience", "stopped_at"),
+    # reference 0.50; 0.60 beats 0.50 + 0.02 (reference 0.60); 0.61, 0.615 and 0.59 do not beat 0.62: patience 2
+    # stops at the 4th evaluation, patience 3 at the 5th; with patience 4, 0.70 beats 0.62 and the run goes on.
+    [(2, 4), (3, 5), (4, None)],
+)
+def test_early_stopping_stops_after_patience_evaluations_without_a_min_delta_improvement(
+    tmp_path, monkeypatch, patience, stopped_at
+):
+    _scripted_accuracies(monkeypatch, [0.50, 0.60, 0.61, 0.615, 0.59, 0.70, 0.65])
+    cfg = _tiny(epochs=7, eval={"early_stopping": {"patience": patience, "min_delta": 0.02}})
+    outcome = train(cfg, tmp_path, show_progress=False)  # 2 steps per epoch
+    summary = outcome.summary
+    assert summary["status"] == "completed"
+    if stopped_at is None:
+        assert "stopped_early_at_epoch" not in summary and summary["steps"] == 14
+        return
+    assert summary["stopped_early_at_epoch"] == stopped_at and summary["stopped_early_at_step"] == 2 * stopped_at
+    assert summary["steps"] == 2 * stopped_at and len(summary["dev_history"]) == stopped_at
+    assert summary["best_dev_accuracy"] == 0.615 and summary["best_epoch"] == 4  # the best is still the best seen
+
+
+def test_early_stopping_at_a_mid_epoch_evaluation_stops_there(tmp_path, monkeypatch):
+    _scripted_accuracies(monkeypatch, [0.5, 0.4, 0.3, 0.9])
+    cfg = _tiny(epochs=3, eval={"every_n_steps": 1, "early_stopping": {"patience": 2}})
+    outcome = train(cfg, tmp_path, show_progress=False)
+    evals = [r for r in read_jsonl(outcome.directory / "metrics.jsonl") if r["type"] == "eval"]
+    assert [(r["epoch"], r["step"]) for r in evals] == [(1, 1), (1, 2), (2, 3)]
+    assert outcome.summary["stopped_early_at_epoch"] == 2 and outcome.summary["stopped_early_at_step"] == 3
+    assert outcome.summary["steps"] == 3
+
+
+def test_early_stopping_is_off_by_default_and_its_fields_are_checked():
+    assert _tiny().eval.early_stopping is None
+    with pytest.raises(ConfigError) as e:
+        _tiny(eval={"early_stopping": {"patience": 0, "min_delta": -1}})
+    assert any("eval.early_stopping.patience" in p for p in e.value.problems)
+    assert any("eval.early_stopping.min_delta" in p for p in e.value.problems)
+    with pytest.raises(ConfigError) as e:
+        _tiny(eval={"early_stopping": {"patiense": 2}})
+    assert "eval.early_stopping.patiense: unknown field (did you mean 'patience'?)" in e.value.problems
