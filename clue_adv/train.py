@@ -155,7 +155,15 @@ class LoopState:
     first_step_s: float = 0.0
     later_steps_s: float = 0.0
 
-    def timed(self, seconds: float) -> None:
+    def stepped(self, out: StepOutput, seconds: float, lr: float) -> None:
+        """Book one optimizer step that took `seconds` and left the learning rate at `lr`."""
+        self.step += 1
+        self.examples += out.examples
+        self.epoch_loss_sum += out.loss * out.examples
+        self.epoch_examples += out.examples
+        for key, values in {"loss": out.losses, **out.metrics}.items():
+            self.log_window.setdefault(key, []).extend(values)
+        self.last_step = {"lr": lr, "grad_norm": out.grad_norm, "step_time_s": seconds}
         if self.timed_steps == 0:
             self.first_step_s = seconds
         else:
@@ -225,59 +233,6 @@ def _train(cfg: RunConfig, directory: Path, show_progress: bool | None, console:
     return RunOutcome(directory, summary)
 
 
-def _resume(run: Run, console: Any) -> LoopState | None:
-    """The loop state of the run's last checkpoint, with the model, optimizer, scheduler, strategy and RNGs put
-    back as they were then; None when there is no usable checkpoint (the run starts over)."""
-    path = checkpoint.latest(run.directory)
-    if path is None:
-        return None
-    acquire_run_lock(run.directory)  # before reading: no other process may be writing there
-    try:
-        loop, tensors = checkpoint.read(path, _data_shape(run))
-        state = LoopState(**loop["state"])
-        passes = PassCounter(**loop["passes"])
-        metrics_bytes = loop["metrics_bytes"]
-        if (run.directory / "metrics.jsonl").stat().st_size < metrics_bytes:
-            raise checkpoint.Unusable("metrics.jsonl is shorter than when the checkpoint was written")
-    except (checkpoint.Unusable, OSError, KeyError, TypeError) as e:
-        _say(console, f"{run.directory}: not resuming from {path.name} ({e}); starting over")
-        return None
-    try:
-        checkpoint.restore(path, _resumable(run), loop, tensors)
-    except Exception as e:  # read fine but does not fit the model built from the same config: not silently redone
-        raise ClueAdvError(
-            f"{path} does not fit this run ({type(e).__name__}: {e}); rerun with --force to start over"
-        ) from None
-    run.learner.counter = passes
-    resume_run(run.cfg, run.directory, metrics_bytes)
-    state.resumed_from.append(state.epoch)
-    _say(console, f"{run.directory}: resuming after epoch {state.epoch} (step {state.step}) from its checkpoint")
-    return state
-
-
-def _resumable(run: Run) -> checkpoint.Resumable:
-    learner = run.learner
-    # Both training samplers (random, length-grouped) draw every epoch's order from this one seeded generator.
-    generator = run.loader.sampler.generator
-    return checkpoint.Resumable(learner.model, learner.optimizer, learner.scheduler, learner.strategy, generator)
-
-
-def _data_shape(run: Run) -> dict[str, Any]:
-    """What a checkpoint must agree on with the run resuming it: the same config can name changed data files."""
-    return {
-        "train_examples": len(run.data.train),
-        "dev_examples": len(run.data.dev),
-        "steps_per_epoch": run.steps_per_epoch,
-        "data_fingerprint": [getattr(ds, "_fingerprint", None) for ds in (run.data.train, run.data.dev)],
-    }
-
-
-def _say(console: Any, message: str) -> None:
-    from rich.console import Console
-
-    (console or Console(stderr=True)).print(message, highlight=False, markup=False, soft_wrap=True)
-
-
 def setup(cfg: RunConfig, directory: Path) -> Run:
     """Build everything the run needs, in dependency order. Writes nothing, except a failed run's summary when
     the model or optimizer does not fit in memory."""
@@ -341,19 +296,11 @@ def fit(run: Run, state: LoopState, metrics: JsonlWriter, progress: RunProgress)
         clock = step_start = time.perf_counter()
         for window in accumulation_windows(run.loader, cfg.optim.grad_accum_steps):
             out = train_step(learner, [Batch.from_mapping(raw, run.device) for raw in window])
-            state.step += 1
-            state.examples += out.examples
-            state.epoch_loss_sum += out.loss * out.examples
-            state.epoch_examples += out.examples
-            for key, values in {"loss": out.losses, **out.metrics}.items():
-                state.log_window.setdefault(key, []).extend(values)
             if run.device.type == "cuda":
                 torch.cuda.synchronize(run.device)  # honest step times
             now = time.perf_counter()
-            step_time, step_start = now - step_start, now
-            state.timed(step_time)
-            state.last_step = {"lr": learner.optimizer.param_groups[0]["lr"], "grad_norm": out.grad_norm}
-            state.last_step["step_time_s"] = step_time
+            state.stepped(out, now - step_start, learner.optimizer.param_groups[0]["lr"])
+            step_start = now
             progress.step(state.step, out.losses[-1], state.last_step["lr"])
             if state.step % cfg.log_every_n_steps == 0:
                 _log(state, epoch, metrics, progress)
@@ -375,9 +322,7 @@ def fit(run: Run, state: LoopState, metrics: JsonlWriter, progress: RunProgress)
             )
             break
         if cfg.checkpoint.every_epoch:
-            loop = {"state": asdict(state), "passes": asdict(learner.counter), "metrics_bytes": metrics.size()}
-            loop |= _data_shape(run)
-            checkpoint.save(run.directory, epoch, _resumable(run), loop)
+            _save_checkpoint(run, state, metrics)
     if state.log_window:  # the last, partial logging window: a short run logs its training loss too
         _log(state, state.epoch, metrics, progress)
 
@@ -472,6 +417,64 @@ def _evaluate(run: Run, state: LoopState, epoch: int, metrics: JsonlWriter, prog
             state.evals_without_improvement += 1
             if state.evals_without_improvement >= stopping.patience:
                 state.stopped_early_at = (epoch, state.step)
+
+
+def _save_checkpoint(run: Run, state: LoopState, metrics: JsonlWriter) -> None:
+    loop = {"state": asdict(state), "passes": asdict(run.learner.counter), "metrics_bytes": metrics.size()}
+    checkpoint.save(run.directory, state.epoch, _resumable(run), loop | _data_shape(run))
+
+
+def _resume(run: Run, console: Any) -> LoopState | None:
+    """The loop state of the run's last checkpoint, with the model, optimizer, scheduler, strategy and RNGs put
+    back as they were then; None when there is no usable checkpoint (the run starts over)."""
+    path = checkpoint.latest(run.directory)
+    if path is None:
+        return None
+    acquire_run_lock(run.directory)  # before reading: no other process may be writing there
+    try:
+        loop, tensors = checkpoint.read(path, _data_shape(run))
+        state = LoopState(**loop["state"])
+        passes = PassCounter(**loop["passes"])
+        metrics_bytes = loop["metrics_bytes"]
+        if (run.directory / "metrics.jsonl").stat().st_size < metrics_bytes:
+            raise checkpoint.Unusable("metrics.jsonl is shorter than when the checkpoint was written")
+    except (checkpoint.Unusable, OSError, KeyError, TypeError) as e:
+        _say(console, f"{run.directory}: not resuming from {path.name} ({e}); starting over")
+        return None
+    try:
+        checkpoint.restore(path, _resumable(run), loop, tensors)
+    except Exception as e:  # read fine but does not fit the model built from the same config: not silently redone
+        raise ClueAdvError(
+            f"{path} does not fit this run ({type(e).__name__}: {e}); rerun with --force to start over"
+        ) from None
+    run.learner.counter = passes
+    resume_run(run.cfg, run.directory, metrics_bytes)
+    state.resumed_from.append(state.epoch)
+    _say(console, f"{run.directory}: resuming after epoch {state.epoch} (step {state.step}) from its checkpoint")
+    return state
+
+
+def _resumable(run: Run) -> checkpoint.Resumable:
+    learner = run.learner
+    # Both training samplers (random, length-grouped) draw every epoch's order from this one seeded generator.
+    generator = run.loader.sampler.generator
+    return checkpoint.Resumable(learner.model, learner.optimizer, learner.scheduler, learner.strategy, generator)
+
+
+def _data_shape(run: Run) -> dict[str, Any]:
+    """What a checkpoint must agree on with the run resuming it: the same config can name changed data files."""
+    return {
+        "train_examples": len(run.data.train),
+        "dev_examples": len(run.data.dev),
+        "steps_per_epoch": run.steps_per_epoch,
+        "data_fingerprint": [getattr(ds, "_fingerprint", None) for ds in (run.data.train, run.data.dev)],
+    }
+
+
+def _say(console: Any, message: str) -> None:
+    from rich.console import Console
+
+    (console or Console(stderr=True)).print(message, highlight=False, markup=False, soft_wrap=True)
 
 
 def build_summary(run: Run, state: LoopState, ending: dict[str, Any]) -> dict[str, Any]:
