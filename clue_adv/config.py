@@ -66,6 +66,18 @@ def require_nameable(path: str | Path, what: str, expands: bool = True) -> None:
         raise ConfigError(f"{what} {shown}: {problem}")
 
 
+def directory_name(value: str) -> str:
+    """An experiment name, which becomes a directory. Raises ValueError unless it is a plain name: a whitelist (the
+    one strategy `tag` uses) keeps a run inside its output directory and rejects what a blacklist misses (NUL bytes,
+    control characters, ':' on Windows)."""
+    if len(value) > 80 or not _SAFE_NAME.fullmatch(value):
+        raise ValueError(
+            "must be a plain name of at most 80 characters: letters, digits and '_.=+-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
 def _expandable(value: str | None) -> str | None:
     """A path field is refused here when no file could have its name (see path_problem)."""
     if value is not None and (problem := path_problem(value)):
@@ -357,17 +369,7 @@ class RunConfig(StrictModel):
 
     _output_expands = field_validator("output_dir")(_expandable)
 
-    @field_validator("experiment")
-    @classmethod
-    def _safe_name(cls, v: str) -> str:
-        # Names become directories: a whitelist (the one strategy `tag` uses) keeps a run inside its output
-        # directory and rejects what a blacklist misses (NUL bytes, control characters, ':' on Windows).
-        if len(v) > 80 or not _SAFE_NAME.fullmatch(v):
-            raise ValueError(
-                "must be a plain name of at most 80 characters: letters, digits and '_.=+-', "
-                "starting with a letter or digit"
-            )
-        return v
+    _experiment_is_a_name = field_validator("experiment")(directory_name)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

@@ -243,7 +243,8 @@ def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
         enc = tokenizer(batch["sentence"], truncation=True, max_length=max_length)
-        enc["labels"] = batch["label"]
+        if "label" in batch:  # unlabelled text (pretraining) has none
+            enc["labels"] = batch["label"]
         return enc
 
     keep = {"labels", "input_ids", "token_type_ids", "attention_mask"}
@@ -261,6 +262,16 @@ def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -
 
 def _content_fingerprint(columns: dict[str, list[Any]]) -> str:
     return hashlib.sha256(json.dumps(columns, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def tokenize_texts(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
+    """Unlabelled texts, tokenized and cached like a task's split (input_ids, token_type_ids, attention_mask)."""
+    from datasets import Dataset
+
+    columns = {"sentence": texts}
+    ds = Dataset.from_dict(columns)
+    ds._fingerprint = _content_fingerprint(columns)  # in-memory datasets get random fingerprints: the cache would miss
+    return tokenize(ds, tokenizer, max_length)
 
 
 def load_task_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> TaskData:

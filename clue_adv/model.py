@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -96,33 +96,43 @@ def attention_for(cfg: ModelConfig, needs_double_backward: bool) -> str:
     return "eager" if needs_double_backward else "sdpa"
 
 
+def load_model(mc: ModelConfig, auto_class: Any, attn: str, **config_kwargs: Any) -> PreTrainedModel:
+    """`auto_class` (e.g. AutoModelForMaskedLM) from `mc`: pretrained weights (safetensors only) or random init from
+    the config (+ architecture overrides), on the seed already set by the caller. A RuntimeError about mismatched
+    sizes passes through for the caller to explain."""
+    from transformers import AutoConfig
+
+    _check_local(mc.name_or_path, "model.name_or_path")
+    try:
+        config = AutoConfig.from_pretrained(mc.name_or_path, **config_kwargs, **mc.architecture.overrides())
+        if mc.init == "random":
+            return auto_class.from_config(config, attn_implementation=attn)
+        check_safetensors(mc.name_or_path)
+        return auto_class.from_pretrained(
+            mc.name_or_path,
+            config=config,
+            attn_implementation=attn,
+            ignore_mismatched_sizes=mc.ignore_mismatched_sizes,
+            use_safetensors=True,
+        )
+    except (OSError, ValueError) as e:
+        raise _offline_hint("model", mc.name_or_path, e) from None
+
+
 def build_model(cfg: RunConfig, labels: LabelSet, needs_double_backward: bool) -> PreTrainedModel:
     """The classifier, on the seed already set by the caller (init must be reproducible)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     mc = cfg.model
-    _check_local(mc.name_or_path, "model.name_or_path")
     label_kwargs = {
         "num_labels": len(labels.ids),
         "id2label": {i: label for i, label in enumerate(labels.ids)},
         "label2id": {label: i for i, label in enumerate(labels.ids)},
     }
-    attn = attention_for(mc, needs_double_backward)
     try:
-        config = AutoConfig.from_pretrained(mc.name_or_path, **label_kwargs, **mc.architecture.overrides())
-        if mc.init == "random":
-            model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn)
-        else:
-            check_safetensors(mc.name_or_path)
-            model = AutoModelForSequenceClassification.from_pretrained(
-                mc.name_or_path,
-                config=config,
-                attn_implementation=attn,
-                ignore_mismatched_sizes=mc.ignore_mismatched_sizes,
-                use_safetensors=True,
-            )
-    except (OSError, ValueError) as e:
-        raise _offline_hint("model", mc.name_or_path, e) from None
+        model = load_model(
+            mc, AutoModelForSequenceClassification, attention_for(mc, needs_double_backward), **label_kwargs
+        )
     except RuntimeError as e:
         if "ignore_mismatched_sizes" not in str(e):
             raise

@@ -10,8 +10,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class RunProgress:
+    """`total_steps=None`: a run bounded by time, not steps (the bar then shows no end); `epochs=None`: a run that
+    does not count epochs (pretraining). `eval_name` labels the latest evaluation's accuracy."""
+
     def __init__(
-        self, name: str, total_steps: int, epochs: int, show: bool | None = None, console: Console | None = None
+        self,
+        name: str,
+        total_steps: int | None,
+        epochs: int | None,
+        show: bool | None = None,
+        console: Console | None = None,
+        eval_name: str = "dev",
     ) -> None:
         self.console = console or Console(stderr=True)
         # Plain log lines must stay one line each in CI logs and files, whatever the width.
@@ -19,6 +28,7 @@ class RunProgress:
         self.name = name
         self.total = total_steps
         self.epochs = epochs
+        self.eval_name = eval_name
         self.bar = self.console.is_terminal if show is None else show
         self.dev_acc: float | None = None
         self._progress: Progress | None = None
@@ -43,7 +53,9 @@ class RunProgress:
             self._progress.start()
             self._task = self._progress.add_task(self.name, total=self.total, info="")
         else:
-            self.console.print(f"{self.name}: {self.total} steps over {self.epochs} epoch(s)", **self._plain)
+            steps = f"{self.total} steps" if self.total is not None else "steps until the time budget"
+            epochs = f" over {self.epochs} epoch(s)" if self.epochs is not None else ""
+            self.console.print(f"{self.name}: {steps}{epochs}", **self._plain)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -55,8 +67,9 @@ class RunProgress:
 
     def _info(self, loss: float, lr: float, step: int) -> str:
         rate = step / max(time.perf_counter() - self._started, 1e-9)
-        dev = f" dev {100 * self.dev_acc:.2f}" if self.dev_acc is not None else ""
-        return f"ep {self._epoch}/{self.epochs} loss {loss:.4f} lr {lr:.2e} {rate:.1f} it/s{dev}"
+        dev = f" {self.eval_name} {100 * self.dev_acc:.2f}" if self.dev_acc is not None else ""
+        epoch = f"ep {self._epoch}/{self.epochs} " if self.epochs is not None else ""
+        return f"{epoch}loss {loss:.4f} lr {lr:.2e} {rate:.1f} it/s{dev}"
 
     def step(self, step: int, loss: float, lr: float) -> None:
         self._last = (loss, lr, step)
@@ -66,14 +79,17 @@ class RunProgress:
     def log(self, record: dict[str, Any]) -> None:
         if self._progress is None:
             info = self._info(record["loss"], record["lr"], record["step"])
-            self.console.print(f"{self.name} step {record['step']}/{self.total} {info}", **self._plain)
+            total = f"/{self.total}" if self.total is not None else ""
+            self.console.print(f"{self.name} step {record['step']}{total} {info}", **self._plain)
 
     def evaluated(self, accuracy: float) -> None:
         self.dev_acc = accuracy
         if self._progress is None:
-            self.console.print(f"{self.name} epoch {self._epoch}: dev accuracy {100 * accuracy:.2f}", **self._plain)
+            where = f"epoch {self._epoch}" if self.epochs is not None else f"step {self._last[2] if self._last else 0}"
+            self.console.print(f"{self.name} {where}: {self.eval_name} accuracy {100 * accuracy:.2f}", **self._plain)
         else:
             # Refresh the bar now: otherwise the new accuracy shows only at the next step, and never after the
             # last evaluation (the bar stops with the previous one).
-            info = self._info(*self._last) if self._last else f"ep {self._epoch}/{self.epochs} dev {100 * accuracy:.2f}"
+            epoch = f"ep {self._epoch}/{self.epochs} " if self.epochs is not None else ""
+            info = self._info(*self._last) if self._last else f"{epoch}{self.eval_name} {100 * accuracy:.2f}"
             self._progress.update(self._task, info=info)

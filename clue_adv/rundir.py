@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,22 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_directory(final: Path, fill: Callable[[Path], None]) -> None:
+    """Replace the directory `final` by one that `fill(tmp)` writes beside it, swapped in by renames: a kill at any
+    moment leaves the old directory or the new one whole (at worst under `.<name>.old`, which the next call clears).
+    Planted symlinks at the temporary names are removed, never written through."""
+    tmp, old = final.parent / f".{final.name}.tmp", final.parent / f".{final.name}.old"
+    for stale in (tmp, old):
+        if stale.is_symlink():  # rmtree refuses a link silently
+            stale.unlink()
+        shutil.rmtree(stale, ignore_errors=True)
+    fill(tmp)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _json_safe(value: Any) -> Any:
@@ -161,11 +178,11 @@ def identity(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in _NOT_IDENTITY}
 
 
-def stored_identity(stored: dict[str, Any]) -> dict[str, Any]:
-    """A stored config.yaml's identity as the current schema reads it: a field added since (at its default)
+def stored_identity(stored: dict[str, Any], parse: Callable[[dict[str, Any]], Any] = parse_config) -> dict[str, Any]:
+    """A stored config.yaml's identity as the current schema (`parse`) reads it: a field added since (at its default)
     is filled in, so a run made before an upgrade still matches its unchanged config and is resumed."""
     try:
-        return identity(parse_config(stored).resolved())
+        return identity(parse(stored).resolved())
     except ClueAdvError:  # a field since removed or renamed: compared as written (and so it differs)
         return identity(stored)
 
@@ -204,15 +221,16 @@ def read_config(directory: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def existing_state(cfg: RunConfig, directory: Path) -> str:
+def existing_state(cfg: RunConfig, directory: Path, parse: Callable[[dict[str, Any]], Any] = parse_config) -> str:
     """What is already in `directory` for this config: 'absent', 'completed', or 'incomplete'.
-    A directory holding a *different* config is an error, never silently overwritten."""
+    A directory holding a *different* config is an error, never silently overwritten. `cfg` may be any config
+    with `resolved()` (e.g. a pretrain config) whose stored form `parse` reads."""
     _check_can_be_a_directory(directory)  # before training setup, not after minutes of loading
     stored = read_config(directory)
     if stored is None:
         return "absent"
     ours = identity(cfg.resolved())
-    theirs = stored_identity(stored)
+    theirs = stored_identity(stored, parse)
     if theirs != ours:
         changed = differing_fields(theirs, ours)
         raise ConfigError(

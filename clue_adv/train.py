@@ -19,7 +19,6 @@ import math
 import os
 import platform
 import resource
-import shutil
 import subprocess
 import time
 import warnings
@@ -58,6 +57,7 @@ from clue_adv.rundir import (
     read_summary,
     release_run_lock,
     remove_checkpoint,
+    replace_directory,
     resume_run,
     run_dir,
     start_run,
@@ -194,8 +194,7 @@ def train(
         return RunOutcome(directory, read_summary(directory) or {}, skipped=True)
 
     restore_environment = configure_environment(cfg)
-    if not all_sources_local(cfg) and os.environ.get("HF_HUB_OFFLINE", "").upper() not in ("1", "TRUE", "ON", "YES"):
-        _hub_note(console)
+    note_hub_use(cfg, console)
     try:
         return _train(cfg, directory, show_progress, console, force)
     finally:
@@ -279,8 +278,8 @@ def setup(cfg: RunConfig, directory: Path) -> Run:
         "dev_examples": len(data.dev),
         "epochs": cfg.epochs,
         "steps_per_epoch": steps_per_epoch,
-        "versions": _versions(),
-        "git_commit": _git_commit(),
+        "versions": library_versions(),
+        "git_commit": git_commit(),
     }
     return Run(cfg, directory, device, data, tokenizer, learner, loader, dev_loader, steps_per_epoch, facts)
 
@@ -517,7 +516,7 @@ def build_summary(run: Run, state: LoopState, ending: dict[str, Any]) -> dict[st
         train_wall_time_s=state.train_time_s,
         mean_step_time_s=state.mean_step_time_s,
         samples_per_s=state.examples / state.train_time_s if state.train_time_s > 0 else None,
-        peak_memory_mb=_peak_memory_mb(run.device),
+        peak_memory_mb=peak_memory_mb(run.device),
         passes_per_micro_step={
             "forward": counter.forward / micro_steps,
             "backward": counter.backward / micro_steps,
@@ -561,7 +560,7 @@ def _setup_out_of_memory(cfg: RunConfig, directory: Path, device: torch.device) 
         "failed_during": "setup",
         "advice": OOM_ADVICE,
         "steps": 0,
-        "peak_memory_mb": _peak_memory_mb(device),
+        "peak_memory_mb": peak_memory_mb(device),
         "finished_at": utc_now(),
     }
     atomic_write_json(directory / "summary.json", summary)
@@ -666,7 +665,7 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device
     )
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
@@ -680,7 +679,7 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     import datasets
     import transformers
 
@@ -693,7 +692,7 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     # VmHWM (Linux) is the process's peak resident memory since the last reset (a sweep writes "5" to
@@ -726,17 +725,19 @@ def build_scheduler(
 
 def _save_model(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
     """Replace directory/model atomically enough: write beside it, then swap by renames."""
-    tmp, final, old = directory / ".model.tmp", directory / "model", directory / ".model.old"
-    for stale in (tmp, old):
-        if stale.is_symlink():  # planted: removed, never written through (rmtree refuses a link silently)
-            stale.unlink()
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    replace_directory(directory / "model", fill)
+
+
+def note_hub_use(cfg: Any, console: Any) -> None:
+    """When a config (a run or pretrain config) reads from the hub and the hub is not switched off, say once, before
+    trying, how to run offline."""
+    if not all_sources_local(cfg) and os.environ.get("HF_HUB_OFFLINE", "").upper() not in ("1", "TRUE", "ON", "YES"):
+        _hub_note(console)
 
 
 _hub_note_shown = False
