@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clue_adv.config import TASKS, DataConfig, RunConfig, expand_path, path_problem
 from clue_adv.errors import ClueAdvError
 from clue_adv.model import check_safetensors, looks_local, model_max_positions
+
+if TYPE_CHECKING:
+    from clue_adv.pretrain.config import PretrainConfig
 
 
 @dataclass(frozen=True)
@@ -140,3 +143,21 @@ def check_raw_paths(data: dict[str, Any]) -> list[str]:
     """check_paths for a merged config whose schema fails: the paths it names are still checked, so a bad value
     elsewhere does not hide a missing file."""
     return path_problems(Sources.raw(data))
+
+
+def check_pretrain_paths(cfg: PretrainConfig) -> list[str]:
+    """The files a valid pretrain config names: its text (a text file, or the task's training file) and the model."""
+    problems = []
+    d = cfg.data
+    if d.text_file is not None and (where := expand_path(d.text_file)) is not None and not where.is_file():
+        problems.append(f"data.text_file: file not found: {d.text_file}{_where(where)}")
+    if d.path is not None and (root := expand_path(d.path.replace("{task}", str(cfg.task)))) is not None:
+        if not root.is_dir():
+            problems.append(f"data.path: directory not found: {root}{_where(root)}")
+        elif not (root / d.train_file).is_file():
+            problems.append(f"data.train_file: file not found: {root / d.train_file}")
+    m = cfg.model
+    model_only = Sources(
+        None, None, "", "", None, None, m.name_or_path, m.tokenizer, cfg.max_length, m.init == "pretrained"
+    )
+    return problems + path_problems(model_only)

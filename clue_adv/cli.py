@@ -450,3 +450,58 @@ def predict(
     for warning in result.warnings:
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     err.print(f"{len(result.ids)} predictions written to {result.path}", highlight=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pretraining (logic in clue_adv/pretrain/)
+
+
+@app.command()
+def pretrain(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    output_dir: OutputOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Start over, even if the pretrain completed.")] = False,
+) -> None:
+    """Masked-LM pretraining on the task's training text; writes a model directory to fine-tune from. Resumable."""
+    from clue_adv.pretrain.config import load_pretrain_config
+
+    try:
+        cfg = load_pretrain_config(config, set_ or [])
+        from clue_adv.errors import sigterm_as_interrupt
+        from clue_adv.pretrain.run import pretrain as run_pretraining
+
+        with sigterm_as_interrupt():
+            outcome = run_pretraining(cfg, output_dir, force=force, console=err)
+    except ClueAdvError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        err.print("interrupted: the pretrain is checkpointed; rerun the same command to resume it")
+        raise typer.Exit(130) from None
+    s = outcome.summary
+    if outcome.skipped:
+        err.print(f"already completed: {outcome.directory} (use --force to start over)", highlight=False)
+    table = Table(title=f"pretrain · {s.get('source')} · seed {s.get('seed')}")
+    for col in ("steps", "time", "held-out MLM loss", "masked-token acc", "at step 0 (loss / acc)"):
+        table.add_column(col, justify="right")
+
+    def shown(block: Any, key: str, scale: float = 1.0) -> str:  # an old or hand-edited summary may lack a field
+        value = block.get(key) if isinstance(block, dict) else None
+        return f"{scale * value:.{2 if scale != 1 else 3}f}" if isinstance(value, int | float) else "?"
+
+    final, initial = s.get("heldout_final"), s.get("heldout_initial")
+    elapsed = s.get("elapsed_s")
+    table.add_row(
+        str(s.get("steps", "?")),
+        f"{elapsed:.0f}s" if isinstance(elapsed, int | float) else "?",
+        shown(final, "loss"),
+        shown(final, "masked_accuracy", 100),
+        f"{shown(initial, 'loss')} / {shown(initial, 'masked_accuracy', 100)}",
+    )
+    out.print(table)
+    out.print(f"model: {outcome.model_dir}", highlight=False)
+    out.print(
+        f"fine-tune from it: --set model.init=pretrained --set model.name_or_path={outcome.model_dir} "
+        "(and no model.architecture overrides)",
+        highlight=False,
+    )

@@ -9,6 +9,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from clue_adv.config import RunConfig
+from clue_adv.pretrain.config import PretrainConfig
 from clue_adv.regularizers import registry
 from clue_adv.schema import StrictModel
 
@@ -26,6 +27,9 @@ def _type(field: FieldInfo) -> str:
     ann = field.annotation
     if typing.get_origin(ann) is typing.Literal:
         return " \\| ".join(f"`{a}`" for a in typing.get_args(ann))
+    args = typing.get_args(ann)
+    if type(None) in args and any(typing.get_origin(a) is typing.Literal for a in args):  # Literal[...] | None
+        return " \\| ".join([f"`{v}`" for a in args for v in typing.get_args(a)] + ["None"])
     text = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
     return text.replace("|", "\\|")
 
@@ -96,6 +100,17 @@ def config_reference() -> str:
         rows = [r.replace("| `", "| `strategy.", 1) for r in _rows(cls.config_class) if not r.startswith("| `name`")]
         if rows:
             parts += ["", header, *rows]
+    # The pretrain config (`clue-adv pretrain`), after the run config's strategies
+    parts += [
+        "",
+        "## Pretrain config (`clue-adv pretrain`)",
+        "",
+        "Masked-LM pretraining on a task's training text; its output directory fine-tunes with `model.init: "
+        "pretrained` and `model.name_or_path: <run>/model`. `model.*` is the run config's block (above).",
+        "",
+        header,
+        *[r for r in _rows(PretrainConfig) if not r.startswith("| `model.")],
+    ]
     return "\n".join(parts) + "\n"
 
 

@@ -4,7 +4,7 @@ before any training starts or any directory is created."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # check_paths and check_raw_paths are imported from here by the sweep's planning too
 from clue_adv.checks import Sources, check_paths, check_raw_paths, path_problems  # noqa: F401
@@ -20,6 +20,10 @@ from clue_adv.config import (
 )
 from clue_adv.errors import ClueAdvError
 from clue_adv.model import looks_local
+from clue_adv.pretrain.config import is_pretrain_config
+
+if TYPE_CHECKING:
+    from clue_adv.pretrain.config import PretrainConfig
 
 
 def _hub_position_check(s: Sources) -> tuple[list[str], list[str]]:
@@ -78,6 +82,32 @@ def _data_problems(s: Sources) -> list[str]:
 def check_data(cfg: RunConfig) -> list[str]:
     """What is wrong inside the local data files a valid config uses (empty: nothing, or not local)."""
     return _data_problems(Sources.of(cfg))
+
+
+def _pretrain_data_problems(cfg: PretrainConfig) -> list[str]:
+    """The local text, read as pretraining reads it (not tokenized): bad lines, too few texts."""
+    from clue_adv.checks import check_pretrain_paths
+    from clue_adv.errors import DataError
+    from clue_adv.pretrain.text import read_texts
+
+    if not cfg.data.is_local or check_pretrain_paths(cfg):
+        return []
+    try:
+        read_texts(cfg)
+    except DataError as e:
+        return [f"data: {e.message}"]
+    return []
+
+
+def _validate_pretrain(data: dict[str, Any], source: str) -> list[str]:
+    from clue_adv.checks import check_pretrain_paths
+    from clue_adv.pretrain.config import parse_pretrain_config
+
+    try:
+        cfg = parse_pretrain_config(data, source)
+    except ClueAdvError as e:
+        return e.problems or [e.message]
+    return check_pretrain_paths(cfg) + _pretrain_data_problems(cfg)
 
 
 SWEEP_ONLY_FIELDS = {"base", "seeds", "strategies", "grid", "per_task", "tasks", "overrides", "slurm"}
@@ -190,6 +220,8 @@ def validate_file(
             apply_override(data, assignment)
     except ClueAdvError as e:
         return e.problems or [e.message]
+    if is_pretrain_config(data):
+        return _validate_pretrain(data, " + ".join(map(str, files)))
     try:
         sources = Sources.of(parse_config(data, source=" + ".join(map(str, files))))
         problems: list[str] = []

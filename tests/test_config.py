@@ -11,7 +11,8 @@ from clue_adv.errors import ConfigError
 from clue_adv.validate import validate_file
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))  # every file in configs/ is a whole run config
+# Every file in configs/ is a whole run config, but for configs/pretrain/ (pretrain configs: tests/test_pretrain.py)
+SHIPPED = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "pretrain")
 TINY = REPO / "overrides" / "tiny.yaml"
 TASK_CONFIGS = [p for p in SHIPPED if p.parent.name in ("tnews", "iflytek")]
 
