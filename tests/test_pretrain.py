@@ -301,6 +301,13 @@ def test_a_time_budget_ends_the_run_and_decays_the_learning_rate(tmp_path):
     assert max(lrs) > lrs[-1] and lrs[-1] < 0.2e-3  # warmed up, then decayed towards 0 at the end of the time
 
 
+def test_a_compiled_encoder_trains_and_saves_the_same_weight_names(tmp_path, whole_run):
+    compiled = config(**{"max_steps": 1, "model.compile": True, "model.compile_backend": "aot_eager"})
+    out = pretrain(compiled, tmp_path, show_progress=False)
+    assert out.summary["status"] == "completed"
+    assert tensors(out.model_dir).keys() == tensors(whole_run.model_dir).keys()  # loads like an uncompiled one
+
+
 def test_pretraining_reads_only_training_text(tmp_path, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()
