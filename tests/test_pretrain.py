@@ -199,6 +199,30 @@ def test_learning_rates_follow_hugging_faces_linear_schedule(whole_run):
     assert lrs == pytest.approx([1e-3 * lr_factor(s / 6, 0.06, "linear") for s in range(6)])
 
 
+def test_accumulated_micro_batches_give_the_gradient_of_the_mean_over_all_their_targets(tmp_path):
+    import torch.nn.functional as F
+
+    from clue_adv.pretrain.run import _Pretrain, _Window
+
+    cfg = config(**{"optim.grad_accum_steps": 2, "data.length_grouped": False})
+    run = _Pretrain(cfg, tmp_path / "run", resume=False)  # sets up, writes nothing
+    run.step, run.counters = 0, {"tokens_seen": 0, "targets_seen": 0}
+    run.model.eval()  # no dropout: both computations see the same network
+    loss = run._accumulate(_Window())
+    ours = {k: p.grad.clone() for k, p in run.model.named_parameters() if p.grad is not None}
+    run.model.zero_grad(set_to_none=True)
+    # independently: one cross-entropy over the targets of both micro-batches together
+    parts = [masked_logits(run.model, b.input_ids, b.attention_mask, b.labels) for b in (run.batch(0), run.batch(1))]
+    assert parts[0][1].numel() != parts[1][1].numel()  # unequal shares: a plain average of the two means differs
+    whole = F.cross_entropy(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    whole.backward()
+    assert loss == pytest.approx(float(whole.detach()), rel=1e-5)
+    for name, p in run.model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_completed_pretrain_leaves_a_model_and_no_checkpoint(whole_run):
     s = whole_run.summary
     assert s["status"] == "completed" and s["steps"] == 6

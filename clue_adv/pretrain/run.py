@@ -32,7 +32,7 @@ from clue_adv.errors import ConfigError, RunFailed, interrupts_deferred
 from clue_adv.model import build_tokenizer, check_vocab_size
 from clue_adv.pretrain.checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_state, save_checkpoint
 from clue_adv.pretrain.config import PretrainConfig, parse_pretrain_config, run_directory
-from clue_adv.pretrain.masking import BatchOrder, Masker, derived_seed, generator_for, pad
+from clue_adv.pretrain.masking import IGNORE, BatchOrder, Masker, derived_seed, generator_for, pad
 from clue_adv.pretrain.mlm import MlmBatch, build_masked_lm, evaluate_heldout, mlm_loss, mlm_parts
 from clue_adv.pretrain.text import HELDOUT_SEED, load_texts
 from clue_adv.progress import RunProgress
@@ -233,21 +233,27 @@ class _Pretrain:
         self.last_checkpoint = time.perf_counter()
 
     def _accumulate(self, window: _Window) -> float:
-        """The gradients of one optimizer step (grad_accum_steps micro-batches); returns the last micro-batch's loss."""
+        """The gradients of one optimizer step over grad_accum_steps micro-batches: of the mean loss over all the
+        window's targets, however they split (each micro-batch's mean weighs its share of the targets). Returns
+        that mean."""
         accum = self.cfg.optim.grad_accum_steps
-        for micro in range(accum):
-            number = self.step * accum + micro
-            batch = self.batch(number).to(self.device)
+        numbers = [self.step * accum + micro for micro in range(accum)]
+        batches = [self.batch(number) for number in numbers]
+        targets = sum(int((b.labels != IGNORE).sum()) for b in batches)
+        total = 0.0
+        for number, batch in zip(numbers, batches, strict=True):
+            batch = batch.to(self.device)
             torch.manual_seed(derived_seed(self.cfg.seed, "dropout", number))  # dropout too is a function of number
             result = mlm_loss(self.model, batch, self.autocast)
-            (result.loss / accum).backward()
+            (result.loss * (result.targets / targets)).backward()
             loss = float(result.loss.detach())  # a CPU-GPU sync point, once per micro-batch
             if not math.isfinite(loss):
                 raise NonFiniteError(self.step + 1, "loss")
+            total += loss * result.targets / targets
             window.add(loss, result, batch.tokens)
             self.counters["tokens_seen"] += batch.tokens
             self.counters["targets_seen"] += result.targets
-        return loss
+        return total
 
     def run(self, show_progress: bool | None, console: Any) -> PretrainOutcome:
         cfg, directory, model, optimizer = self.cfg, self.directory, self.model, self.optimizer
@@ -349,15 +355,16 @@ class _Pretrain:
 
 
 class _Window:
-    """Averages over the steps since the last log line: loss, masked-token accuracy, throughput."""
+    """Averages over the steps since the last log line (per target, as the held-out evaluation): loss, masked-token
+    accuracy; and throughput."""
 
     def __init__(self) -> None:
-        self.losses: list[float] = []
+        self.loss_sum = 0.0
         self.correct = self.targets = self.tokens = 0
         self.started = time.perf_counter()
 
     def add(self, loss: float, result: Any, tokens: int) -> None:
-        self.losses.append(loss)
+        self.loss_sum += loss * result.targets
         self.correct += result.correct
         self.targets += result.targets
         self.tokens += tokens
@@ -365,7 +372,7 @@ class _Window:
     def take(self) -> dict[str, float]:
         seconds = max(time.perf_counter() - self.started, 1e-9)
         out = {
-            "loss": sum(self.losses) / len(self.losses),
+            "loss": self.loss_sum / max(self.targets, 1),
             "masked_accuracy": self.correct / max(self.targets, 1),
             "tokens_per_s": self.tokens / seconds,
         }
