@@ -128,6 +128,12 @@ class PretrainOptimConfig(OptimConfig):
         description="Share of the budget (steps, or time with a time budget) spent warming up from lr 0. 0.06, "
         "RoBERTa's and Gururangan et al.'s task-adaptive pretraining.",
     )
+    grad_accum_steps: int = Field(
+        1,
+        ge=1,
+        description="Micro-batches per optimizer step, each weighted by its share of the step's targets: the gradient "
+        "of the mean MLM loss over all of them, as one batch of batch_size × grad_accum_steps texts.",
+    )
 
 
 class PretrainEvalConfig(StrictModel):
