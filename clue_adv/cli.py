@@ -456,9 +456,17 @@ def predict(
 # Pretraining (logic in clue_adv/pretrain/)
 
 
+PretrainConfigArg = Annotated[
+    list[Path],
+    typer.Option(
+        "--config", "-c", help="Pretrain config (YAML, e.g. configs/pretrain/tnews-tiny.yaml); repeat to merge."
+    ),
+]
+
+
 @app.command()
 def pretrain(
-    config: ConfigArg,
+    config: PretrainConfigArg,
     set_: SetOpt = None,
     output_dir: OutputOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Start over, even if the pretrain completed.")] = False,
