@@ -42,6 +42,17 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def handle_sigint() -> None:
+    """Make SIGINT raise KeyboardInterrupt even when this process inherited it as ignored.
+
+    A shell starts background jobs (`clue-adv sweep ... &` in a script, a CI runner) with SIGINT ignored, and
+    Python keeps that. For `train` and `sweep` that is right (Ctrl-C in the terminal is not for them; SIGTERM
+    still stops them), but a sweep's worker is stopped by SIGINT alone (the sweep forwards it, and the kernel
+    sends it when the sweep dies): ignored, the worker would train on after its sweep is gone."""
+    with contextlib.suppress(ValueError):  # not the main thread: no handler can be installed
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM (`kill`, `timeout`, a scheduler's time limit) stops a run like Ctrl-C: it is marked interrupted

@@ -69,7 +69,7 @@ from clue_adv.config import (
     merge,
     set_dotted,
 )
-from clue_adv.errors import ClueAdvError, ConfigError, RunFailed, sigterm_as_interrupt
+from clue_adv.errors import ClueAdvError, ConfigError, RunFailed, handle_sigint, sigterm_as_interrupt
 from clue_adv.report import STALE_NOTE, stale_running
 from clue_adv.rundir import (
     SWEEP_MANIFEST,
@@ -1439,6 +1439,7 @@ def _stop_with_the_sweep() -> None:
 
 def worker_main(argv: list[str]) -> int:
     """Train one resolved config; exit 0 completed, 1 failed, 2 bad input, 130 interrupted."""
+    handle_sigint()
     try:
         _stop_with_the_sweep()
     except KeyboardInterrupt:

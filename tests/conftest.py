@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -35,6 +36,16 @@ TINY_RUN = {
     "epochs": 1,
     "log_every_n_steps": 1,
 }
+
+
+# preexec_fn for child processes, so a test does not depend on the SIGINT disposition pytest itself inherited
+# (a CI runner or a script's background job starts it ignored; a terminal leaves it at the default).
+def sigint_as_in_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def sigint_ignored_as_in_a_background_job() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import sigint_ignored_as_in_a_background_job
 
 from clue_adv.data import ASSETS
 from clue_adv.report import build_tables, collect_runs, render
@@ -49,8 +50,16 @@ def _sweep(config: Path, out: Path, *extra: str, report: bool = False) -> subpro
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "clue_adv", "sweep", "-c", str(config), "-o", str(out), *extra]
     cmd += [] if report else ["--no-report"]
-    # its own process group, so the kill reaches any child too
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    # Its own process group, so the kill reaches any child too. SIGINT ignored, as a script's background job or a
+    # CI runner starts it (whatever pytest inherited): the workers must stop all the same.
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=sigint_ignored_as_in_a_background_job,
+    )
 
 
 def _files_whole(out: Path) -> None:
@@ -130,9 +139,11 @@ def _status(directory: Path) -> str:
     return json.loads((directory / "summary.json").read_text())["status"]
 
 
-def test_kill_9_of_a_parallel_sweep_stops_its_workers(tmp_path):
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+def test_kill_9_of_a_parallel_sweep_stops_its_workers(tmp_path, how):
     """Workers run in their own session; kill -9 of the sweep must still stop them (marked interrupted), or they
-    would train on and a rerun would start a second writer into the same run directory."""
+    would train on and a rerun would start a second writer into the same run directory. A plain kill (SIGTERM)
+    stops the sweep, which stops its workers. Both with SIGINT inherited as ignored (see _sweep)."""
     (tmp_path / "run.yaml").write_text(RUN.replace("epochs: 2", "epochs: 20"))  # long enough to be caught mid-run
     config = tmp_path / "sweep.yaml"
     config.write_text(SWEEP)
@@ -143,6 +154,12 @@ def test_kill_9_of_a_parallel_sweep_stops_its_workers(tmp_path):
         time.sleep(0.05)
     victims = _running(out)
     assert victims, "no run started"
+    if how == "SIGTERM":
+        proc.send_signal(signal.SIGTERM)
+        # the sweep waits for its workers (60 s at most, then kill -9 leaves a run 'running')
+        assert proc.wait(timeout=90) == 130, proc.stderr.read().decode()[-2000:]
+        assert [_status(v) for v in victims] == ["interrupted"] * len(victims)
+        return
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     deadline = time.monotonic() + 60

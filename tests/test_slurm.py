@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import pytest
 import yaml
-from conftest import TINY_RUN
+from conftest import TINY_RUN, sigint_as_in_a_terminal
 from slurm_cluster import slurm_cluster  # noqa: F401 - fixture
 
 from clue_adv.report import build_tables, collect_runs, render
@@ -68,7 +68,10 @@ def sweep_cmd(config: Path, out: Path, *extra: str) -> list[str]:
 def start_sweep(config: Path, out: Path, log: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "clue_adv", *sweep_cmd(config, out)]
     with open(log, "w") as f:
-        return subprocess.Popen(command, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+        # SIGINT at its default, as from a terminal: a test sends it as Ctrl-C
+        return subprocess.Popen(
+            command, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT, preexec_fn=sigint_as_in_a_terminal
+        )
 
 
 def wait_for(what: str, check: Callable[[], T], timeout: float = 120, every: float = 0.1) -> T:

@@ -15,7 +15,7 @@ import huggingface_hub.constants as hub_constants
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOKENIZER_DIR, smoke_config
+from conftest import TOKENIZER_DIR, sigint_as_in_a_terminal, sigint_ignored_as_in_a_background_job, smoke_config
 
 import clue_adv.train as train_module
 from clue_adv.errors import ClueAdvError, ConfigError, RunFailed
@@ -174,9 +174,19 @@ def test_label_smoothing_changes_the_first_loss_by_the_expected_amount(tmp_path,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_sigint_or_sigterm_exits_130_and_marks_the_run_interrupted(tmp_path, signum):
-    """Ctrl-C, and SIGTERM (kill, timeout, a scheduler's time limit), which would otherwise leave it 'running'."""
+@pytest.mark.parametrize(
+    "signum, started",
+    [
+        (signal.SIGINT, sigint_as_in_a_terminal),
+        (signal.SIGTERM, sigint_as_in_a_terminal),
+        (signal.SIGTERM, sigint_ignored_as_in_a_background_job),
+    ],
+    ids=["SIGINT", "SIGTERM", "SIGTERM-with-SIGINT-ignored"],
+)
+def test_sigint_or_sigterm_exits_130_and_marks_the_run_interrupted(tmp_path, signum, started):
+    """Ctrl-C, and SIGTERM (kill, timeout, a scheduler's time limit), which would otherwise leave it 'running'.
+    Ctrl-C as from a terminal; SIGTERM also for a script's background job, which inherits SIGINT ignored (and
+    keeps ignoring it, as the shell asked) but must still stop on kill."""
     from test_kill_resume import RUN
 
     config = tmp_path / "run.yaml"
@@ -184,7 +194,9 @@ def test_sigint_or_sigterm_exits_130_and_marks_the_run_interrupted(tmp_path, sig
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "clue_adv", "train", "-c", str(config), "-o", str(out)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, preexec_fn=started
+    )
     try:
         deadline = time.monotonic() + 120
         metrics = None
