@@ -4,6 +4,7 @@ shipped sweep files, and the smoke sweep end to end on a tiny model."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -204,8 +205,15 @@ def test_core_sets_split_cores_between_workers():
     assert core_sets([4, 5, 6, 7], 1) == [[4, 5, 6, 7]]
 
 
-def test_slurm_block_reaches_the_submitit_executor(tmp_path):
+def test_slurm_block_reaches_the_submitit_executor(tmp_path, monkeypatch):
     pytest.importorskip("submitit")
+    # submitit's SlurmExecutor refuses to exist without `srun` on PATH; building the sbatch script needs no
+    # cluster, so a stand-in that fails if ever run lets this test check the parameters on any machine.
+    stand_in = tmp_path / "bin" / "srun"
+    stand_in.parent.mkdir()
+    stand_in.write_text("#!/bin/sh\necho 'srun stand-in: not a cluster' >&2\nexit 99\n")
+    stand_in.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stand_in.parent}{os.pathsep}{os.environ.get('PATH', '')}")
     slurm = {"partition": "gpu", "time_min": 90, "cpus_per_task": 6, "gpus_per_node": 1, "mem_gb": 40}
     slurm |= {"array_parallelism": 4, "account": "lab", "setup": ["module load cuda"], "additional": {"exclude": "n1"}}
     path = write_sweep(tmp_path, {"seeds": 1, "slurm": slurm})
