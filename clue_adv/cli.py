@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -130,7 +131,7 @@ def strategies(
         typer.Option("--set", "-s", help="With NAME: cost it with these settings, e.g. --set mode=finite_difference."),
     ] = None,
 ) -> None:
-    """List every strategy with its parameters, defaults and cost per training step."""
+    """List every strategy with its cost per training step; with NAME, its parameters and defaults."""
     from clue_adv.regularizers import describe_strategies, registry
 
     if name is not None and name not in registry():
@@ -180,19 +181,23 @@ def strategies(
             table.add_row(key, *value, repr(p["default"]), p["description"] or "")
         out.print(table)
         return
-    table = Table(title="strategies: cost per training step (`clue-adv strategies NAME` for details)")
-    for col in ("name", "what it does", "fwd", "bwd", "double bwd", "parameters (defaults)"):
-        table.add_column(col, overflow="fold")
+    # Names never wrap (`clue-adv strategies | grep NAME` finds the row) and the list fits 80 columns, a pipe's
+    # width: only "what it does" wraps, at spaces; each strategy's parameters are in `clue-adv strategies NAME`.
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
+    table.add_column("name", no_wrap=True)
+    table.add_column("fwd / bwd", no_wrap=True)
+    table.add_column("what it does", overflow="fold", min_width=24)
     for r in rows:
-        params = ", ".join(f"{k}={p['default']}" for k, p in r["parameters"].items())
-        double = "yes" if r["double_backward"] else "no"
         k = r["batch_factor"]
         stacked = f" on {k}×B" if k > 1 else ""  # passes over a stacked batch cost k passes at batch B
-        forward = f"{r['forward']}{stacked}" + ("*" if r["note"] else "")
-        table.add_row(r["name"], r["summary"], forward, f"{r['backward']}{stacked}", double, params)
+        double = " +double" if r["double_backward"] else ""
+        cost = f"{r['forward']} / {r['backward']}{stacked}{double}" + ("*" if r["note"] else "")
+        table.add_row(r["name"], cost, r["summary"])
+    out.print("Passes per training step. Parameters: `clue-adv strategies NAME`.", highlight=False)
     out.print(table)
-    if any(r["note"] for r in rows):
-        out.print("* " + "; ".join(f"{r['name']}: {r['note']}" for r in rows if r["note"]), highlight=False)
+    for r in rows:
+        if r["note"]:
+            out.print(f"* {r['name']}: {r['note']}", highlight=False)
     out.print(
         "Costs are for the defaults; they depend on settings (e.g. gradient_penalty's mode, PGD's steps): "
         "`clue-adv strategies NAME --set FIELD=VALUE` costs a variant.",

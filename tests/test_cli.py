@@ -108,6 +108,29 @@ def test_strategies_lists_names_costs_and_parameters():
     assert invoke("strategies", "nope").exit_code == 2
 
 
+def test_strategies_list_reads_in_a_pipe_at_80_columns():
+    """`clue-adv strategies | grep NAME` must find the row: in a pipe rich draws 80 columns, and a wrapped name
+    (`gaussian_no` / `ise`) or a one-character parameter column made the list unreadable and ungreppable."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import unicodedata
+
+    from clue_adv.regularizers import registry
+
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    listing = subprocess.run(
+        [sys.executable, "-m", "clue_adv", "strategies"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    columns = [sum(not unicodedata.combining(c) for c in line.rstrip()) for line in lines]  # d̂: two code points
+    assert max(columns) <= 80, listing.stdout
+    for name in registry():  # as `grep -w NAME` would find it
+        assert any(re.search(rf"(?<!\w){name}(?!\w)", line) for line in lines), f"{name}:\n{listing.stdout}"
+
+
 def test_strategies_costs_a_variant_given_with_set():
     """The finite-difference gradient penalty's selling point is no double backward: the cost must show it."""
     exact = json.loads(invoke("strategies", "gradient_penalty", "--json").output)[0]
