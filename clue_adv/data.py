@@ -151,8 +151,9 @@ def _from_hub(cfg: RunConfig) -> tuple[Dataset, Dataset, LabelSet]:
     except Exception as e:  # the hub raises many types (ConnectionError, FileNotFoundError, HfHubHTTPError...)
         raise DataError(
             f"could not load hub dataset {name!r} (config {config!r}): {type(e).__name__}: {e}\n"
-            "Offline? Point data.path at a local directory of CLUE JSON-lines files, e.g. "
-            f"--set data.path=../shared/data/clue/{cfg.task}"
+            f"Offline? Point data.path at a local directory holding {cfg.task}'s train.json, dev.json and "
+            f"labels.json from the public CLUE release (https://github.com/CLUEbenchmark/CLUE), e.g. "
+            f"--set data.path=/path/to/clue/{cfg.task}"
         ) from None
     index = labels.index()
 

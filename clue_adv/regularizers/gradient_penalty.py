@@ -21,7 +21,7 @@ Modes (the parameter gradient each one leaves in `.grad`):
 
   The penalty is ½ε‖g‖² over the whole batch tensor (= ½ε Σ_b ‖g_b‖²), so stepping along the whole
   g (one global direction, length hε‖g‖) is exact to first order; per-example directions would need one
-  pass per example. In terms of a step of length s along ĝ (REGULARIZERS.md) this is s = hε‖g‖ and
+  pass per example. In terms of a step of length s along ĝ (docs/REGULARIZERS.md) this is s = hε‖g‖ and
   ε‖g‖/s = 1/h. The step is stated relative to εg so that both weights are known before the first
   backward: pass 1 puts (1 − 1/h)·∇θL(x) into `.grad` and yields g on the way; pass 2 adds
   (1/h)·∇θL(x + hεg). An absolute step would need ‖g‖ before pass 1's weight is known, i.e. a third
@@ -29,7 +29,7 @@ Modes (the parameter gradient each one leaves in `.grad`):
   L(x + εg) alone, i.e. FGM with the unnormalised step εg. Both passes use the same dropout mask (the
   random state is replayed), else the difference would be dominated by the change of mask.
 
-  `fd_step: unit` is REGULARIZERS.md's form instead: the second pass at x + h·ĝ (ĝ = g/‖g‖ over the whole
+  `fd_step: unit` is docs/REGULARIZERS.md's form instead: the second pass at x + h·ĝ (ĝ = g/‖g‖ over the whole
   target tensor), so h is the step's length in embedding units whatever the gradient's scale, and
 
       ∇θ(L + ½ε‖g‖²) ≈ (1 − c)·∇θL(x) + c·∇θL(x + hĝ),   c = ε‖g‖/h.
@@ -105,7 +105,7 @@ class GradientPenaltyConfig(StrategyConfig):
         "scaled",
         description="`finite_difference` only: where the second pass runs. `scaled`: x + h·ε·g (both passes' "
         "weights known up front; h's default was measured for it). `unit`: x + h·ĝ, ĝ = g/‖g‖ over the batch "
-        "(REGULARIZERS.md's form: h is a length in embedding units, independent of the gradient's scale); "
+        "(docs/REGULARIZERS.md's form: h is a length in embedding units, independent of the gradient's scale); "
         "costs one copy of the parameter gradients under gradient accumulation, no extra pass.",
     )
 

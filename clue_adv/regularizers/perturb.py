@@ -157,7 +157,7 @@ class PerturbationSpace:
 def embedding_scale(ctx: StepContext, target: Target) -> float:
     """Typical size of what the target perturbs: mean L2 norm of a real example's x (T×H slice) or of
     the whole set of used embedding rows. Lets ε be stated relative to the embeddings: a random-init
-    tiny BERT has embeddings several times smaller than pretrained bert-base-chinese (see REGULARIZERS.md)."""
+    tiny BERT has embeddings several times smaller than pretrained bert-base-chinese (see docs/REGULARIZERS.md)."""
     with torch.no_grad():
         x = ctx.embed().float() * ctx.mask
         space = PerturbationSpace(ctx, target)
