@@ -15,6 +15,9 @@ Contenders:
   pad128            a plain PyTorch loop on inputs padded to max length 128 (what the CLUE baselines do), with
                     clue_adv's optimizer, so that its ratio to clue_adv measures padding alone
 
+The Trainer contenders need accelerate, which clue_adv itself does not: `pip install -e '.[bench]'` (`dev`
+includes it).
+
 The targets compare length-grouped clue_adv with Trainer's defaults (random batches) and with pad128; the
 like-with-like pairs (random vs random, grouped vs grouped) are reported beside them.
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import math
 import os
@@ -538,6 +542,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", type=Path, default=common.RESULTS)
     p.add_argument("--note", action="append", default=[], help="a line for the Notes section of the .md")
     args = p.parse_args(argv)
+    trainers = [c for c in args.contenders.split(",") if c.startswith("trainer")]
+    if trainers and importlib.util.find_spec("accelerate") is None:
+        p.exit(
+            2,
+            f"error: the {', '.join(trainers)} contender(s) run transformers.Trainer, which needs accelerate: "
+            "pip install -e '.[bench]' (or leave them out with --contenders clue_adv,clue_adv_random,pad128)\n",
+        )
     if args.shape is None:
         args.shape = "base" if common.resolve_device(args.device).type == "cuda" else "tiny"
     return args

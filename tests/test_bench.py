@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 
 import pytest
 import torch
@@ -212,3 +213,16 @@ def test_cost_estimate_counts_passes_at_batch_size(bench):
     assert bench.cost_estimate(NoRegularizer(NoneConfig())) == pytest.approx(1.0)
     assert bench.cost_estimate(Consistency(ConsistencyConfig())) == pytest.approx(2.0)
     assert bench.cost_estimate(Consistency(ConsistencyConfig(same_dropout_mask=True))) == pytest.approx(4 / 3)
+
+
+def test_throughput_says_which_extra_the_trainer_contenders_need(monkeypatch, capsys):
+    """accelerate is an extra (`bench`), needed only by transformers.Trainer: without it the benchmark says what to
+    install before it starts, instead of failing inside Trainer after minutes of the other contenders."""
+    throughput = load_script("bench_throughput")
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # as if not installed: find_spec returns None
+    with pytest.raises(SystemExit) as stopped:
+        throughput.parse_args(["--contenders", "clue_adv,trainer_grouped"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "trainer_grouped" in err and "pip install -e '.[bench]'" in err
+    assert throughput.parse_args(["--contenders", "clue_adv,pad128", "--device", "cpu"]).contenders == "clue_adv,pad128"

@@ -1,11 +1,19 @@
-"""What a user's clone holds must make sense without the development machines' `../shared` folder (data, docs)."""
+"""What a user's clone holds must make sense without the development machines' `../shared` folder (data, docs),
+and clue_adv must run without the extras it does not need (accelerate)."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
+import pytest
 from conftest import REPO
+
+from clue_adv.data import ASSETS
 
 USER_FACING = ["clue_adv", "configs", "overrides", "sweeps", "docs", "README.md", "pyproject.toml"]
 # `../shared` itself, and the development machines' files under it named without the `..`
@@ -46,3 +54,52 @@ def test_every_mention_of_regularizers_md_is_the_projects_own():
         for m in re.finditer(r"(?<!docs/)(?<!\]\()REGULARIZERS\.md", text)
     ]
     assert not bare, bare
+
+
+def test_clue_adv_trains_without_accelerate(tmp_path):
+    """accelerate is the `bench` extra: the runner must not need it. A real absence, not a mocked import: python
+    runs without site-packages (-S) on a copy of them that leaves accelerate out, so transformers' own checks see
+    it missing as they would after `pip uninstall accelerate`."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    assert (site / "accelerate").is_dir(), "this test needs accelerate installed to hide it"
+    view = tmp_path / "site-packages"
+    view.mkdir()
+    for entry in site.iterdir():
+        if not entry.name.lower().startswith("accelerate"):
+            (view / entry.name).symlink_to(entry)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(view)]), "OMP_NUM_THREADS": "1"}
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"experiment: noaccel\ntask: tnews\ndata: {{path: {ASSETS / 'tnews'}, max_train_samples: 32, "
+        f"max_eval_samples: 32}}\nmodel: {{name_or_path: {ASSETS / 'tokenizer'}, init: random, architecture: "
+        "{num_hidden_layers: 1, hidden_size: 32, num_attention_heads: 2, intermediate_size: 64}}\n"
+        "max_length: 32\nepochs: 1\nstrategy: {name: fgm, epsilon: 0.1, epsilon_unit: relative}\n"
+    )
+    script = (
+        "import importlib.util, sys\n"
+        "assert importlib.util.find_spec('accelerate') is None, 'accelerate is still importable'\n"
+        "from clue_adv.cli import app\n"
+        "sys.argv = ['clue-adv', 'train', '-c', sys.argv[1], '-o', sys.argv[2]]\n"
+        "app()\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-S", "-c", script, str(config), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert list((tmp_path / "out").rglob("summary.json"))
+
+
+def test_accelerate_is_an_extra_not_a_dependency():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+    assert "accelerate" not in names(project["dependencies"])
+    extras = project["optional-dependencies"]
+    assert "accelerate" in names(extras["bench"]) and "accelerate" in names(extras["dev"])  # tests and CI have it
