@@ -33,7 +33,7 @@ from clue_adv.rundir import (
     read_summary,
     run_lock_held,
 )
-from clue_adv.stats import PairedTest, holm, paired_by_key, summarize
+from clue_adv.stats import FEW_SEEDS, PairedTest, few_seeds_note, holm, paired_by_key, summarize
 
 FORMATS = ("rich", "md", "csv", "json", "latex")
 METRICS = {
@@ -534,6 +534,9 @@ def method_note(table: ExperimentTable, metric: str) -> str:
             f"(same seed = same initialisation and data order), 95% t-interval, paired t-test p-value "
             f"Holm-adjusted across the table's {n_tests} comparison(s); * marks adjusted p < 0.05."
         )
+        pairs = [c.delta[metric].n for c in table.cells.values() if metric in c.delta and c.delta[metric].n >= 2]
+        if pairs and min(pairs) < FEW_SEEDS:
+            text += few_seeds_note(min(pairs))
     else:
         text += " No baseline (`none`) runs in this experiment, so no differences are tested."
     return text

@@ -91,6 +91,23 @@ def paired_by_key(
     return paired_test([treatment[s] for s in shared], [baseline[s] for s in shared], confidence), shared
 
 
+# Below this many paired seeds a table is read for "does each strategy train", not for small differences.
+FEW_SEEDS = 5
+
+
+def few_seeds_note(n: int, confidence: float = 0.95) -> str:
+    """What a comparison over only `n` paired seeds can and cannot show (for a table's note): the t quantile at
+    n − 1 degrees of freedom makes the interval many standard errors wide (12.7 at n = 2)."""
+    t_n = float(stats.t.ppf(0.5 + confidence / 2, n - 1))
+    t_5 = float(stats.t.ppf(0.5 + confidence / 2, FEW_SEEDS - 1))
+    return (
+        f" With only {n} seeds behind a comparison the table shows whether each strategy trains and roughly where "
+        f"it lands, not a difference of a few points: the {confidence:.0%} interval is ±{t_n:.1f} standard errors "
+        f"of the mean difference at {n} seeds (±{t_5:.1f} at {FEW_SEEDS}), so only an effect far beyond the "
+        "seed-to-seed spread stands out; run more seeds to test a small one."
+    )
+
+
 def holm(pvalues: Sequence[float]) -> list[float]:
     """Holm step-down adjusted p-values, in the input order. NaN entries stay NaN and do not count
     towards the number of tests m.

@@ -113,6 +113,24 @@ def test_main_table_text(results):
     assert "Holm-adjusted across the table's 4 comparison(s)" in text
 
 
+@pytest.mark.parametrize("seeds", [2, 5])
+def test_the_note_says_what_few_seeds_can_show(tmp_path, seeds):
+    """The smoke sweep's 2 seeds give intervals like [-74, +64]: the note must say that they show whether strategies
+    train, not which helps. At 2 seeds the 95% t quantile (1 degree of freedom: the Cauchy distribution) is
+    tan(0.475π) = 12.71; at 5 seeds the note is not needed."""
+    import math
+
+    for seed in range(1, seeds + 1):
+        write_run(tmp_path, "few", "tnews", {"name": "none"}, seed, 30 + seed)
+        write_run(tmp_path, "few", "tnews", {"name": "fgm"}, seed, 29 + 2 * seed)
+    text = render(build_report(tmp_path, plots=False).tables, "md")
+    note = "With only 2 seeds behind a comparison the table shows whether each strategy trains"
+    if seeds == 2:
+        assert note in text and f"±{math.tan(0.475 * math.pi):.1f} standard errors" in text
+    else:
+        assert "With only" not in text
+
+
 def test_study_column_only_where_the_runs_match_its_setting(results):
     report = build_report(results, plots=False)
     tiny = next(t for t in report.tables if t.experiment == "tiny")
