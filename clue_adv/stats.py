@@ -102,9 +102,8 @@ def few_seeds_note(n: int, confidence: float = 0.95) -> str:
     t_5 = float(stats.t.ppf(0.5 + confidence / 2, FEW_SEEDS - 1))
     return (
         f" With only {n} seeds behind a comparison the table shows whether each strategy trains and roughly where "
-        f"it lands, not a difference of a few points: the {confidence:.0%} interval is ±{t_n:.1f} standard errors "
-        f"of the mean difference at {n} seeds (±{t_5:.1f} at {FEW_SEEDS}), so only an effect far beyond the "
-        "seed-to-seed spread stands out; run more seeds to test a small one."
+        f"it lands, not a difference of a few points: its {confidence:.0%} interval spans ±{t_n:.1f} standard errors "
+        f"(±{t_5:.1f} at {FEW_SEEDS} seeds)."
     )
 
 

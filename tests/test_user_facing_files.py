@@ -1,5 +1,6 @@
-"""What a user's clone holds must make sense without the development machines' `../shared` folder (data, docs),
-and clue_adv must run without the extras it does not need (accelerate)."""
+"""What a newcomer meets first: a clone that makes sense without the development machines' `../shared` folder
+(data, docs), clue_adv running without the extras it does not need (accelerate), a smoke sweep in which every
+strategy trains."""
 
 from __future__ import annotations
 
@@ -103,3 +104,17 @@ def test_accelerate_is_an_extra_not_a_dependency():
     assert "accelerate" not in names(project["dependencies"])
     extras = project["optional-dependencies"]
     assert "accelerate" in names(extras["bench"]) and "accelerate" in names(extras["dev"])  # tests and CI have it
+
+
+def test_the_smoke_sweep_sizes_every_perturbation_relative_to_the_embeddings():
+    """The quick start's table is a newcomer's first result. Its tiny random-init model has embeddings several times
+    smaller than pretrained ones, so an absolute ε stated for bert-base-chinese nearly collapsed a seed of FGM and
+    the table read as "FGM hurts": every perturbation in it is sized relative to the embeddings, beside a baseline.
+    (That each one trains at these sizes was measured: docs/REGULARIZERS.md, "Perturbation sizes".)"""
+    from clue_adv.regularizers.perturb import PerturbationConfig
+    from clue_adv.sweep import load_plan
+
+    strategies = [cell.config.strategy for cell in load_plan(REPO / "sweeps" / "smoke.yaml").cells]
+    perturbing = [s for s in strategies if isinstance(s, PerturbationConfig)]
+    assert {s.name for s in strategies} >= {"none", "fgm"} and perturbing
+    assert all(s.epsilon_unit == "relative" for s in perturbing), perturbing
