@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -273,16 +274,25 @@ def test_an_interrupted_pretrain_resumes_to_the_uninterrupted_result(tmp_path, m
     assert curve(resumed.directory) == curve(whole_run.directory)  # every line once, the same numbers
 
 
-def test_an_interrupt_during_an_update_is_delivered_after_it():
+@pytest.mark.parametrize("inherited", ["terminal", "ignored"])
+def test_an_interrupt_during_an_update_is_delivered_after_it(inherited):
+    """Delivered to the handler that was there before: Ctrl-C's KeyboardInterrupt, or nothing where SIGINT was
+    inherited ignored (a script's background job). Set here, whatever disposition pytest itself inherited."""
     from clue_adv.errors import interrupts_deferred
 
-    finished = []
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts_deferred():
-            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C in the middle of the optimizer step
-            time.sleep(0.05)
-            finished.append("update")
-    assert finished == ["update"]
+    handler = signal.default_int_handler if inherited == "terminal" else signal.SIG_IGN
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        finished = []
+        with pytest.raises(KeyboardInterrupt) if inherited == "terminal" else contextlib.nullcontext():
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C in the middle of the optimizer step
+                time.sleep(0.05)
+                finished.append("update")
+        assert finished == ["update"]
+        assert signal.getsignal(signal.SIGINT) is handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_completed_pretrain_is_not_rerun_and_another_config_is_refused(tmp_path, whole_run):
