@@ -146,6 +146,7 @@ class StepContext:
         # backward into the parameters is scaled by it, so the micro-batches add up to the window's gradient.
         self.loss_scale = loss_scale
         self._autocast = autocast
+        self._full_precision = False
         self.counter = counter if counter is not None else PassCounter()
         self.special_token_ids = special_token_ids
 
@@ -160,8 +161,31 @@ class StepContext:
         return self.batch.attention_mask.unsqueeze(-1).to(torch.float32)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """The run's precision context, for a strategy's own forward passes (e.g. an EMA teacher)."""
-        return self._autocast()
+        """The run's precision context, for a strategy's own forward passes (e.g. an EMA teacher); no autocast
+        inside `full_precision()`."""
+        return contextlib.nullcontext() if self._full_precision else self._autocast()
+
+    @property
+    def half_precision(self) -> bool:
+        """True when the run's forward passes autocast to bf16/fp16 (outside `full_precision()`)."""
+        with self._autocast():
+            return torch.is_autocast_enabled(self.batch.input_ids.device.type)
+
+    @contextlib.contextmanager
+    def full_precision(self) -> Iterator[None]:
+        """fp32 for every pass inside, whatever the run's precision: for the passes that compare the model at points
+        closer than one bf16 step of the activations (VAT's ξ-probe, SMART's 1e-5 radii). bf16 keeps 8 significant
+        bits (relative step 2⁻⁸ ≈ 4e-3), so a perturbation below that is rounded away in the first matmul and the
+        divergence the strategy differentiates is rounding noise. The model's weights are fp32 (autocast casts per
+        op), so disabling autocast gives the exact fp32 pass; on a GPU it runs at fp32 speed. Also disables an
+        autocast a caller may have entered around the whole step."""
+        previous = self._full_precision
+        self._full_precision = True
+        try:
+            with torch.autocast(self.batch.input_ids.device.type, enabled=False):
+                yield
+        finally:
+            self._full_precision = previous
 
     def embed(self) -> torch.Tensor:
         """The word-embedding output x for this batch, in the embedding's dtype (fp32 outside autocast)."""
@@ -172,7 +196,7 @@ class StepContext:
         if x is None:
             x = self.embed()
         self.counter.forward += 1
-        with self._autocast():
+        with self.autocast():
             out = self.model(
                 inputs_embeds=x,
                 attention_mask=self.batch.attention_mask,

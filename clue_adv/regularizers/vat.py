@@ -14,6 +14,14 @@ does not shrink with ξ, and the VAT term adds an R-Drop-like term that does not
 Numerics: d is normalised in fp32 after dividing by its max-abs entry, so squaring tiny fp16/bf16-born
 gradient entries cannot underflow to a zero norm (the NaN pitfall of normalising in half precision).
 
+Precision: the probes run in fp32 whatever the run's precision (`StepContext.full_precision`). ξ = 1e-3 is far
+below one bf16 step of the activations (relative 2⁻⁸ of a coordinate ≈ 0.05 in pretrained BERT), so under bf16
+autocast KL(f(x) ‖ f(x + ξd)) is rounding noise: measured at BERT-base width, the bf16 probe gradient had cosine
+−0.01 with fp32's at ξ = 1e-3, and VAT's share of the parameter gradient cosine ≈ 0.4. The probes' reference f(x)
+must come from an fp32 pass too (a bf16 f(x) is not the fp32 f(x + 0), and the gradient of that mismatch would
+swamp ξ·H·d), so under bf16 a step runs one more forward (no grad). The clean and adversarial passes keep the
+run's precision: r = ε·d̂ is a real perturbation, like FGM's. Cost on a GPU under bf16: the probes run at fp32 speed.
+
 Gradient accumulation: split-invariant with `embedding_output`, NOT with `embedding_matrix`, whose single norm
 is taken over the rows each micro-batch uses (`accumulation` below; StepContext has the rule).
 """
@@ -99,7 +107,7 @@ class VATConfig(PerturbationConfig):
         description="Finite-difference radius ξ of the power iteration (same unit as ε). The paper's 1e-6 is below "
         "fp32 resolution here: ∇KL(ξd) ≈ ξ·H·d is computed from softmax differences q − p ≈ ξ, and fp32 "
         "softmax outputs carry ~1e-7 rounding, so ξ = 1e-6 leaves mostly noise; 1e-3 is 10⁴× above it and "
-        "still ≪ ε (quadratic regime). Under bf16 autocast use ≳ 1e-2·‖x‖ (epsilon_unit relative).",
+        "still ≪ ε (quadratic regime). The probes run in fp32 under bf16 autocast too (bf16 would round ξ away).",
     )
     iterations: int = Field(1, ge=1, description="Power iterations (the paper: 1 suffices); each costs 1 fwd + 1 bwd.")
     alpha: float = Field(1.0, ge=0, description="Weight α of the VAT term: loss = CE + α·KL(f(x) ‖ f(x + r)).")
@@ -129,7 +137,11 @@ class VAT(Strategy):
 
     def cost(self) -> StepCost:
         n = self.config.iterations
-        return StepCost(forward=2 + n, backward=1 + n)
+        return StepCost(
+            forward=2 + n,
+            backward=1 + n,
+            note="under bf16 autocast the probes run in fp32, plus 1 fp32 forward (no grad) as their reference",
+        )
 
     def training_step(self, ctx: StepContext) -> StepResult:
         cfg = self.config
@@ -147,18 +159,27 @@ class VAT(Strategy):
 
         def kl_at(v: torch.Tensor) -> torch.Tensor:
             with same_dropout(ctx, cfg.same_dropout_mask):
-                return kl_divergence(target, ctx.forward(x_fixed + space.to_x(v).to(x.dtype)))
+                return kl_divergence(probe_target, ctx.forward(x_fixed + space.to_x(v).to(x.dtype)))
 
+        # The probes run in fp32 (module docstring): ξ is far below one bf16 step of the activations. Their
+        # reference f(x) must have the same precision, else KL(f(x) ‖ f(x + ξd)) is not 0 at d = 0 and its
+        # gradient is the bf16-vs-fp32 difference: under autocast, one more (no-grad) forward.
+        half = ctx.half_precision
         self.iterates = []
-        d = power_iteration(
-            kl_at,
-            start,
-            xi=xi,
-            iterations=cfg.iterations,
-            normalize=lambda v: unit_direction(space, v),
-            grad=ctx.grad,
-            trace=self.iterates if self.keep_iterates else None,
-        )
+        with ctx.full_precision():
+            probe_target = target
+            if half:
+                with torch.no_grad(), same_dropout(ctx, cfg.same_dropout_mask):
+                    probe_target = ctx.forward(x_fixed)
+            d = power_iteration(
+                kl_at,
+                start,
+                xi=xi,
+                iterations=cfg.iterations,
+                normalize=lambda v: unit_direction(space, v),
+                grad=ctx.grad,
+                trace=self.iterates if self.keep_iterates else None,
+            )
         r = epsilon * d
         vat_kl = kl_divergence(target, ctx.forward(x + space.to_x(r).to(x.dtype)))
         ctx.backward(clean_loss + cfg.alpha * vat_kl)
