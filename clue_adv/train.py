@@ -105,7 +105,7 @@ class StepOutput:
     clean loss over its examples, the gradient norm before clipping, and the window's example count."""
 
     losses: list[float]
-    metrics: dict[str, list[float]]
+    metrics: dict[str, list[torch.Tensor | float]]  # as StepResult's: device tensors, read when logged
     loss: float
     grad_norm: float
     examples: int
@@ -141,7 +141,7 @@ class LoopState:
     examples: int = 0  # training examples seen
     history: list[dict[str, Any]] = field(default_factory=list)  # the eval records, in order
     best: dict[str, Any] | None = None  # the eval record with the best dev accuracy so far
-    log_window: dict[str, list[float]] = field(default_factory=dict)  # per micro-batch values since the last log
+    log_window: dict[str, list[torch.Tensor | float]] = field(default_factory=dict)  # per micro-batch, since last log
     last_step: dict[str, float] = field(default_factory=dict)  # the latest step's lr, grad_norm and time
     epoch_loss_sum: float = 0.0  # this epoch's clean loss summed over its examples: the final training loss
     epoch_examples: int = 0
@@ -335,7 +335,7 @@ def train_step(learner: Learner, window: list[Batch], on_gradients: Callable[[],
     examples = sum(batch.size for batch in window)
     losses: list[float] = []
     loss_sum = 0.0
-    metrics: dict[str, list[float]] = {}
+    metrics: dict[str, list[torch.Tensor | float]] = {}
     for batch in window:
         ctx = StepContext(
             learner.model,
@@ -389,7 +389,8 @@ def _log(state: LoopState, epoch: int, metrics: JsonlWriter, progress: RunProgre
         "epoch": epoch,
         "step": state.step,
         **state.last_step,
-        **{k: sum(v) / len(v) for k, v in state.log_window.items() if v},
+        # strategies' metrics are device tensors (StepResult): read here, once per line, not per micro-batch
+        **{k: float(sum(v) / len(v)) for k, v in state.log_window.items() if v},
     }
     metrics.write(record)
     progress.log(record)
@@ -419,6 +420,8 @@ def _evaluate(run: Run, state: LoopState, epoch: int, metrics: JsonlWriter, prog
 
 
 def _save_checkpoint(run: Run, state: LoopState, metrics: JsonlWriter) -> None:
+    # the window's device-tensor metrics as numbers: the loop state is written as JSON
+    state.log_window = {k: [float(x) for x in v] for k, v in state.log_window.items()}
     loop = {"state": asdict(state), "passes": asdict(run.learner.counter), "metrics_bytes": metrics.size()}
     checkpoint.save(run.directory, state.epoch, _resumable(run), loop | _data_shape(run))
 

@@ -115,7 +115,9 @@ def test_finite_difference_mode_agrees_with_exact(batch, target, fd_step, h, tol
     fd, fd_result, _ = step(GradientPenalty(fd_config), model, batch)
     relative_error = float((fd - exact).norm() / (exact - base).norm())
     assert relative_error < tolerance
-    assert fd_result.metrics["gradient_penalty"] == pytest.approx(exact_result.metrics["gradient_penalty"], rel=1e-6)
+    assert float(fd_result.metrics["gradient_penalty"]) == pytest.approx(
+        float(exact_result.metrics["gradient_penalty"]), rel=1e-6
+    )
 
 
 def test_unit_finite_difference_keeps_earlier_micro_batches_gradients(batch):
@@ -188,7 +190,9 @@ def test_matrix_penalty_is_the_squared_dense_embedding_gradient(batch):
     assert result.metrics["gradient_penalty"] == pytest.approx(0.5 * epsilon * float(dense.pow(2).sum()), rel=1e-6)
     # Repeated tokens share a row: the matrix penalty is not the per-token (embedding_output) one.
     _, per_token, _ = step(GradientPenalty(GradientPenaltyConfig(epsilon=epsilon)), model, batch)
-    assert per_token.metrics["gradient_penalty"] != pytest.approx(result.metrics["gradient_penalty"], rel=1e-3)
+    assert float(per_token.metrics["gradient_penalty"]) != pytest.approx(
+        float(result.metrics["gradient_penalty"]), rel=1e-3
+    )
 
 
 def test_pitfall_squaring_plain_grad_is_a_constant(batch):

@@ -71,10 +71,14 @@ class PassCounter:
 
 @dataclass
 class StepResult:
-    """What a strategy returns: the clean task loss (for logging) and any extra scalars worth logging."""
+    """What a strategy returns: the clean task loss (for logging) and any extra scalars worth logging.
+
+    Metrics are detached 0-dim tensors on the batch's device, or a float where no tensor is involved (nan: "not
+    applicable"). The loop reads them once per logging window (`float(...)` when it writes the record): a float()
+    here would stop the host until the GPU has finished the step, every micro-batch."""
 
     loss: torch.Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,16 +87,30 @@ class Batch:
     attention_mask: torch.Tensor
     labels: torch.Tensor
     token_type_ids: torch.Tensor | None = None
+    #: the CPU tensors `input_ids` and `attention_mask` were copied from (`from_mapping`): index work on the
+    #: tokens (the embedding-matrix target's rows) is done on them, with no device-to-host copy; None: not kept
+    host_input_ids: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    host_attention_mask: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_mapping(cls, data: dict[str, torch.Tensor], device: torch.device) -> Batch:
         tt = data.get("token_type_ids")
+        ids, mask = data["input_ids"], data["attention_mask"]
         return cls(
-            input_ids=data["input_ids"].to(device, non_blocking=True),
-            attention_mask=data["attention_mask"].to(device, non_blocking=True),
+            input_ids=ids.to(device, non_blocking=True),
+            attention_mask=mask.to(device, non_blocking=True),
             labels=data["labels"].to(device, non_blocking=True),
             token_type_ids=None if tt is None else tt.to(device, non_blocking=True),
+            host_input_ids=ids if ids.device.type == "cpu" else None,
+            host_attention_mask=mask if mask.device.type == "cpu" else None,
         )
+
+    def host_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`input_ids` and `attention_mask` on the CPU: the copies `from_mapping` kept, else the tensors themselves
+        copied to the host (free for a CPU batch, a synchronising copy for a GPU one)."""
+        if self.host_input_ids is not None and self.host_attention_mask is not None:
+            return self.host_input_ids, self.host_attention_mask
+        return self.input_ids.cpu(), self.attention_mask.cpu()
 
     @property
     def size(self) -> int:
@@ -168,8 +186,9 @@ class StepContext:
     @property
     def half_precision(self) -> bool:
         """True when the run's forward passes autocast to bf16/fp16 (outside `full_precision()`)."""
+        device = self.batch.input_ids.device.type
         with self._autocast():
-            return torch.is_autocast_enabled(self.batch.input_ids.device.type)
+            return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
 
     @contextlib.contextmanager
     def full_precision(self) -> Iterator[None]:
@@ -181,8 +200,11 @@ class StepContext:
         autocast a caller may have entered around the whole step."""
         previous = self._full_precision
         self._full_precision = True
+        device = self.batch.input_ids.device.type
+        # (a device without autocast, e.g. `meta` in tests, has nothing to disable)
+        off = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else None
         try:
-            with torch.autocast(self.batch.input_ids.device.type, enabled=False):
+            with off or contextlib.nullcontext():
                 yield
         finally:
             self._full_precision = previous

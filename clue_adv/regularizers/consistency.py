@@ -118,6 +118,8 @@ def doubled_context(ctx: StepContext) -> StepContext:
         attention_mask=twice(b.attention_mask),
         labels=twice(b.labels),
         token_type_ids=twice(b.token_type_ids),
+        host_input_ids=twice(b.host_input_ids),
+        host_attention_mask=twice(b.host_attention_mask),
     )
     return StepContext(
         ctx.model,
@@ -182,6 +184,4 @@ class Consistency(Strategy):
         reference = clean_logits.detach() if self.config.stop_gradient_clean else clean_logits
         d = divergence(self.config.divergence, noisy_logits, reference).mean()
         ctx.backward(task_loss + self.config.weight * d)
-        return StepResult(
-            clean_loss.detach(), {"divergence": float(d.detach()), "noisy_loss": float(noisy_loss.detach())}
-        )
+        return StepResult(clean_loss.detach(), {"divergence": d.detach(), "noisy_loss": noisy_loss.detach()})

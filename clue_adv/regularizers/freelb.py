@@ -29,7 +29,13 @@ from pydantic import Field
 
 from clue_adv.regularizers import register
 from clue_adv.regularizers.base import StepContext, StepCost, StepResult, Strategy
-from clue_adv.regularizers.perturb import PerturbationConfig, PerturbationSpace, accumulation_note, same_dropout
+from clue_adv.regularizers.perturb import (
+    PerturbationConfig,
+    PerturbationSpace,
+    Size,
+    accumulation_note,
+    same_dropout,
+)
 
 
 class FreeLBConfig(PerturbationConfig):
@@ -74,9 +80,9 @@ class FreeLB(Strategy):
         note = "same dropout mask in all steps" if self.config.same_dropout_mask else ""
         return StepCost(forward=k, backward=k, note=note)
 
-    def initial_delta(self, space: PerturbationSpace, magnitude: float) -> torch.Tensor:
+    def initial_delta(self, space: PerturbationSpace, magnitude: Size) -> torch.Tensor:
         """δ₀ in target space (fp32), zero on padding."""
-        if magnitude == 0:
+        if self.config.init_magnitude == 0:  # the config's value: a relative magnitude is a device tensor
             return space.zeros()
         delta = torch.rand(space.target_shape, device=space.mask.device) * 2 - 1
         if space.target == "embedding_output":
@@ -90,7 +96,7 @@ class FreeLB(Strategy):
         adv_lr, max_norm = cfg.adv_lr * unit, cfg.max_norm * unit
 
         delta = self.initial_delta(space, cfg.init_magnitude * unit)
-        if max_norm > 0:
+        if cfg.max_norm > 0:
             delta = space.project(delta, max_norm, "l2")
         losses: list[torch.Tensor] = []
         self.iterates = []
@@ -108,17 +114,17 @@ class FreeLB(Strategy):
                 break
             # δ.grad carries the 1/K and loss scale; the L2 direction does not care.
             delta = delta.detach() + adv_lr * space.direction(delta.grad, "l2")
-            if max_norm > 0:
+            if cfg.max_norm > 0:
                 delta = space.project(delta, max_norm, "l2")
 
-        self.step_losses = [float(v) for v in losses] if self.keep_iterates else []
+        self.step_losses = [float(v) for v in losses] if self.keep_iterates else []  # for tests: syncs
         delta = delta.detach()
         return StepResult(
             torch.stack(losses).mean(),
             {
-                "adv_loss": float(losses[-1]),
-                "first_step_loss": float(losses[0]),
-                "perturbation_norm": float(space.norms(delta).mean()),
+                "adv_loss": losses[-1],
+                "first_step_loss": losses[0],
+                "perturbation_norm": space.norms(delta).mean(),
                 "special_token_share": space.special_token_share(delta),
             },
         )

@@ -188,14 +188,16 @@ class GradientPenalty(Strategy):
         shifted_loss = ctx.loss(ctx.forward(ctx.embed() + step))
         ctx.backward(shifted_loss / h)
         metrics = _metrics(space, g, self.penalty(ctx, space, g))
-        metrics["shifted_loss"] = float(shifted_loss.detach())
+        metrics["shifted_loss"] = shifted_loss.detach()
         return StepResult(loss.detach(), metrics)
 
     def _unit_step(self, ctx: StepContext, space: PerturbationSpace) -> StepResult:
         """The second pass at x + h·ĝ; see the module docstring for the in-place reweighting of pass 1."""
         h, epsilon = self.config.h, self.config.epsilon
         params = [p for p in ctx.model.parameters() if p.requires_grad]
-        before = [None if p.grad is None else p.grad.detach().clone() for p in params]
+        # .grad before pass 1 (earlier micro-batches), copied in one fused call; none without accumulation
+        earlier = [p for p in params if p.grad is not None]
+        before = torch._foreach_mul([p.grad for p in earlier], 1.0) if earlier else []
         x = ctx.embed()
         with same_dropout(ctx):  # the second pass draws the same masks
             loss = ctx.loss(ctx.forward(x))
@@ -204,26 +206,28 @@ class GradientPenalty(Strategy):
         g = space.from_x_grad(x.grad.detach() / ctx.loss_scale)  # x.grad holds loss_scale·g
         norm = space.squared_norm_sum(g).sqrt()
         # c = ε·loss_scale·‖g‖/h: the penalty weighs ε·loss_scale in this micro-batch's objective (module docstring).
-        c = float(epsilon * space.squared_norm_sum(ctx.window_grad(g)).sqrt() / h)
+        # A 0-dim tensor: read on the host it would wait for the GPU to finish pass 1.
+        c = epsilon * space.squared_norm_sum(ctx.window_grad(g)).sqrt() / h
         with torch.no_grad():
-            for p, old in zip(params, before, strict=True):
-                if p.grad is not None:
-                    p.grad.mul_(1.0 - c)  # this pass's ∇θL(x) now weighs 1 − c ...
-                    if old is not None:
-                        p.grad.add_(old, alpha=c)  # ... and earlier micro-batches' gradients keep weight 1
-        # A zero gradient has no direction: then c = 0 and the second pass adds nothing (it still runs, so the
-        # step's passes are what cost() says).
-        direction = g / norm if c > 0.0 else g
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, 1.0 - c)  # this pass's ∇θL(x) now weighs 1 − c ...
+            if earlier:  # ... and earlier micro-batches' gradients keep weight 1
+                torch._foreach_mul_(before, c)
+                torch._foreach_add_([p.grad for p in earlier], before)
+        # A zero gradient has no direction: then ĝ = 0/tiny = 0, c = 0 and the second pass adds nothing (it still
+        # runs, so the step's passes are what cost() says).
+        direction = g / norm.clamp_min(torch.finfo(norm.dtype).tiny)
         shifted_loss = ctx.loss(ctx.forward(ctx.embed() + space.to_x(h * direction).to(x.dtype)))
         ctx.backward(c * shifted_loss)
         metrics = _metrics(space, g, self.penalty(ctx, space, g))
-        metrics["shifted_loss"] = float(shifted_loss.detach())
+        metrics["shifted_loss"] = shifted_loss.detach()
         return StepResult(loss.detach(), metrics)
 
 
-def _metrics(space: PerturbationSpace, g: torch.Tensor, penalty: torch.Tensor) -> dict[str, float]:
+def _metrics(space: PerturbationSpace, g: torch.Tensor, penalty: torch.Tensor) -> dict[str, torch.Tensor | float]:
     return {
-        "gradient_penalty": float(penalty),
-        "input_grad_norm": float(space.squared_norm_sum(g).sqrt()),
+        "gradient_penalty": penalty.detach(),
+        "input_grad_norm": space.squared_norm_sum(g.detach()).sqrt(),
         "special_token_share": space.special_token_share(g),
     }

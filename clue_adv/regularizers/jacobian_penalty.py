@@ -94,4 +94,4 @@ class JacobianPenalty(Strategy):
         loss = ctx.loss(logits)
         estimate = jacobian_estimate(ctx, space, x, torch.softmax(logits, dim=-1), self.config.samples)
         ctx.backward(loss + self.config.weight * estimate)
-        return StepResult(loss.detach(), {"jacobian_norm_sq": float(estimate.detach())})
+        return StepResult(loss.detach(), {"jacobian_norm_sq": estimate.detach()})

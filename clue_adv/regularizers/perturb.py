@@ -8,7 +8,12 @@ Two targets, both discussed by the study:
   the whole gradient ∇_E L, as the study's Keras code does. ∇_E L is zero outside the rows of tokens in
   the batch, so we keep only those rows (unique ids), which is the same vector minus its zeros. Feeding
   E + r to the model equals adding r[id] to x at every position holding that id, so we never write into
-  E: the matrix is untouched, bit for bit, and no stale gradient can be left on it.
+  E: the matrix is untouched, bit for bit, and no stale gradient can be left on it. Which rows, and where their
+  tokens sit, is worked out on the batch's CPU copy (`Batch.host_tokens`): on a GPU, `unique`, `nonzero` and boolean
+  indexing of device tensors each wait for the device (their result's size is data-dependent).
+
+Nothing here reads a device value on the host: sizes come from the CPU copy and metrics stay 0-dim tensors, so a
+step runs without synchronising with the GPU.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from pydantic import Field
 from clue_adv.regularizers.base import StepContext, StepResult, StrategyConfig, Target, at_least_fp32
 
 Norm = Literal["l2", "sign", "linf"]
+#: a radius or step size: a float as configured, or a 0-dim tensor on the batch's device when measured on the batch
+#: (`epsilon_unit: relative`), so that it never has to be read on the host
+Size = float | torch.Tensor
 
 # Guards divisions by a norm; the gradient can legitimately be ~0 (a saturated, confident example).
 _TINY = 1e-12
@@ -36,12 +44,19 @@ class PerturbationSpace:
         ids = ctx.batch.input_ids
         self.shape = (*ids.shape, ctx.embedding.embedding_dim)
         if target == "embedding_matrix":
-            flat = ids.reshape(-1)
-            real = ctx.batch.attention_mask.reshape(-1).bool()
-            self.row_ids, inverse = torch.unique(flat[real], return_inverse=True)
-            self._positions = real.nonzero(as_tuple=True)[0]  # flat positions of real tokens
-            self._inverse = inverse  # row index of each real token
-            self.special_rows = torch.isin(self.row_ids, torch.tensor(ctx.special_token_ids, device=ids.device))
+            host_ids, host_mask = ctx.batch.host_tokens()
+            flat = host_ids.reshape(-1)
+            real = host_mask.reshape(-1).bool()
+            row_ids, inverse = torch.unique(flat[real], return_inverse=True)
+            special = torch.isin(row_ids, torch.tensor(ctx.special_token_ids, dtype=row_ids.dtype))
+            self.num_rows = len(row_ids)
+            self.has_special_rows = bool(special.any())
+            # To the device without waiting (the CPU tensors are fresh, so an asynchronous copy is safe).
+            device = ids.device
+            self.row_ids = row_ids.to(device, non_blocking=True)
+            self._positions = real.nonzero(as_tuple=True)[0].to(device, non_blocking=True)  # flat, of real tokens
+            self._inverse = inverse.to(device, non_blocking=True)  # row index of each real token
+            self.special_rows = special.to(device, non_blocking=True)
         elif target != "embedding_output":
             raise ValueError(f"unknown perturbation target {target!r}")
 
@@ -52,7 +67,7 @@ class PerturbationSpace:
         if self.target == "embedding_output":
             return g_x
         flat = g_x.reshape(-1, self.shape[-1])[self._positions]
-        rows = torch.zeros(len(self.row_ids), self.shape[-1], dtype=flat.dtype, device=flat.device)
+        rows = torch.zeros(self.num_rows, self.shape[-1], dtype=flat.dtype, device=flat.device)
         return rows.index_add(0, self._inverse, flat)
 
     def to_x(self, r: torch.Tensor) -> torch.Tensor:
@@ -89,14 +104,14 @@ class PerturbationSpace:
             return g / self._broadcast(self.norms(g).clamp_min(_TINY))
         return torch.sign(g)
 
-    def project(self, r: torch.Tensor, epsilon: float, norm: Norm) -> torch.Tensor:
+    def project(self, r: torch.Tensor, epsilon: Size, norm: Norm) -> torch.Tensor:
         """Π onto the ε-ball: rescale if ‖r‖₂ > ε (L2), clamp elementwise (sign/L∞)."""
         if norm == "l2":
             n = self._broadcast(self.norms(r))
             return r * torch.clamp(epsilon / n.clamp_min(_TINY), max=1.0)
         return r.clamp(-epsilon, epsilon)
 
-    def random(self, epsilon: float, norm: Norm, generator: torch.Generator | None = None) -> torch.Tensor:
+    def random(self, epsilon: Size, norm: Norm, generator: torch.Generator | None = None) -> torch.Tensor:
         """A random start uniform in the ε-ball, zero on padding. L∞: every coordinate uniform in [-ε, ε]. L2: a
         Gaussian direction at radius ε·u^(1/n), u uniform and n the ball's dimension (the coordinates it spans):
         uniform in volume. In these dimensions (n ≈ T·H) that radius is within a hair of ε, as it should be."""
@@ -109,16 +124,17 @@ class PerturbationSpace:
             r = r * self.mask
             dims = (self.mask.flatten(1).sum(1) * self.shape[-1]).float().clamp_min(1)  # tokens × H, per example
         else:
-            dims = torch.tensor(float(r.numel()), device=device)
+            dims = torch.full((), float(r.numel()), device=device)
         radius = epsilon * torch.rand(dims.shape, generator=generator, device=device).pow(1.0 / dims)
         return r * self._broadcast(radius / self.norms(r).clamp_min(_TINY))
 
-    def special_token_share(self, r: torch.Tensor) -> float:
-        """Share of ‖r‖² on special-token rows ([CLS], [SEP], ...): large values flag a degenerate ε."""
-        if self.target != "embedding_matrix" or not bool(self.special_rows.any()):
+    def special_token_share(self, r: torch.Tensor) -> torch.Tensor | float:
+        """Share of ‖r‖² on special-token rows ([CLS], [SEP], ...): large values flag a degenerate ε. A 0-dim tensor
+        (no host sync); nan when not applicable (embedding_output, or no special token in the batch)."""
+        if self.target != "embedding_matrix" or not self.has_special_rows:
             return float("nan")
-        total = r.pow(2).sum().clamp_min(_TINY)
-        return float(r[self.special_rows].pow(2).sum() / total)
+        per_row = r.detach().pow(2).sum(dim=-1)
+        return (per_row * self.special_rows.to(per_row.dtype)).sum() / per_row.sum().clamp_min(_TINY)
 
     # -- helpers used by the multi-step methods (PGD, FreeLB, VAT, SMART) ------------------------------
     @property
@@ -126,13 +142,13 @@ class PerturbationSpace:
         """Shape of r: B×T×H for embedding_output, (used rows)×H for embedding_matrix."""
         if self.target == "embedding_output":
             return self.shape
-        return (len(self.row_ids), self.shape[-1])
+        return (self.num_rows, self.shape[-1])
 
     def zeros(self) -> torch.Tensor:
         """r = 0 in target space (fp32)."""
         return torch.zeros(self.target_shape, device=self.mask.device)
 
-    def gaussian(self, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    def gaussian(self, std: Size, generator: torch.Generator | None = None) -> torch.Tensor:
         """std·N(0, I) in target space (fp32), zero on padding."""
         r = torch.randn(self.target_shape, generator=generator, device=self.mask.device) * std
         return r * self.mask if self.target == "embedding_output" else r
@@ -151,19 +167,19 @@ class PerturbationSpace:
         """Number of coordinates a perturbation may touch: per example (real tokens × H), or used rows × H."""
         if self.target == "embedding_output":
             return self.mask.flatten(1).sum(dim=1) * self.shape[-1]
-        return torch.tensor(float(len(self.row_ids) * self.shape[-1]), device=self.mask.device)
+        return torch.full((), float(self.num_rows * self.shape[-1]), device=self.mask.device)
 
 
-def embedding_scale(ctx: StepContext, target: Target) -> float:
+def embedding_scale(ctx: StepContext, target: Target) -> torch.Tensor:
     """Typical size of what the target perturbs: mean L2 norm of a real example's x (T×H slice) or of
-    the whole set of used embedding rows. Lets ε be stated relative to the embeddings: a random-init
-    tiny BERT has embeddings several times smaller than pretrained bert-base-chinese (see docs/REGULARIZERS.md)."""
+    the whole set of used embedding rows (0-dim, on the batch's device). Lets ε be stated relative to the
+    embeddings: a random-init tiny BERT has embeddings several times smaller than pretrained bert-base-chinese
+    (see docs/REGULARIZERS.md)."""
     with torch.no_grad():
-        x = ctx.embed().float() * ctx.mask
         space = PerturbationSpace(ctx, target)
         if target == "embedding_output":
-            return float(space.norms(x).mean())
-        return float(ctx.embedding.weight[space.row_ids].float().norm())
+            return space.norms(ctx.embed().float() * ctx.mask).mean()
+        return ctx.embedding.weight[space.row_ids].float().norm()
 
 
 def same_dropout(ctx: StepContext, enabled: bool = True) -> contextlib.AbstractContextManager[Any]:
@@ -179,17 +195,18 @@ def same_dropout(ctx: StepContext, enabled: bool = True) -> contextlib.AbstractC
     return torch.random.fork_rng(devices=devices)
 
 
-def coordinate_scale(ctx: StepContext, target: Target) -> float:
+def coordinate_scale(ctx: StepContext, target: Target) -> torch.Tensor:
     """Typical size of ONE coordinate of what the target perturbs: the mean over examples of ‖x_i‖/√n_i
     (n_i = real tokens × H), or ‖E_used‖/√(rows × H). The unit of a relative sign/L∞ radius: ε·sign(g) with
-    ε = ε_rel·coordinate_scale has L2 size ε_rel·‖x‖, like an L2 perturbation with the same ε_rel."""
+    ε = ε_rel·coordinate_scale has L2 size ε_rel·‖x‖, like an L2 perturbation with the same ε_rel (0-dim, on the
+    batch's device)."""
     with torch.no_grad():
         space = PerturbationSpace(ctx, target)
         if target == "embedding_output":
             x = ctx.embed().float() * ctx.mask
-            return float((space.norms(x) / space.real_sizes().sqrt()).mean())
+            return (space.norms(x) / space.real_sizes().sqrt()).mean()
         rows = ctx.embedding.weight[space.row_ids].float()
-        return float(rows.norm() / space.real_sizes().sqrt())
+        return rows.norm() / space.real_sizes().sqrt()
 
 
 class PerturbationConfig(StrategyConfig):
@@ -208,13 +225,13 @@ class PerturbationConfig(StrategyConfig):
         "radius is then a fraction of the typical coordinate (‖x‖/√n), so ε·sign(g) has L2 size ε·‖x‖ too.",
     )
 
-    def resolve(self, ctx: StepContext, value: float) -> float:
-        """A radius or step size in embedding units for this batch."""
+    def resolve(self, ctx: StepContext, value: float) -> Size:
+        """A radius or step size in embedding units for this batch (a tensor when relative: see `Size`)."""
         if self.epsilon_unit == "absolute":
             return value
         return value * embedding_scale(ctx, self.target)
 
-    def resolve_norm(self, ctx: StepContext, value: float, norm: Norm) -> float:
+    def resolve_norm(self, ctx: StepContext, value: float, norm: Norm) -> Size:
         """Like `resolve`, for a radius measured in `norm`: a relative sign/L∞ radius is a fraction of the
         typical coordinate (`coordinate_scale`), not of the whole L2 norm, which would make ε·sign(g) √n times
         larger than the L2 perturbation with the same ε."""
@@ -245,8 +262,8 @@ def train_on_perturbed(
     return StepResult(
         clean_loss.detach(),
         {
-            "adv_loss": float(adv_loss.detach()),
-            "perturbation_norm": float(space.norms(r).mean()),
+            "adv_loss": adv_loss.detach(),
+            "perturbation_norm": space.norms(r.detach()).mean(),
             "special_token_share": space.special_token_share(r),
         },
     )

@@ -183,14 +183,14 @@ class SMART(Strategy):
         smoothness = symmetric_kl(adv_logits, logits)
         total = clean_loss + cfg.alpha * smoothness
         metrics = {
-            "adv_kl": float(smoothness.detach()),
-            "perturbation_norm": float(space.norms(r).mean()),
-            "perturbation_linf": float(space.linf_norms(r).max()),
+            "adv_kl": smoothness.detach(),
+            "perturbation_norm": space.norms(r).mean(),
+            "perturbation_linf": space.linf_norms(r).max(),
             "special_token_share": space.special_token_share(r),
         }
         if cfg.mu > 0:
             proximal = symmetric_kl(logits, self._teacher_logits(ctx))
             total = total + cfg.mu * proximal
-            metrics["bregman_kl"] = float(proximal.detach())
+            metrics["bregman_kl"] = proximal.detach()
         ctx.backward(total)
         return StepResult(clean_loss.detach(), metrics)

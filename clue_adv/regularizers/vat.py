@@ -186,8 +186,8 @@ class VAT(Strategy):
         return StepResult(
             clean_loss.detach(),
             {
-                "kl": float(vat_kl.detach()),
-                "perturbation_norm": float(space.norms(r).mean()),
+                "kl": vat_kl.detach(),
+                "perturbation_norm": space.norms(r).mean(),
                 "special_token_share": space.special_token_share(r),
             },
         )
