@@ -156,9 +156,15 @@ def test_smart_teacher_is_an_ema_of_the_model(batch):
     torch.optim.SGD(model.parameters(), lr=0.5).step()
     new = [p.detach().clone() for p in model.parameters()]
     assert any(not torch.equal(a, b) for a, b in zip(old, new, strict=True))
+    buffers = dict(model.named_buffers())
+    assert buffers, "BERT has buffers (position ids); the teacher copies them, it does not average them"
+    for b in buffers.values():
+        b.add_(1)
     smart.after_optimizer_step(model)
     for before, student, now in zip(old, new, teacher.parameters(), strict=True):
         torch.testing.assert_close(now, 0.9 * before + 0.1 * student)
+    for name, b in teacher.named_buffers():
+        assert torch.equal(b, buffers[name]), name
 
 
 @pytest.mark.parametrize("target", TARGETS)

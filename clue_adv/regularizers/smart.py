@@ -133,10 +133,14 @@ class SMART(Strategy):
     def after_optimizer_step(self, model: torch.nn.Module) -> None:
         if self.teacher is None:
             return
-        for t, s in zip(self.teacher.parameters(), model.parameters(), strict=True):
-            t.lerp_(s.detach(), 1.0 - self.config.momentum)
-        for t, s in zip(self.teacher.buffers(), model.buffers(), strict=True):
-            t.copy_(s)
+        # One fused call per list instead of a Python loop over ~200 tensors (each a kernel launch on a GPU).
+        teacher, student = list(self.teacher.parameters()), [p.detach() for p in model.parameters()]
+        buffers, sources = list(self.teacher.buffers()), list(model.buffers())
+        if len(teacher) != len(student) or len(buffers) != len(sources):
+            raise RuntimeError("the EMA teacher no longer matches the model's parameters and buffers")
+        torch._foreach_lerp_(teacher, student, 1.0 - self.config.momentum)
+        if buffers:
+            torch._foreach_copy_(buffers, sources)
 
     def _teacher_logits(self, ctx: StepContext) -> torch.Tensor:
         if self.teacher is None:  # the loop calls setup(); a bare StepContext (tests, scripts) may not
