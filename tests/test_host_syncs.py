@@ -88,3 +88,37 @@ def test_the_stand_in_does_raise_on_a_host_read(tokenizer):
         float(t)
     with pytest.raises((RuntimeError, NotImplementedError)):
         torch.unique(torch.ones(3, device="meta", dtype=torch.long))
+
+
+def test_the_loop_reads_tensor_metrics_when_it_logs_and_checkpoints(tmp_path, monkeypatch):
+    """The strategies' metrics stay device tensors through the loop's window: they are numbers in metrics.jsonl, and
+    in a checkpoint written mid-window (its loop state is JSON: a tensor there fails the run)."""
+    import json
+
+    from conftest import smoke_config
+
+    from clue_adv import checkpoint
+    from clue_adv.train import train
+
+    windows = []
+    save = checkpoint.save
+
+    def spy(directory, epoch, parts, loop):
+        windows.append(loop["state"]["log_window"])
+        return save(directory, epoch, parts, loop)
+
+    cfg = smoke_config(
+        strategy={"name": "vat"},
+        data__max_train_samples=64,
+        data__max_eval_samples=32,
+        epochs=2,
+        log_every_n_steps=3,  # 2 steps an epoch: the epoch-1 checkpoint holds an unlogged window
+        checkpoint__every_epoch=True,
+    )
+    monkeypatch.setattr(checkpoint, "save", spy)
+    outcome = train(cfg, tmp_path, show_progress=False)
+    assert outcome.summary["status"] == "completed"
+    assert windows and windows[0]["kl"] and all(isinstance(v, float) for v in windows[0]["kl"])
+    lines = [json.loads(line) for line in (outcome.directory / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [line for line in lines if line["type"] == "train"]
+    assert train_lines and all(isinstance(line["kl"], float) for line in train_lines)
