@@ -1,4 +1,5 @@
-"""The filesystem checks a run needs before its setup starts: the files and directories its config names.
+"""The filesystem checks a run needs before its setup starts: the files and directories its config names, and the
+packages of the experiment trackers it asks for.
 
 `clue-adv validate` reports these with the rest; training and sweeps make them before minutes of tokenizing.
 """
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from clue_adv.config import TASKS, DataConfig, RunConfig, expand_path, path_problem
 from clue_adv.errors import ClueAdvError
 from clue_adv.model import check_safetensors, looks_local, model_max_positions
+from clue_adv.trackers import missing_packages
 
 if TYPE_CHECKING:
     from clue_adv.pretrain.config import PretrainConfig
@@ -33,6 +35,7 @@ class Sources:
     max_length: int | None
     pretrained: bool = True  # model.init: pretrained (its weights must be there), or random (config only)
     holdout_size: int = 0
+    trackers: tuple[str, ...] = ()  # logging.trackers: each needs its package installed
 
     @classmethod
     def of(cls, cfg: RunConfig) -> Sources:
@@ -49,6 +52,7 @@ class Sources:
             cfg.max_length,
             cfg.model.init == "pretrained",
             d.holdout_size,
+            tuple(cfg.logging.trackers),
         )
 
     @classmethod
@@ -65,6 +69,7 @@ class Sources:
             return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
         d, m = block("data"), block("model")
+        trackers = block("logging").get("trackers")
         defaults = DataConfig.model_fields
         task = data.get("task")
         return cls(
@@ -79,6 +84,7 @@ class Sources:
             positive(data, "max_length"),
             m.get("init", "pretrained") != "random",
             positive(d, "holdout_size") or 0,
+            tuple(t for t in trackers if isinstance(t, str)) if isinstance(trackers, list) else (),
         )
 
     def local_dir(self) -> Path | None:
@@ -131,11 +137,12 @@ def path_problems(s: Sources) -> list[str]:
     positions = model_max_positions(s.model) if local_model else None
     if positions is not None and s.max_length is not None and s.max_length > positions:
         problems.append(f"max_length: {s.max_length} exceeds the model's {positions} positions")
-    return problems
+    return problems + missing_packages(dict.fromkeys(s.trackers))
 
 
 def check_paths(cfg: RunConfig) -> list[str]:
-    """Files and directories a valid config names (data, labels, model, tokenizer), and max_length."""
+    """Files and directories a valid config names (data, labels, model, tokenizer), max_length, and the trackers'
+    packages."""
     return path_problems(Sources.of(cfg))
 
 

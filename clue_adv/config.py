@@ -325,6 +325,29 @@ class CheckpointConfig(StrictModel):
     )
 
 
+class LoggingConfig(StrictModel):
+    """Where a run's metrics go besides metrics.jsonl (which the report reads). Not part of the run's identity:
+    turning a tracker on for an interrupted run resumes the same run."""
+
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that receive every metrics.jsonl record, its numeric fields as scalars named "
+        "`<type>/<field>` (`train/loss`, `eval/accuracy`) at its step; one tracker run per run directory, grouped by "
+        "the experiment. `tensorboard`: event files in `<run>/tensorboard/`; `wandb`: project $WANDB_PROJECT "
+        "(default clue-adv), group = experiment, files in `<run>/wandb/` (WANDB_MODE, e.g. offline, is yours); "
+        "`mlflow`: MLflow experiment = experiment, at MLFLOW_TRACKING_URI (else MLflow's default store). Each needs "
+        "its package: pip install 'clue-adv[tensorboard]' (or [wandb], [mlflow]).",
+    )
+
+    @field_validator("trackers")
+    @classmethod
+    def _each_once(cls, v: list[str]) -> list[str]:
+        twice = sorted({name for name in v if v.count(name) > 1})
+        if twice:
+            raise ValueError(f"listed more than once: {', '.join(twice)}")
+        return v
+
+
 class RunConfig(StrictModel):
     """One training run: a task, a model, a strategy, a seed."""
 
@@ -360,6 +383,10 @@ class RunConfig(StrictModel):
         gt=0,
         description="Write a metrics.jsonl line (losses averaged over the N steps) every N optimizer steps. 10: about "
         "170 lines per TNEWS epoch at batch 32, enough for loss curves without a file write every step.",
+    )
+    logging: LoggingConfig = Field(
+        default_factory=LoggingConfig,
+        description="Experiment trackers (TensorBoard, Weights & Biases, MLflow); not part of the run's identity.",
     )
     save_model: bool = Field(False, description="Save the best-dev model (safetensors) in the run directory.")
     checkpoint: CheckpointConfig = Field(

@@ -5,6 +5,7 @@
         metrics.jsonl   one JSON object per line: training logs and evaluations, appended and flushed
         summary.json    status (running | completed | failed | interrupted) and the results
         checkpoint/     an unfinished run's last epoch, to resume from (checkpoint.every_epoch; see checkpoint.py)
+        tensorboard/, wandb/, trackers.json   the experiment trackers' files (logging.trackers; see trackers.py)
 
 Every whole-file write goes through a temp file + rename, so a kill at any moment leaves either the
 old file or the new one. JSONL lines are written with one write() each and readers skip a trailing
@@ -36,7 +37,7 @@ LOCK_NAME = ".lock"
 # In <output>/<experiment>/: every cell the last sweep planned there (written by sweep, read by report).
 SWEEP_MANIFEST = "sweep.json"
 # Fields that say where and how a run is written, not what it computes: not part of its identity.
-_NOT_IDENTITY = {"output_dir", "checkpoint"}
+_NOT_IDENTITY = {"output_dir", "checkpoint", "logging"}
 # <run>/checkpoint/: a resumable state of an unfinished run (see clue_adv/checkpoint.py)
 CHECKPOINT_DIR = "checkpoint"
 

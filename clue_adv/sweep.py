@@ -511,14 +511,15 @@ def plan_sweep(
     checked: set[str] = set()
     for cell in cells:
         c = cell.config
-        key = json.dumps([c.task, c.data.model_dump(), c.model.model_dump(), c.max_length])
+        key = json.dumps([c.task, c.data.model_dump(), c.model.model_dump(), c.max_length, c.logging.trackers])
         if key not in checked:
             checked.add(key)
             problems += [f"{cell.config.experiment}/{cell.config.task}: {p}" for p in check_paths(cell.config)]
     from clue_adv.validate import check_raw_paths
 
     for data in raw_cells:
-        key = json.dumps([data.get("task"), data.get("data"), data.get("model"), data.get("max_length")], default=str)
+        fields = ("task", "data", "model", "max_length", "logging")
+        key = json.dumps([data.get(f) for f in fields], default=str)
         if key not in checked:
             checked.add(key)
             problems += [f"{data.get('experiment')}/{data.get('task')}: {p}" for p in check_raw_paths(data)]

@@ -64,6 +64,7 @@ from clue_adv.rundir import (
     summary_header,
     utc_now,
 )
+from clue_adv.trackers import RunLog
 
 
 class NonFiniteError(Exception):
@@ -211,8 +212,9 @@ def _train(cfg: RunConfig, directory: Path, show_progress: bool | None, console:
         start_run(cfg, directory)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)  # this run's peak, not an earlier run's in the same process
+    # metrics.jsonl and the trackers; opened before the summary says `running`, as a tracker may fail to start
+    metrics = RunLog(cfg, directory, resumed_at_step=state.step if state.resumed_from else None)
     atomic_write_json(directory / "summary.json", build_summary(run, state, {"status": "running"}))
-    metrics = JsonlWriter(directory / "metrics.jsonl")
     name = f"{cfg.task}/{directory.parent.name}/seed-{cfg.seed}"
     progress = RunProgress(name, run.total_steps, cfg.epochs, show_progress, console)
     ending: dict[str, Any] = {"status": "completed"}
@@ -225,7 +227,7 @@ def _train(cfg: RunConfig, directory: Path, show_progress: bool | None, console:
             raise
         raise instead from None
     finally:
-        metrics.close()
+        metrics.close(ending["status"])
         summary = build_summary(run, state, ending)
         atomic_write_json(directory / "summary.json", summary)
     remove_checkpoint(directory)  # completed: never resumed from again, and it is about 3x the model's size
