@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -379,3 +380,28 @@ def find_run_dirs(root: Path) -> list[Path]:
         if directory.name.startswith("seed-") and not any(p.startswith(".") for p in relative):
             found.append(directory)
     return sorted(found)
+
+
+# A run whose process died (kill -9, a crashed machine) leaves its summary saying `running`. Its lock tells: a
+# live training process holds it. summary.json does not record the host, and a run on another node (Slurm on a
+# shared filesystem) may hold a lock this node cannot see, so a free lock alone is not proof: the run must also
+# have written nothing for this long (a live run writes metrics every few log steps).
+STALE_AFTER_S = 600.0
+STALE_NOTE = "its process stopped without finishing (killed or the machine went down): its lock is free"
+
+
+def last_update(directory: Path) -> float | None:
+    """When the run last wrote its metrics or summary (a POSIX time), or None when it wrote neither."""
+    times = [p.stat().st_mtime for p in (directory / "metrics.jsonl", directory / "summary.json") if p.is_file()]
+    return max(times) if times else None
+
+
+def stale_running(directory: Path, summary: dict[str, Any]) -> bool:
+    """Whether a run whose summary says `running` was in fact left by a process that died: it was started by a
+    version that locks (`.lock` exists), nothing holds the lock, and it has not written for STALE_AFTER_S."""
+    if summary.get("status", "running") != "running" or not (directory / LOCK_NAME).is_file():
+        return False
+    updated = last_update(directory)
+    if updated is None or time.time() - updated < STALE_AFTER_S:
+        return False
+    return not run_lock_held(directory)

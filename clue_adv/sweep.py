@@ -70,8 +70,8 @@ from clue_adv.config import (
     set_dotted,
 )
 from clue_adv.errors import ClueAdvError, ConfigError, RunFailed, handle_sigint, sigterm_as_interrupt
-from clue_adv.report import STALE_NOTE, stale_running
 from clue_adv.rundir import (
+    STALE_NOTE,
     SWEEP_MANIFEST,
     atomic_write_json,
     atomic_write_text,
@@ -82,6 +82,7 @@ from clue_adv.rundir import (
     read_summary,
     run_dir,
     run_lock_held,
+    stale_running,
     stored_identity,
 )
 from clue_adv.schema import StrictModel

@@ -277,7 +277,7 @@ def _data_points(ax) -> list[tuple[float, float]]:
 def test_plots_are_written_and_draw_the_data(results, monkeypatch):
     from matplotlib.image import imread
 
-    import clue_adv.plots as plots
+    import clue_adv.report.plots as plots
 
     # Keep each figure as it is saved, to check what is drawn on it: an empty figure with titles and
     # labels would pass any pixel-level check of the PNG.
@@ -409,7 +409,7 @@ def test_report_shows_a_running_run_whose_lock_is_free_and_old_as_interrupted(re
 
 
 def test_latex_escapes_every_special_character_once():
-    from clue_adv.report import _latex_escape
+    from clue_adv.report.render import _latex_escape
 
     assert _latex_escape(r"a_b {x} $5 & #1 100% ^ ~ \ ±") == (
         r"a\_b \{x\} \$5 \& \#1 100\% \textasciicircum{} \textasciitilde{} \textbackslash{} $\pm$"

@@ -10,12 +10,11 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from clue_adv.report import ExperimentTable
+from clue_adv.report.tables import TASK_NAMES, ExperimentTable
 
 _SAFE = str.maketrans({c: "_" for c in '/\\:*?"<>| '})
 
@@ -44,8 +43,6 @@ def _figure(n_panels: int, width: float = 5.0, height: float = 3.8) -> tuple[Any
 
 
 def _task_name(task: str) -> str:
-    from clue_adv.report import TASK_NAMES
-
     return TASK_NAMES.get(task, task)
 
 

@@ -1,0 +1,82 @@
+"""`clue-adv report`: tables, CSVs and plots rebuilt from run directories alone, so it works on a partial sweep
+and can be rerun at any time. One table per experiment: rows = strategies (directory tags), columns = tasks,
+each cell the mean ± std over seeds of the dev accuracy, and the difference to the baseline (`none`) over the
+seeds both completed, with a 95% CI and a Holm-adjusted paired t-test.
+
+collect: run directories and sweep manifests -> RunRecord; study: the published figures and their setting;
+tables: RunRecords -> ExperimentTable and its text; render: formats, CSVs, report.md; plots: PNGs.
+"""
+
+from clue_adv.report.collect import MANIFEST, NOT_STARTED, RunRecord, collect_runs, planned_runs
+from clue_adv.report.render import (
+    FORMATS,
+    RUN_COLUMNS,
+    ReportResult,
+    build_report,
+    reference_section,
+    render,
+    rich_table,
+    runs_csv,
+    summary_csv,
+    table_json,
+)
+from clue_adv.report.study import (
+    CLUE_DEV_BERT_BASE,
+    CLUE_TEST_BERT_BASE,
+    REFERENCE_NOTE,
+    STUDY,
+    STUDY_LABELS,
+    STUDY_PARAMS,
+    STUDY_PROTOCOL,
+)
+from clue_adv.report.tables import (
+    BASELINE,
+    METRICS,
+    TASK_NAMES,
+    TASK_ORDER,
+    CellStats,
+    ExperimentTable,
+    accuracy_text,
+    build_tables,
+    cost_rows,
+    delta_text,
+    method_note,
+    table_rows,
+)
+
+__all__ = [
+    "BASELINE",
+    "CLUE_DEV_BERT_BASE",
+    "CLUE_TEST_BERT_BASE",
+    "FORMATS",
+    "MANIFEST",
+    "METRICS",
+    "NOT_STARTED",
+    "REFERENCE_NOTE",
+    "RUN_COLUMNS",
+    "STUDY",
+    "STUDY_LABELS",
+    "STUDY_PARAMS",
+    "STUDY_PROTOCOL",
+    "TASK_NAMES",
+    "TASK_ORDER",
+    "CellStats",
+    "ExperimentTable",
+    "ReportResult",
+    "RunRecord",
+    "accuracy_text",
+    "build_report",
+    "build_tables",
+    "collect_runs",
+    "cost_rows",
+    "delta_text",
+    "method_note",
+    "planned_runs",
+    "reference_section",
+    "render",
+    "rich_table",
+    "runs_csv",
+    "summary_csv",
+    "table_json",
+    "table_rows",
+]

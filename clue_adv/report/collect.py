@@ -1,0 +1,146 @@
+"""The report's input: every run directory under a results folder (its config.yaml and summary.json), and the
+cells a sweep planned there (its manifest) that have no directory yet."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clue_adv.config import parse_config
+from clue_adv.errors import ClueAdvError
+from clue_adv.rundir import SWEEP_MANIFEST, find_run_dirs, read_config, read_summary, stale_running
+
+NOT_STARTED = "not started"
+MANIFEST = SWEEP_MANIFEST  # written by `clue-adv sweep` (see sweep.write_manifests)
+
+
+@dataclass
+class RunRecord:
+    directory: Path
+    experiment: str
+    task: str
+    strategy: str
+    tag: str
+    seed: int
+    status: str  # completed | failed | interrupted | running | not started (planned by a sweep, no run directory)
+    config: dict[str, Any]
+    summary: dict[str, Any]
+
+    def metric(self, key: str) -> float | None:
+        value = self.summary.get(key)
+        return float(value) if isinstance(value, int | float) and self.status == "completed" else None
+
+
+# Summary fields the report computes with: a value of another type (a hand-edited or damaged file) is dropped,
+# so the run shows as missing that number instead of breaking the report.
+_NUMERIC_FIELDS = (
+    "best_dev_accuracy",
+    "final_dev_accuracy",
+    "best_dev_macro_f1",
+    "final_dev_macro_f1",
+    "best_epoch",
+    "steps",
+    "mean_step_time_s",
+    "train_wall_time_s",
+    "samples_per_s",
+    "peak_memory_mb",
+)
+
+
+def _finite_number(value: Any) -> bool:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
+def _clean_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in summary.items() if k not in _NUMERIC_FIELDS or _finite_number(v)}
+    history = out.get("dev_history")
+    if history is not None and not (
+        isinstance(history, list)
+        and all(
+            isinstance(h, dict) and all(_finite_number(h.get(k)) for k in ("epoch", "step", "accuracy"))
+            for h in history
+        )
+    ):
+        del out["dev_history"]
+    return out
+
+
+def collect_runs(root: Path, skipped: list[str] | None = None) -> list[RunRecord]:
+    """Every run under `root` whose config.yaml reads as a run config (others are named in `skipped`), with
+    summary fields of the wrong type dropped; then the cells a sweep planned that have no directory yet."""
+    runs = []
+    for directory in find_run_dirs(root):
+        raw = read_config(directory)
+        try:
+            config = parse_config(raw or {}, source=str(directory / "config.yaml")).resolved()
+        except ClueAdvError as e:
+            if skipped is not None:
+                skipped.append(f"{directory}: config.yaml is not a run config ({(e.problems or [e.message])[0]})")
+            continue
+        summary = _clean_summary(read_summary(directory) or {})
+        runs.append(
+            RunRecord(
+                directory=directory,
+                experiment=str(config.get("experiment", directory.parents[2].name)),
+                task=str(config.get("task", directory.parents[1].name)),
+                strategy=str(config["strategy"].get("name", "?")),
+                tag=directory.parent.name,
+                seed=int(config.get("seed", -1)),
+                status="interrupted" if stale_running(directory, summary) else str(summary.get("status", "running")),
+                config=config,
+                summary=summary,
+            )
+        )
+    return runs + planned_runs(root, {r.directory.resolve() for r in runs})
+
+
+def _manifests(root: Path) -> list[Path]:
+    """Sweep manifests that can list runs under `root`: inside it, or in the experiment folder above it
+    (when `root` is a task, strategy or single run)."""
+    found = [p for p in root.rglob(MANIFEST) if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    found += [d / MANIFEST for d in list(root.parents)[:3] if (d / MANIFEST).is_file()]
+    return sorted(set(found))
+
+
+def planned_runs(root: Path, existing: set[Path]) -> list[RunRecord]:
+    """Cells a sweep manifest lists under `root` that have no run directory yet: status 'not started'.
+    An unreadable manifest or entry is skipped: the report is built from what can be read."""
+    root = Path(root).resolve()
+    out = []
+    for manifest in _manifests(root):
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+            entries = data["cells"]
+            experiment = str(data["experiment"])
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            continue
+        for entry in entries if isinstance(entries, list) else []:
+            try:
+                directory = (manifest.parent / entry["run_dir"]).resolve()
+                config = entry["identity"]
+                record = RunRecord(
+                    directory=directory,
+                    experiment=experiment,
+                    task=str(entry["task"]),
+                    strategy=str(entry["strategy"]),
+                    tag=str(entry["strategy_tag"]),
+                    seed=int(entry["seed"]),
+                    status=NOT_STARTED,
+                    config=config,
+                    summary={},
+                )
+            except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: int(Infinity)
+                continue
+            if directory in existing or not directory.is_relative_to(root) or not isinstance(config, dict):
+                continue
+            existing.add(directory)
+            out.append(record)
+    return out

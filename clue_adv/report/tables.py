@@ -1,0 +1,270 @@
+"""The report's tables: per experiment, one cell per task and strategy (directory tag) with the seeds' accuracies,
+the paired comparison with the baseline (clue_adv/stats.py) and the cost; and each cell as text."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from clue_adv.regularizers import registry
+from clue_adv.report.collect import NOT_STARTED, RunRecord
+from clue_adv.report.study import STUDY, matches_study_setting, study_row
+from clue_adv.stats import FEW_SEEDS, PairedTest, few_seeds_note, holm, paired_by_key, summarize
+
+METRICS = {
+    "best": ("best_dev_accuracy", "Dev accuracy at the best epoch (%)"),
+    "final": ("final_dev_accuracy", "Dev accuracy at the final epoch (%)"),
+}
+TASK_ORDER = ("iflytek", "tnews")  # the study's column order
+TASK_NAMES = {"iflytek": "IFLYTEK", "tnews": "TNEWS"}
+BASELINE = "none"
+
+
+@dataclass
+class CellStats:
+    """One strategy on one task in one experiment."""
+
+    task: str
+    tag: str
+    strategy: str
+    values: dict[str, dict[int, float]]  # metric -> seed -> accuracy (%) of completed runs
+    failed: list[int] = field(default_factory=list)
+    interrupted: list[int] = field(default_factory=list)
+    running: list[int] = field(default_factory=list)
+    missing: list[int] = field(default_factory=list)
+    not_started: list[int] = field(default_factory=list)  # planned by a sweep (its manifest), no run directory
+    delta: dict[str, PairedTest] = field(default_factory=dict)
+    paired_seeds: dict[str, list[int]] = field(default_factory=dict)
+    p_holm: dict[str, float] = field(default_factory=dict)
+    step_time_s: float = math.nan
+    step_time_ratio: float = math.nan
+    wall_time_s: float = math.nan
+    peak_memory_mb: float = math.nan
+    reference: float | None = None
+
+    @property
+    def completed(self) -> int:
+        return len(self.values["best"])
+
+
+@dataclass
+class ExperimentTable:
+    experiment: str
+    tasks: list[str]
+    tags: list[str]
+    strategies: dict[str, str]  # tag -> strategy name
+    baseline: str | None
+    cells: dict[tuple[str, str], CellStats]
+    runs: list[RunRecord]
+    seeds: list[int]
+    study_setting: bool
+
+    def cell(self, task: str, tag: str) -> CellStats | None:
+        return self.cells.get((task, tag))
+
+    @property
+    def has_reference(self) -> bool:
+        return any(c.reference is not None for c in self.cells.values())
+
+
+def _strategy_order() -> dict[str, int]:
+    return {name: i for i, name in enumerate(registry())}
+
+
+def _mean(values: Iterable[float | None]) -> float:
+    xs = [float(v) for v in values if isinstance(v, int | float) and math.isfinite(v)]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def build_tables(runs: list[RunRecord]) -> list[ExperimentTable]:
+    order = _strategy_order()
+    tables = []
+    for experiment in sorted({r.experiment for r in runs}):
+        exp_runs = [r for r in runs if r.experiment == experiment]
+        tasks = sorted({r.task for r in exp_runs}, key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else 99, t))
+        strategies = {r.tag: r.strategy for r in exp_runs}
+        tags = sorted(strategies, key=lambda t: (t != BASELINE, order.get(strategies[t], len(order)), t))
+        baseline = BASELINE if BASELINE in strategies else None
+        seeds = sorted({r.seed for r in exp_runs})
+        study_setting = matches_study_setting(exp_runs)
+        cells: dict[tuple[str, str], CellStats] = {}
+        for task in tasks:
+            for tag in tags:
+                here = [r for r in exp_runs if r.task == task and r.tag == tag]
+                cell = CellStats(task, tag, strategies[tag], {m: {} for m in METRICS})
+                for r in sorted(here, key=lambda r: r.seed):
+                    if r.status == "completed":
+                        for m, (key, _) in METRICS.items():
+                            value = r.metric(key)
+                            if value is not None:
+                                cell.values[m][r.seed] = 100 * value
+                    elif r.status == NOT_STARTED:
+                        cell.not_started.append(r.seed)
+                    else:
+                        getattr(cell, r.status if r.status in ("failed", "interrupted") else "running").append(r.seed)
+                cell.missing = [s for s in seeds if s not in {r.seed for r in here}]
+                done = [r for r in here if r.status == "completed"]
+                cell.step_time_s = _mean(r.summary.get("mean_step_time_s") for r in done)
+                cell.wall_time_s = _mean(r.summary.get("train_wall_time_s") for r in done)
+                memory = [r.summary.get("peak_memory_mb") for r in done if r.summary.get("peak_memory_mb") is not None]
+                cell.peak_memory_mb = max(memory) if memory else math.nan
+                row = study_row(cell.strategy, here) if study_setting else None
+                if row is not None and task in STUDY[row]:
+                    cell.reference = STUDY[row][task]
+                if here:
+                    cells[(task, tag)] = cell
+        table = ExperimentTable(experiment, tasks, tags, strategies, baseline, cells, exp_runs, seeds, study_setting)
+        _compare_to_baseline(table)
+        tables.append(table)
+    return tables
+
+
+def _compare_to_baseline(table: ExperimentTable) -> None:
+    if table.baseline is None:
+        return
+    for metric in METRICS:
+        tested: list[CellStats] = []
+        for (task, tag), cell in table.cells.items():
+            base = table.cell(task, table.baseline)
+            if tag == table.baseline or base is None:
+                continue
+            test, seeds = paired_by_key(cell.values[metric], base.values[metric])
+            cell.delta[metric], cell.paired_seeds[metric] = test, seeds
+            tested.append(cell)
+        # One family per table and metric: every strategy × task comparison with the baseline.
+        for cell, adjusted in zip(tested, holm([c.delta[metric].p for c in tested]), strict=True):
+            cell.p_holm[metric] = adjusted
+    for (task, _), cell in table.cells.items():
+        base = table.cell(task, table.baseline)
+        if base is not None and base.step_time_s > 0:
+            cell.step_time_ratio = cell.step_time_s / base.step_time_s
+
+
+# --------------------------------------------------------------------------------------------------
+# Cell text
+
+
+def _num(x: float, digits: int = 2, sign: bool = False) -> str:
+    if x is None or not math.isfinite(x):
+        return "–"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def _p(p: float) -> str:
+    if not math.isfinite(p):
+        return "p n/a"
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
+def accuracy_text(cell: CellStats | None, metric: str) -> str:
+    if cell is None:
+        return "missing"
+    s = summarize(list(cell.values[metric].values()))
+    notes = [f"{len(seeds)} {what}" for what, seeds in _problems(cell) if seeds]
+    if s.n == 0:
+        return "– (" + ", ".join(notes) + ")" if notes else "–"
+    body = f"{s.mean:.2f} ± {_num(s.std)} (n={s.n}"
+    return body + ("; " + ", ".join(notes) if notes else "") + ")"
+
+
+def _problems(cell: CellStats) -> list[tuple[str, list[int]]]:
+    return [
+        ("failed", cell.failed),
+        ("interrupted", cell.interrupted),
+        ("running", cell.running),
+        ("missing", cell.missing),
+        (NOT_STARTED, cell.not_started),
+    ]
+
+
+def delta_text(cell: CellStats | None, metric: str, baseline: str | None) -> str:
+    if cell is None or baseline is None:
+        return ""
+    if cell.tag == baseline:
+        return "baseline"
+    test = cell.delta.get(metric)
+    if test is None or test.n == 0:
+        return "no shared seeds"
+    if test.n == 1:
+        return f"{_num(test.mean_difference, sign=True)} (1 pair, no test)"
+    if test.no_spread:
+        return f"{_num(test.mean_difference, sign=True)} ({test.n} pairs, no spread, no test)"
+    p = cell.p_holm.get(metric, math.nan)
+    star = "*" if math.isfinite(p) and p < 0.05 else ""
+    ci = f"[{_num(test.ci_low, sign=True)}, {_num(test.ci_high, sign=True)}]"
+    return f"{_num(test.mean_difference, sign=True)} {ci} {_p(p)}{star}"
+
+
+def table_rows(table: ExperimentTable, metric: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the main table as text."""
+    header = ["strategy"]
+    for task in table.tasks:
+        name = TASK_NAMES.get(task, task)
+        header.append(name)
+        if table.baseline is not None:
+            header.append(f"{name} Δ vs {table.baseline} [95% CI]")
+        if table.has_reference and metric == "best":  # the study's figures are best-epoch ones
+            header.append(f"{name} study (1 run, BERT-base)")
+    rows = []
+    for tag in table.tags:
+        row = [tag]
+        for task in table.tasks:
+            cell = table.cell(task, tag)
+            row.append(accuracy_text(cell, metric))
+            if table.baseline is not None:
+                row.append(delta_text(cell, metric, table.baseline))
+            if table.has_reference and metric == "best":
+                row.append(f"{cell.reference:.2f}" if cell is not None and cell.reference is not None else "")
+        rows.append(row)
+    return header, rows
+
+
+def method_note(table: ExperimentTable, metric: str) -> str:
+    n_tests = sum(1 for c in table.cells.values() if metric in c.delta and math.isfinite(c.delta[metric].p))
+    text = "Cells: mean ± sample std over seeds (n = completed seeds), accuracy in %."
+    if table.baseline is not None:
+        text += (
+            f" Δ: mean paired difference vs `{table.baseline}` in percentage points over the seeds both completed "
+            f"(same seed = same initialisation and data order), 95% t-interval, paired t-test p-value "
+            f"Holm-adjusted across the table's {n_tests} comparison(s); * marks adjusted p < 0.05."
+        )
+        pairs = [c.delta[metric].n for c in table.cells.values() if metric in c.delta and c.delta[metric].n >= 2]
+        if pairs and min(pairs) < FEW_SEEDS:
+            text += few_seeds_note(min(pairs))
+    else:
+        text += " No baseline (`none`) runs in this experiment, so no differences are tested."
+    return text
+
+
+# --------------------------------------------------------------------------------------------------
+# Cost
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "–"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def cost_rows(table: ExperimentTable) -> tuple[list[str], list[list[str]]]:
+    header = ["task", "strategy", "runs", "step time (ms)"]
+    if table.baseline is not None:
+        header.append(f"× {table.baseline}")
+    header += ["train time per run", "peak memory (MB)"]
+    rows = []
+    for task in table.tasks:
+        for tag in table.tags:
+            cell = table.cell(task, tag)
+            if cell is None:
+                continue
+            row = [TASK_NAMES.get(task, task), tag, str(cell.completed), _num(1000 * cell.step_time_s, 1)]
+            if table.baseline is not None:
+                row.append(_num(cell.step_time_ratio, 2))
+            row += [_duration(cell.wall_time_s), _num(cell.peak_memory_mb, 0)]
+            rows.append(row)
+    return header, rows
