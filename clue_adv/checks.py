@@ -1,7 +1,6 @@
-"""The filesystem checks a run needs before its setup starts: the files and directories its config names, and the
-packages of the experiment trackers it asks for.
-
-`clue-adv validate` reports these with the rest; training and sweeps make them before minutes of tokenizing.
+"""The checks a config needs the filesystem for: the files and directories it names, max_length against the model's
+positions, the packages of the experiment trackers it asks for, the contents of the local data. `clue-adv validate`
+reports them with the rest; the sweep's planner makes them for every cell, training before minutes of tokenizing.
 """
 
 from __future__ import annotations
@@ -11,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clue_adv.config import TASKS, DataConfig, RunConfig, expand_path, path_problem
-from clue_adv.errors import ClueAdvError
+from clue_adv.data import check_holdout, read_labels, read_split
+from clue_adv.errors import ClueAdvError, DataError
 from clue_adv.model import check_safetensors, looks_local, model_max_positions
 from clue_adv.trackers import missing_packages
 
@@ -34,7 +34,7 @@ class Sources:
     tokenizer: str | None
     max_length: int | None
     pretrained: bool = True  # model.init: pretrained (its weights must be there), or random (config only)
-    holdout_size: int = 0
+    holdout_size: int = 0  # data.holdout_size: training rows held out (the training file is then read whole)
     trackers: tuple[str, ...] = ()  # logging.trackers: each needs its package installed
 
     @classmethod
@@ -140,6 +140,56 @@ def path_problems(s: Sources) -> list[str]:
     return problems + missing_packages(dict.fromkeys(s.trackers))
 
 
+def hub_position_check(s: Sources) -> tuple[list[str], list[str]]:
+    """max_length against a hub model's positions, from the HF cache only (validate never uses the network).
+    Returns (problems, notes): a model whose config is not cached gets a note, so the gap is visible."""
+    if not s.model or looks_local(s.model) or s.max_length is None:
+        return [], []
+    from transformers import AutoConfig  # heavy: imported only when a hub model is checked
+
+    try:
+        config = AutoConfig.from_pretrained(s.model, local_files_only=True)
+    except OSError:
+        return [], [f"max_length not checked: {s.model}'s config is not in the local Hugging Face cache"]
+    except Exception as e:  # best effort: any failure means "not checked", never a crash
+        return [], [f"max_length not checked: {s.model}'s config could not be read ({type(e).__name__}: {e})"]
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and s.max_length > positions:
+        return [f"max_length: {s.max_length} exceeds the model's {positions} positions ({s.model})"], []
+    return [], []
+
+
+def data_problems(s: Sources) -> list[str]:
+    """Contents of the local data, read the way training reads it (same records, same limits) but not
+    tokenized: labels.json's size, then each split's first problem (bad line, unknown label, no records)."""
+    root = s.local_dir()
+    if root is None or s.task is None or not (root / "labels.json").is_file():
+        return []
+    try:
+        labels = read_labels(root / "labels.json")
+    except DataError as e:
+        return [f"data: {e.message}"]
+    problems = []
+    expected = TASKS[s.task]
+    if len(labels.ids) != expected:
+        problems.append(f"data: {s.task} has {expected} labels but {root / 'labels.json'} lists {len(labels.ids)}")
+    # A holdout is drawn from the whole training file (data._train_read_limit), so all of it is read then.
+    train_limit = None if s.holdout_size else s.max_train_samples
+    for name, limit in ((s.train_file, train_limit), (s.dev_file, s.max_eval_samples)):
+        if not path_problem(name, expands=False) and (root / name).is_file():
+            try:
+                rows = len(read_split(root / name, labels, limit)["sentence"])
+            except DataError as e:
+                problems.append(f"data: {e.message}")
+                continue
+            if name == s.train_file and s.holdout_size:
+                try:
+                    check_holdout(rows, s.holdout_size)
+                except DataError as e:
+                    problems.append(f"data: {e.message}")
+    return problems
+
+
 def check_paths(cfg: RunConfig) -> list[str]:
     """Files and directories a valid config names (data, labels, model, tokenizer), max_length, and the trackers'
     packages."""
@@ -168,3 +218,8 @@ def check_pretrain_paths(cfg: PretrainConfig) -> list[str]:
         None, None, "", "", None, None, m.name_or_path, m.tokenizer, cfg.max_length, m.init == "pretrained"
     )
     return problems + path_problems(model_only)
+
+
+def check_data(cfg: RunConfig) -> list[str]:
+    """What is wrong inside the local data files a valid config uses (empty: nothing, or not local)."""
+    return data_problems(Sources.of(cfg))

@@ -20,7 +20,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from clue_adv.diagnostics import DiagnosticsConfig
 from clue_adv.errors import ConfigError
-from clue_adv.regularizers import config_classes
+from clue_adv.regularizers import build_strategy, config_classes, registry
 from clue_adv.regularizers.none import NoneConfig
 from clue_adv.schema import StrictModel
 
@@ -29,7 +29,6 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*")
 
 TASKS: dict[str, int] = {"tnews": 15, "iflytek": 119}  # task -> number of labels
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeding accept 0 .. 2**32 - 1
-MAX_TAG_BYTES = 200  # a strategy's directory name (its tag); filesystems allow 255 bytes per name
 
 
 NAME_MAX = 255  # bytes per path component on Linux/macOS filesystems; a longer one makes every stat() raise
@@ -400,8 +399,6 @@ class RunConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        from clue_adv.regularizers import build_strategy
-
         if build_strategy(self.strategy).needs_double_backward and self.model.attn_implementation == "sdpa":
             raise ValueError(
                 f"model.attn_implementation: 'sdpa' cannot run strategy '{self.strategy.name}', which differentiates "
@@ -411,14 +408,6 @@ class RunConfig(StrictModel):
             raise ValueError(
                 f"model.compile: torch.compile has no double backward, which strategy '{self.strategy.name}' needs; "
                 "set model.compile: false, or use gradient_penalty with mode: finite_difference"
-            )
-        from clue_adv.rundir import strategy_tag
-
-        tag = strategy_tag(self.strategy)
-        if len(tag.encode()) > MAX_TAG_BYTES:  # one directory level: filesystems allow 255 bytes
-            raise ValueError(
-                f"strategy: its run directory name '{tag[:40]}...' is {len(tag.encode())} bytes (at most "
-                f"{MAX_TAG_BYTES}); name the variant with strategy.tag"
             )
         return self
 
@@ -491,8 +480,6 @@ def set_dotted(data: dict[str, Any], key: str, value: Any, what: str | None = No
 
 def _field_names(root: type[StrictModel], loc: tuple[Any, ...]) -> list[str]:
     """Names valid at `loc`'s parent, for 'did you mean' hints."""
-    from clue_adv.regularizers import registry
-
     model: type[StrictModel] | None = root
     for i, part in enumerate(loc[:-1]):
         if i > 0 and loc[i - 1] == "strategy" and part in registry():
@@ -509,8 +496,6 @@ def _field_names(root: type[StrictModel], loc: tuple[Any, ...]) -> list[str]:
 
 def format_validation_errors(err: ValidationError, root: type[StrictModel] = RunConfig) -> list[str]:
     """One readable line per problem: dotted field path, message, the offending value, a hint."""
-    from clue_adv.regularizers import registry
-
     problems = []
     for e in err.errors():
         loc = tuple(e["loc"])

@@ -11,9 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clue_adv.config import TASKS, require_nameable
+from clue_adv.config import TASKS, parse_config, require_nameable
+from clue_adv.data import jsonl_records, read_split
 from clue_adv.errors import ClueAdvError
+from clue_adv.model import use_cls_vector
 from clue_adv.rundir import atomic_write_text, first_non_directory, read_config, read_summary
+from clue_adv.train import configure_environment
 
 
 @dataclass
@@ -26,8 +29,6 @@ class Predictions:
 
 def _load(run: Path) -> tuple[Any, Any, Any, list[str]]:
     """Run config, model, tokenizer and label strings (index order) of a run with a saved model."""
-    from clue_adv.config import parse_config
-
     stored = read_config(run)
     if stored is None:
         raise ClueAdvError(f"{run}: not a run directory (no readable config.yaml)")
@@ -41,8 +42,6 @@ def _load(run: Path) -> tuple[Any, Any, Any, list[str]]:
         )
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from clue_adv.model import use_cls_vector
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -83,8 +82,6 @@ def _task_warnings(task: str, test_file: Path, output: Path) -> list[str]:
         raise ClueAdvError(
             f"--output {output}: this run is {task}; CLUE expects its predictions in {task}_predict.json"
         )
-    from clue_adv.data import jsonl_records
-
     with_keywords = [("keywords" in record) for _, record in jsonl_records(test_file)]
     looks_like = None
     if with_keywords and all(with_keywords):
@@ -111,9 +108,6 @@ def predict(
     """Label every record of `test_file` with the run's best-dev model and write the submission file
     (default: <run>/<task>_predict.json). The run must be completed unless `allow_incomplete`."""
     import torch
-
-    from clue_adv.data import read_split
-    from clue_adv.train import configure_environment
 
     run = Path(run)
     require_nameable(run, "run directory", expands=False)

@@ -31,7 +31,6 @@ import yaml
 
 from clue_adv.config import RunConfig, dump_config, parse_config
 from clue_adv.errors import ClueAdvError, ConfigError
-from clue_adv.schema import StrictModel
 
 STATUSES = ("running", "completed", "failed", "interrupted")
 LOCK_NAME = ".lock"
@@ -141,22 +140,9 @@ class JsonlWriter:
         self._file.close()
 
 
-def strategy_tag(strategy: StrictModel) -> str:
-    """Directory name of a strategy: its name, plus every parameter that differs from the default,
-    so that a hyperparameter grid gets one directory per value (e.g. `fgm-epsilon=0.1`)."""
-    if getattr(strategy, "tag", None):
-        return strategy.tag
-    default = type(strategy)().model_dump()
-    parts = [strategy.name]
-    for key, value in strategy.model_dump().items():
-        if key not in ("name", "tag") and value != default[key]:
-            parts.append(f"{key}={value}")
-    return "-".join(parts)
-
-
 def run_dir(cfg: RunConfig, output_dir: str | Path | None = None) -> Path:
     root = Path(output_dir if output_dir is not None else cfg.output_dir).expanduser()
-    return root / cfg.experiment / cfg.task / strategy_tag(cfg.strategy) / f"seed-{cfg.seed}"
+    return root / cfg.experiment / cfg.task / cfg.strategy.directory_tag() / f"seed-{cfg.seed}"
 
 
 def summary_header(cfg: RunConfig, directory: Path, status: str) -> dict[str, Any]:

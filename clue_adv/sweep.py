@@ -57,6 +57,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from rich.console import Console
 
+from clue_adv.checks import check_data, check_paths, check_raw_paths
 from clue_adv.config import (
     MAX_SEED,
     TASKS,
@@ -450,7 +451,7 @@ def plan_sweep(
             variant = copy.deepcopy(block)
             for (_, param), value in zip(keys, values, strict=True):
                 set_dotted(variant, param, value)
-            # A tag replaces the parameters in the directory name (rundir.strategy_tag), so without the
+            # A tag replaces the parameters in the directory name (StrategyConfig.directory_tag), so without the
             # grid values every variant of a tagged block would share one directory.
             if keys and variant.get("tag"):
                 variant["tag"] += "".join(
@@ -507,8 +508,6 @@ def plan_sweep(
                         cells.append(Cell(cfg, directory, "absent"))
     # Files and directories the cells name (data, model, tokenizer), as `clue-adv validate` checks them:
     # a wrong path fails here, not in the middle of the sweep.
-    from clue_adv.validate import check_paths
-
     checked: set[str] = set()
     for cell in cells:
         c = cell.config
@@ -516,8 +515,6 @@ def plan_sweep(
         if key not in checked:
             checked.add(key)
             problems += [f"{cell.config.experiment}/{cell.config.task}: {p}" for p in check_paths(cell.config)]
-    from clue_adv.validate import check_raw_paths
-
     for data in raw_cells:
         fields = ("task", "data", "model", "max_length", "logging")
         key = json.dumps([data.get(f) for f in fields], default=str)
@@ -746,8 +743,6 @@ def plan_data_problems(plan: SweepPlan) -> list[str]:
     """What `clue-adv validate` finds inside the local data files of the plan's cells (labels.json's size for
     the task, a malformed line, an unknown label, an empty split), read once per distinct data source; each
     problem names the cells that would read that data."""
-    from clue_adv.validate import check_data
-
     groups: dict[tuple[Any, ...], list[Cell]] = {}
     for cell in plan.cells:
         c, d = cell.config, cell.config.data

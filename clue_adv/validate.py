@@ -4,92 +4,20 @@ before any training starts or any directory is created."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-# check_paths and check_raw_paths are imported from here by the sweep's planning too
-from clue_adv.checks import Sources, check_paths, check_raw_paths, path_problems  # noqa: F401
-from clue_adv.config import (
-    TASKS,
-    RunConfig,
-    apply_override,
-    expand_path,
-    load_yaml,
-    merge,
-    parse_config,
-    path_problem,
-)
-from clue_adv.errors import ClueAdvError
-from clue_adv.model import looks_local
-from clue_adv.pretrain.config import is_pretrain_config
+from pydantic import ValidationError
 
-if TYPE_CHECKING:
-    from clue_adv.pretrain.config import PretrainConfig
-
-
-def _hub_position_check(s: Sources) -> tuple[list[str], list[str]]:
-    """max_length against a hub model's positions, from the HF cache only (validate never uses the network).
-    Returns (problems, notes): a model whose config is not cached gets a note, so the gap is visible."""
-    if not s.model or looks_local(s.model) or s.max_length is None:
-        return [], []
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(s.model, local_files_only=True)
-    except OSError:
-        return [], [f"max_length not checked: {s.model}'s config is not in the local Hugging Face cache"]
-    except Exception as e:  # best effort: any failure means "not checked", never a crash
-        return [], [f"max_length not checked: {s.model}'s config could not be read ({type(e).__name__}: {e})"]
-    positions = getattr(config, "max_position_embeddings", None)
-    if isinstance(positions, int) and s.max_length > positions:
-        return [f"max_length: {s.max_length} exceeds the model's {positions} positions ({s.model})"], []
-    return [], []
-
-
-def _data_problems(s: Sources) -> list[str]:
-    """Contents of the local data, read the way training reads it (same records, same limits) but not
-    tokenized: labels.json's size, then each split's first problem (bad line, unknown label, no records)."""
-    from clue_adv.data import check_holdout, read_labels, read_split
-    from clue_adv.errors import DataError
-
-    root = s.local_dir()
-    if root is None or s.task is None or not (root / "labels.json").is_file():
-        return []
-    try:
-        labels = read_labels(root / "labels.json")
-    except DataError as e:
-        return [f"data: {e.message}"]
-    problems = []
-    expected = TASKS[s.task]
-    if len(labels.ids) != expected:
-        problems.append(f"data: {s.task} has {expected} labels but {root / 'labels.json'} lists {len(labels.ids)}")
-    # A holdout is drawn from the whole training file (data._train_read_limit), so all of it is read then.
-    train_limit = None if s.holdout_size else s.max_train_samples
-    for name, limit in ((s.train_file, train_limit), (s.dev_file, s.max_eval_samples)):
-        if not path_problem(name, expands=False) and (root / name).is_file():
-            try:
-                rows = len(read_split(root / name, labels, limit)["sentence"])
-            except DataError as e:
-                problems.append(f"data: {e.message}")
-                continue
-            if name == s.train_file and s.holdout_size:
-                try:
-                    check_holdout(rows, s.holdout_size)
-                except DataError as e:
-                    problems.append(f"data: {e.message}")
-    return problems
-
-
-def check_data(cfg: RunConfig) -> list[str]:
-    """What is wrong inside the local data files a valid config uses (empty: nothing, or not local)."""
-    return _data_problems(Sources.of(cfg))
+from clue_adv.checks import Sources, check_pretrain_paths, data_problems, hub_position_check, path_problems
+from clue_adv.config import TASKS, apply_override, expand_path, load_yaml, merge, parse_config
+from clue_adv.errors import ClueAdvError, DataError
+from clue_adv.pretrain.config import PretrainConfig, is_pretrain_config, parse_pretrain_config
+from clue_adv.pretrain.text import read_texts
+from clue_adv.sweep import SweepConfig, load_plan, plan_sweep
 
 
 def _pretrain_data_problems(cfg: PretrainConfig) -> list[str]:
     """The local text, read as pretraining reads it (not tokenized): bad lines, too few texts."""
-    from clue_adv.checks import check_pretrain_paths
-    from clue_adv.errors import DataError
-    from clue_adv.pretrain.text import read_texts
-
     if not cfg.data.is_local or check_pretrain_paths(cfg):
         return []
     try:
@@ -100,9 +28,6 @@ def _pretrain_data_problems(cfg: PretrainConfig) -> list[str]:
 
 
 def _validate_pretrain(data: dict[str, Any], source: str) -> list[str]:
-    from clue_adv.checks import check_pretrain_paths
-    from clue_adv.pretrain.config import parse_pretrain_config
-
     try:
         cfg = parse_pretrain_config(data, source)
     except ClueAdvError as e:
@@ -144,10 +69,6 @@ def _beyond_the_sweep_schema(path: Path, raw: dict[str, Any], overrides: list[st
     """When the sweep file's own schema fails, load_plan stops there; plan the sweep again without the top-level
     fields that failed, so the problems of the rest (strategy blocks, override keys, grid, cell values, paths)
     are reported in the same pass. Empty when the schema was not what failed, or too little remains to plan."""
-    from pydantic import ValidationError
-
-    from clue_adv.sweep import SweepConfig, plan_sweep
-
     try:
         SweepConfig.model_validate(raw)
         return []
@@ -172,8 +93,6 @@ def _beyond_the_sweep_schema(path: Path, raw: dict[str, Any], overrides: list[st
 
 
 def _validate_sweep(path: Path, merged: list[Path], overrides: list[str], notes: list[str] | None = None) -> list[str]:
-    from clue_adv.sweep import load_plan
-
     if merged:
         return [f"--with {', '.join(map(str, merged))}: cannot merge over a sweep file (use the sweep's `base`)"]
     try:
@@ -195,8 +114,8 @@ def _validate_sweep(path: Path, merged: list[Path], overrides: list[str], notes:
         if sources not in seen:
             seen.add(sources)
             where = f"{cell.config.experiment}/{cell.config.task}"
-            hub_problems, hub_notes = _hub_position_check(sources)
-            problems += [f"{where}: {p}" for p in hub_problems + _data_problems(sources)]
+            hub_problems, hub_notes = hub_position_check(sources)
+            problems += [f"{where}: {p}" for p in hub_problems + data_problems(sources)]
             if notes is not None:
                 notes += [n for n in hub_notes if n not in notes]
     return list(dict.fromkeys(problems))
@@ -228,7 +147,7 @@ def validate_file(
     except ClueAdvError as e:
         sources = Sources.raw(data)
         problems = e.problems or [e.message]
-    hub_problems, hub_notes = _hub_position_check(sources)
+    hub_problems, hub_notes = hub_position_check(sources)
     if notes is not None:
         notes += hub_notes
-    return problems + path_problems(sources) + hub_problems + _data_problems(sources)
+    return problems + path_problems(sources) + hub_problems + data_problems(sources)

@@ -15,7 +15,7 @@ from clue_adv.cli import app
 from clue_adv.config import dump_config, merge, parse_config
 from clue_adv.data import ASSETS
 from clue_adv.report import build_report, render
-from clue_adv.rundir import atomic_write_json, atomic_write_text, run_dir, strategy_tag
+from clue_adv.rundir import atomic_write_json, atomic_write_text, run_dir
 
 runner = CliRunner()
 
@@ -85,7 +85,7 @@ def results(tmp_path: Path) -> Path:
 
 def tag(name: str) -> str:
     block = STUDY_FGM if name == "fgm" else {"name": name}
-    return strategy_tag(parse_config({"task": "tnews", "strategy": block}).strategy)
+    return parse_config({"task": "tnews", "strategy": block}).strategy.directory_tag()
 
 
 def test_main_table_text(results):
@@ -136,7 +136,7 @@ def test_study_column_only_where_the_runs_match_its_setting(results):
     tiny = next(t for t in report.tables if t.experiment == "tiny")
     text = render([tiny], "md")
     assert "study" not in text
-    fgm = strategy_tag(parse_config({"task": "tnews", "strategy": {"name": "fgm", "epsilon": 0.05}}).strategy)
+    fgm = parse_config({"task": "tnews", "strategy": {"name": "fgm", "epsilon": 0.05}}).strategy.directory_tag()
     assert f"| {fgm} | 41.00 ± – (n=1) | +1.00 (1 pair, no test) |" in text.splitlines()
     md = (results / "report.md").read_text()
     assert "56.09" in md and "60.37" in md and "leaderboard *test*" in md  # both baselines, labelled
@@ -338,7 +338,7 @@ def test_cells_a_sweep_planned_but_never_started_are_reported(results):
         cfg = parse_config({"experiment": "tiny", "task": "tnews", "seed": seed, "strategy": block, **tiny})
         directory = run_dir(cfg, results).relative_to(results / "tiny").as_posix()
         identity = {k: v for k, v in cfg.resolved().items() if k != "output_dir"}
-        tag = strategy_tag(cfg.strategy)
+        tag = cfg.strategy.directory_tag()
         names = {"task": "tnews", "strategy": block["name"], "strategy_tag": tag, "seed": seed}
         return {"run_dir": directory, **names, "identity": identity}
 

@@ -18,7 +18,7 @@ from clue_adv.config import parse_config
 from clue_adv.data import ASSETS
 from clue_adv.errors import ConfigError
 from clue_adv.regularizers import registry
-from clue_adv.rundir import find_run_dirs, read_summary, start_run, strategy_tag
+from clue_adv.rundir import find_run_dirs, read_summary, start_run
 from clue_adv.sweep import core_sets, load_plan, load_sweep, run_sweep, submitit_executor, sweep_status
 
 runner = CliRunner()
@@ -57,7 +57,7 @@ def write_sweep(tmp_path: Path, body: dict, name: str = "sweep.yaml") -> Path:
 
 
 def tag_of(block: dict) -> str:
-    return strategy_tag(parse_config({"task": "tnews", "strategy": block}).strategy)
+    return parse_config({"task": "tnews", "strategy": block}).strategy.directory_tag()
 
 
 def quiet() -> Console:

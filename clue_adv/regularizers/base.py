@@ -16,11 +16,12 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from clue_adv.schema import StrictModel
 
 Target = Literal["embedding_output", "embedding_matrix"]
+MAX_TAG_BYTES = 200  # a strategy's directory name (its tag); filesystems allow 255 bytes per name
 
 
 class StrategyConfig(StrictModel):
@@ -34,6 +35,29 @@ class StrategyConfig(StrictModel):
         description="Name of this variant in run directories and reports (e.g. `fgm-study`); default: the "
         "strategy name plus every parameter that differs from its default.",
     )
+
+    def directory_tag(self) -> str:
+        """This variant's directory name (`<experiment>/<task>/<tag>/seed-<k>`): `tag`, else the name plus every
+        parameter that differs from its default, so a hyperparameter grid gets one directory per value
+        (e.g. `fgm-epsilon=0.1`)."""
+        if self.tag:
+            return self.tag
+        default = type(self).model_construct().model_dump()  # not validated: this check would recurse
+        parts = [self.name]
+        for key, value in self.model_dump().items():
+            if key not in ("name", "tag") and value != default[key]:
+                parts.append(f"{key}={value}")
+        return "-".join(parts)
+
+    @model_validator(mode="after")
+    def _directory_tag_fits(self) -> StrategyConfig:
+        tag = self.directory_tag()
+        if len(tag.encode()) > MAX_TAG_BYTES:  # one directory level: filesystems allow 255 bytes
+            raise ValueError(
+                f"its run directory name '{tag[:40]}...' is {len(tag.encode())} bytes (at most {MAX_TAG_BYTES}); "
+                "name the variant with strategy.tag"
+            )
+        return self
 
 
 @dataclass(frozen=True)
