@@ -210,7 +210,7 @@ def main() -> None:  # pragma: no cover - console-script shim
 
 
 # --------------------------------------------------------------------------------------------------
-# Sweeps, reports, predictions (logic in clue_adv/sweep.py, report.py, predict.py)
+# Sweeps, reports, predictions (logic in clue_adv/sweep/, report/, predict.py)
 
 
 MetricOpt = Annotated[
@@ -275,10 +275,12 @@ def sweep(
     metric: MetricOpt = "best",
 ) -> None:
     """Run a grid of runs (tasks × strategies × hyperparameters × seeds); resumes where it stopped."""
-    from clue_adv.sweep import EXECUTORS, load_plan, plan_data_problems, run_sweep
+    from clue_adv.sweep import check_executor, load_plan, plan_data_problems, run_sweep
 
-    if executor not in EXECUTORS:
-        _fail(ClueAdvError(f"--executor: unknown executor {executor!r} (valid: {', '.join(EXECUTORS)})"))
+    try:
+        check_executor(executor)
+    except ClueAdvError as e:
+        _fail(e)
     _check_metric(metric)
     try:
         plan = load_plan(config, output_dir, set_ or [])

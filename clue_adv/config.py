@@ -13,10 +13,10 @@ import os
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from clue_adv.diagnostics import DiagnosticsConfig
 from clue_adv.errors import ConfigError
@@ -478,6 +478,39 @@ def set_dotted(data: dict[str, Any], key: str, value: Any, what: str | None = No
     node[parts[-1]] = copy.deepcopy(value)
 
 
+def did_you_mean(word: str, names: list[str]) -> str:
+    """A hint for a misspelt field or parameter: the closest of `names`, else all of them (nothing without names)."""
+    close = difflib.get_close_matches(word, names, n=1)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f" (valid: {', '.join(names)})" if names else ""
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def check_key(root: type[BaseModel], key: str) -> str | None:
+    """None if `key` (dotted, as in `--set`) names a field of `root`, else a message with a 'did you mean'."""
+    model: type[BaseModel] | None = root
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if model is None:
+            return f"'{'.'.join(parts[:i])}' is not a block of fields"
+        fields = model.model_fields
+        if part not in fields:
+            where = ".".join(parts[:i])
+            return f"unknown field '{part}'" + (f" in '{where}'" if where else "") + did_you_mean(part, list(fields))
+        model = _model_of(fields[part].annotation)
+    return None
+
+
 def _field_names(root: type[StrictModel], loc: tuple[Any, ...]) -> list[str]:
     """Names valid at `loc`'s parent, for 'did you mean' hints."""
     model: type[StrictModel] | None = root
@@ -504,10 +537,7 @@ def format_validation_errors(err: ValidationError, root: type[StrictModel] = Run
         path = ".".join(shown) or "(top level)"
         kind = e["type"]
         if kind == "extra_forbidden":
-            names = _field_names(root, loc)
-            close = difflib.get_close_matches(str(loc[-1]), names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else (f" (valid: {', '.join(names)})" if names else "")
-            problems.append(f"{path}: unknown field{hint}")
+            problems.append(f"{path}: unknown field{did_you_mean(str(loc[-1]), _field_names(root, loc))}")
         elif kind == "union_tag_invalid":
             tag = e.get("ctx", {}).get("tag")
             problems.append(f"{path}.name: unknown strategy {tag!r}; valid: {', '.join(registry())}")

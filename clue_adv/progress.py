@@ -1,7 +1,9 @@
-"""Progress for a run: a rich bar on a terminal, plain log lines otherwise (CI logs, files, Slurm)."""
+"""Progress for a run: a rich bar on a terminal, plain log lines otherwise (CI logs, files, Slurm); and the two
+ways durations are written: compact on progress lines (`1m05s`), readable in the report's tables (`1.5 min`)."""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -93,3 +95,24 @@ class RunProgress:
             epoch = f"ep {self._epoch}/{self.epochs} " if self.epochs is not None else ""
             info = self._info(*self._last) if self._last else f"{epoch}{self.eval_name} {100 * accuracy:.2f}"
             self._progress.update(self._task, info=info)
+
+
+def short_duration(seconds: float) -> str:
+    """`42s`, `3m07s`, `2h05m`: a sweep's progress lines, ETAs and run ages."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def long_duration(seconds: float) -> str:
+    """`42.0 s`, `3.1 min`, `2.08 h`, or `–` where nothing was measured: the report's cost table."""
+    if not math.isfinite(seconds):
+        return "–"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"

@@ -18,7 +18,6 @@ import contextlib
 import math
 import os
 import platform
-import resource
 import subprocess
 import time
 import warnings
@@ -37,6 +36,7 @@ from clue_adv.config import RunConfig, require_nameable
 from clue_adv.data import TaskData, eval_loader, load_task_data, train_loader
 from clue_adv.errors import ClueAdvError, ConfigError, RunFailed
 from clue_adv.evaluate import evaluate
+from clue_adv.memory import peak_memory_mb
 from clue_adv.model import (
     build_model,
     build_tokenizer,
@@ -695,25 +695,6 @@ def library_versions() -> dict[str, str]:
         "datasets": datasets.__version__,
         "clue_adv": clue_adv.__version__,
     }
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    # VmHWM (Linux) is the process's peak resident memory since the last reset (a sweep writes "5" to
-    # /proc/self/clear_refs before each in-process run); ru_maxrss is the peak since the process started.
-    peak = process_peak_rss_mb()
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def process_peak_rss_mb() -> float | None:
-    """This process's peak resident memory since the last reset (VmHWM, MiB), or None where unreadable."""
-    try:
-        for line in Path("/proc/self/status").read_text(encoding="ascii", errors="replace").splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # the kernel reports kB
-    except (OSError, ValueError, IndexError):
-        return None
     return None
 
 

@@ -164,6 +164,16 @@ def test_bad_sweeps_exit_2_naming_the_field(tmp_path, body, needles):
     assert not (tmp_path / "out").exists()
 
 
+def test_set_keys_are_checked_like_the_sweeps_own_keys(tmp_path):
+    path = write_sweep(tmp_path, {"seeds": 1})
+    with pytest.raises(ConfigError) as e:
+        load_plan(path, overrides=["task=iflytek", "optim.lrr=1"])
+    assert e.value.problems == [
+        "--set task: set it with the sweep's `tasks` field",  # was `--set.task`, unlike the line below
+        "--set optim.lrr: unknown field 'lrr' in 'optim' (did you mean 'lr'?)",
+    ]
+
+
 def test_a_tagged_block_under_a_strategy_grid_gets_one_directory_per_value(tmp_path):
     path = write_sweep(
         tmp_path,
@@ -230,7 +240,7 @@ def test_slurm_block_reaches_the_submitit_executor(tmp_path, monkeypatch):
 
 
 def test_resume_after_interruption_reruns_exactly_the_unfinished_runs(tmp_path, monkeypatch):
-    import clue_adv.train
+    import clue_adv.sweep.outcome
     from clue_adv.regularizers.gaussian_noise import GaussianNoise
 
     path = write_sweep(tmp_path, {"seeds": 2, "strategies": [{"name": "none"}, {"name": "gaussian_noise"}]})
@@ -266,13 +276,13 @@ def test_resume_after_interruption_reruns_exactly_the_unfinished_runs(tmp_path, 
     assert [c.state for c in plan.cells] == ["completed", "failed", "completed", "interrupted"]
     done = {c.directory: (c.directory / "summary.json").read_bytes() for c in plan.cells if c.done}
     ran = []
-    real_train = clue_adv.train.train
+    real_train = clue_adv.sweep.outcome.train
 
     def recording_train(cfg, *args, **kwargs):
         ran.append((cfg.strategy.name, cfg.seed))
         return real_train(cfg, *args, **kwargs)
 
-    monkeypatch.setattr(clue_adv.train, "train", recording_train)
+    monkeypatch.setattr(clue_adv.sweep.outcome, "train", recording_train)
     second = run_sweep(plan, console=quiet())
     assert ran == [("gaussian_noise", 1), ("gaussian_noise", 2)]
     assert second.exit_code == 0 and len(second.by_status("skipped")) == 2 and len(second.by_status("completed")) == 2
@@ -336,19 +346,19 @@ def test_a_cell_that_fails_in_setup_leaves_a_failed_run_directory(tmp_path):
 
 
 def test_an_interrupted_sweep_leaves_a_manifest_and_the_report_shows_unstarted_cells(tmp_path, monkeypatch):
-    import clue_adv.train
+    import clue_adv.sweep.outcome
     from clue_adv.report import build_report
 
     path = write_sweep(tmp_path, {"seeds": 3, "strategies": [{"name": "none"}]})
     plan = load_plan(path)
-    real_train = clue_adv.train.train
+    real_train = clue_adv.sweep.outcome.train
 
     def train_then_ctrl_c(cfg, *args, **kwargs):
         if cfg.seed == 2:
             raise KeyboardInterrupt
         return real_train(cfg, *args, **kwargs)
 
-    monkeypatch.setattr(clue_adv.train, "train", train_then_ctrl_c)
+    monkeypatch.setattr(clue_adv.sweep.outcome, "train", train_then_ctrl_c)
     assert run_sweep(plan, console=quiet()).interrupted
     manifest = json.loads((tmp_path / "out" / "sw" / "sweep.json").read_text(encoding="utf-8"))
     assert manifest["experiment"] == "sw" and manifest["sweep"] == str(path)
@@ -360,12 +370,13 @@ def test_an_interrupted_sweep_leaves_a_manifest_and_the_report_shows_unstarted_c
 
 
 def test_cpu_peak_memory_is_null_for_runs_that_share_the_sweeps_process(tmp_path, monkeypatch):
-    import clue_adv.sweep as sweep_module
+    import clue_adv.memory
+    import clue_adv.sweep.local
     from clue_adv.report import build_report, cost_rows
 
-    monkeypatch.setattr(sweep_module, "_trained_in_this_process", False)  # as in a fresh `clue-adv sweep`
+    monkeypatch.setattr(clue_adv.sweep.local, "_trained_in_this_process", False)  # as in a fresh `clue-adv sweep`
     # A system that cannot reset the process's peak resident memory (not Linux, or a refusing kernel).
-    monkeypatch.setattr(sweep_module, "_PROC_CLEAR_REFS", tmp_path / "missing" / "clear_refs")
+    monkeypatch.setattr(clue_adv.memory, "PROC_CLEAR_REFS", tmp_path / "missing" / "clear_refs")
     path = write_sweep(tmp_path, {"seeds": [1], "strategies": [{"name": "none"}, {"name": "gaussian_noise"}]})
     result = run_sweep(load_plan(path), console=quiet())
     first, second = (read_summary(r.cell.directory) for r in result.results)
@@ -381,13 +392,14 @@ def test_cpu_peak_memory_is_null_for_runs_that_share_the_sweeps_process(tmp_path
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc/self/clear_refs")
 def test_cpu_peak_memory_is_reset_between_runs_that_share_the_sweeps_process(tmp_path, monkeypatch):
-    import clue_adv.sweep as sweep_module
-    import clue_adv.train
+    import clue_adv.memory
+    import clue_adv.sweep.local
+    import clue_adv.sweep.outcome
 
-    if not sweep_module._reset_peak_rss():
+    if not clue_adv.memory.reset_peak_rss():
         pytest.skip("this kernel refuses to reset the peak resident memory")
-    monkeypatch.setattr(sweep_module, "_trained_in_this_process", False)
-    real_train, calls = clue_adv.train.train, []
+    monkeypatch.setattr(clue_adv.sweep.local, "_trained_in_this_process", False)
+    real_train, calls = clue_adv.sweep.outcome.train, []
 
     def train_after_a_big_peak(cfg, *args, **kwargs):
         calls.append(cfg.strategy.name)
@@ -397,7 +409,7 @@ def test_cpu_peak_memory_is_reset_between_runs_that_share_the_sweeps_process(tmp
             del block
         return real_train(cfg, *args, **kwargs)
 
-    monkeypatch.setattr(clue_adv.train, "train", train_after_a_big_peak)
+    monkeypatch.setattr(clue_adv.sweep.outcome, "train", train_after_a_big_peak)
     path = write_sweep(tmp_path, {"seeds": [1], "strategies": [{"name": "none"}, {"name": "gaussian_noise"}]})
     result = run_sweep(load_plan(path), console=quiet())
     first, second = (read_summary(r.cell.directory) for r in result.results)
@@ -515,7 +527,7 @@ def test_dry_run_with_slurm_shows_the_sbatch_script_and_which_task_holds_which_r
 def test_slurm_queue_reads_squeue_and_says_none_when_it_cannot(monkeypatch):
     import subprocess
 
-    import clue_adv.sweep as sweep_module
+    import clue_adv.sweep.slurm as sweep_module
 
     listing = "12_[2-4,7%2] PENDING\n12_0 RUNNING\n13 PENDING\n"
     monkeypatch.setattr(sweep_module.shutil, "which", lambda name: "/usr/bin/squeue")
@@ -541,7 +553,7 @@ def test_slurm_queue_reads_squeue_and_says_none_when_it_cannot(monkeypatch):
 
 
 def test_status_from_run_directories_and_the_queue(tmp_path, monkeypatch):
-    import clue_adv.sweep as sweep_module
+    import clue_adv.sweep.status as sweep_module
 
     path = write_sweep(tmp_path, {"seeds": [1, 2, 3, 4], "strategies": [{"name": "none"}, {"name": "fgm"}]})
     cells = load_plan(path).cells
@@ -617,14 +629,15 @@ def test_a_running_run_whose_process_died_shows_as_interrupted(tmp_path):
 
 
 def test_a_run_whose_job_is_still_queued_is_not_started_again(tmp_path, monkeypatch):
-    import clue_adv.sweep as sweep_module
+    import clue_adv.sweep.slurm
+    from clue_adv.sweep import submission
 
     path = write_sweep(tmp_path, {"seeds": [1], "strategies": [{"name": "none"}, {"name": "fgm"}]})
     cells = load_plan(path).cells
     _fake_run(cells[1], "running", job="9_1")
-    monkeypatch.setattr(sweep_module, "slurm_queue", lambda: {"9_1": "RUNNING"})
+    monkeypatch.setattr(clue_adv.sweep.slurm, "slurm_queue", lambda: {"9_1": "RUNNING"})
     plan = load_plan(path)
-    todo, queued = sweep_module.submission(plan, force=True)
+    todo, queued = submission(plan, force=True)
     assert [c.directory for c in todo] == [cells[0].directory] and list(queued) == [cells[1].directory]
     console = quiet()
     with console.capture() as captured:
@@ -635,7 +648,7 @@ def test_a_run_whose_job_is_still_queued_is_not_started_again(tmp_path, monkeypa
 
 
 def test_a_job_that_leaves_the_queue_without_a_result_is_a_failed_run(tmp_path, monkeypatch):
-    import clue_adv.sweep as sweep_module
+    import clue_adv.sweep.slurm as sweep_module
 
     path = write_sweep(tmp_path, {"seeds": [1], "strategies": [{"name": "none"}]})
     cell = load_plan(path).cells[0]
@@ -658,7 +671,7 @@ def test_a_job_that_leaves_the_queue_without_a_result_is_a_failed_run(tmp_path, 
     monkeypatch.setattr(sweep_module, "RESULT_GRACE_S", 0.0)
     console = quiet()
     progress = sweep_module.SweepProgress(1, 0, console, show=False)
-    result = sweep_module._wait_for_jobs([cell], [Job()], "slurm", progress, console)
+    result = sweep_module.wait_for_jobs([cell], [Job()], "slurm", progress, console)
     [r] = result.results
     assert r.status == "failed" and r.error.startswith("job 5_0 ended without a result (cancelled")
     assert "its log ends: tnews/none/seed-1 step 3/10" in r.error

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from rich.console import Console
 from typer.testing import CliRunner
 
-import clue_adv.sweep
+import clue_adv.sweep.local
 from clue_adv.cli import app
 from clue_adv.data import ASSETS
 from clue_adv.rundir import read_summary
@@ -101,7 +101,7 @@ def test_devices_give_each_worker_its_gpu_and_its_share_of_the_cores(tmp_path, m
             command = [command[0], "-c", PROBE, *command[3:]]
         return real_popen(command, *args, **kwargs)
 
-    monkeypatch.setattr(clue_adv.sweep.subprocess, "Popen", popen)
+    monkeypatch.setattr(clue_adv.sweep.local.subprocess, "Popen", popen)
     path = write_sweep(tmp_path, {"seeds": [1, 2]})
     result = runner.invoke(app, ["sweep", "-c", str(path), "--devices", "3,5", "--no-report"])
     assert result.exit_code == 0, result.output
@@ -128,7 +128,7 @@ def test_devices_give_each_worker_its_gpu_and_its_share_of_the_cores(tmp_path, m
 
 
 def test_cli_force_reruns_completed_cells(tmp_path, monkeypatch):
-    import clue_adv.train
+    import clue_adv.sweep.outcome
 
     path = write_sweep(tmp_path, {"seeds": [1, 2]})
     args = ["sweep", "-c", str(path), "--no-report"]
@@ -141,13 +141,13 @@ def test_cli_force_reruns_completed_cells(tmp_path, monkeypatch):
     stamps = {d: (d / "summary.json").stat().st_mtime_ns for d in before}
 
     ran = []
-    real_train = clue_adv.train.train
+    real_train = clue_adv.sweep.outcome.train
 
     def recording_train(cfg, *a, **kw):
         ran.append((cfg.seed, kw.get("force")))
         return real_train(cfg, *a, **kw)
 
-    monkeypatch.setattr(clue_adv.train, "train", recording_train)
+    monkeypatch.setattr(clue_adv.sweep.outcome, "train", recording_train)
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "2 skipped" in again.output, again.output
     assert all((d / "summary.json").read_bytes() == b for d, b in before.items())  # nothing rerun

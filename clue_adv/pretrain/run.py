@@ -29,6 +29,7 @@ import torch
 from clue_adv.checks import check_pretrain_paths
 from clue_adv.config import require_nameable
 from clue_adv.errors import ConfigError, RunFailed, interrupts_deferred
+from clue_adv.memory import peak_memory_mb
 from clue_adv.model import build_tokenizer, check_vocab_size
 from clue_adv.pretrain.checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_state, save_checkpoint
 from clue_adv.pretrain.config import PretrainConfig, parse_pretrain_config, run_directory
@@ -59,7 +60,6 @@ from clue_adv.train import (
     git_commit,
     library_versions,
     note_hub_use,
-    peak_memory_mb,
     resolve_device,
 )
 

@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from clue_adv.progress import long_duration
 from clue_adv.regularizers import registry
 from clue_adv.report.collect import NOT_STARTED, RunRecord
 from clue_adv.report.study import STUDY, matches_study_setting, study_row
@@ -241,16 +242,6 @@ def method_note(table: ExperimentTable, metric: str) -> str:
 # Cost
 
 
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "–"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.2f} h"
-
-
 def cost_rows(table: ExperimentTable) -> tuple[list[str], list[list[str]]]:
     header = ["task", "strategy", "runs", "step time (ms)"]
     if table.baseline is not None:
@@ -265,6 +256,6 @@ def cost_rows(table: ExperimentTable) -> tuple[list[str], list[list[str]]]:
             row = [TASK_NAMES.get(task, task), tag, str(cell.completed), _num(1000 * cell.step_time_s, 1)]
             if table.baseline is not None:
                 row.append(_num(cell.step_time_ratio, 2))
-            row += [_duration(cell.wall_time_s), _num(cell.peak_memory_mb, 0)]
+            row += [long_duration(cell.wall_time_s), _num(cell.peak_memory_mb, 0)]
             rows.append(row)
     return header, rows
