@@ -511,12 +511,19 @@ def check_key(root: type[BaseModel], key: str) -> str | None:
     return None
 
 
+def _is_union_tag(loc: tuple[Any, ...], i: int) -> bool:
+    """Whether `loc[i]` is the tag pydantic puts into the path of a strategy block: `strategy.<tag>.epsilon` in a
+    run config, `strategies.<n>.<tag>.epsilon` in a sweep file. Users wrote no such level."""
+    if i == 0 or loc[i] not in registry():
+        return False
+    return loc[i - 1] == "strategy" or (i > 1 and isinstance(loc[i - 1], int) and loc[i - 2] == "strategies")
+
+
 def _field_names(root: type[StrictModel], loc: tuple[Any, ...]) -> list[str]:
     """Names valid at `loc`'s parent, for 'did you mean' hints."""
     model: type[StrictModel] | None = root
     for i, part in enumerate(loc[:-1]):
-        if i > 0 and loc[i - 1] == "strategy" and part in registry():
-            # Inside the strategy union pydantic puts the tag in the path: ('strategy', 'fgm', 'epsilon').
+        if _is_union_tag(loc, i):
             model = registry()[part].config_class
             continue
         field = model.model_fields.get(str(part)) if model is not None else None
@@ -532,8 +539,9 @@ def format_validation_errors(err: ValidationError, root: type[StrictModel] = Run
     problems = []
     for e in err.errors():
         loc = tuple(e["loc"])
+        bad_key = loc[-1:] == ("[key]",)  # a mapping's key failed (e.g. a sweep's `overrides` key): the path names it
         # pydantic puts the union tag into the path; drop it so users see the YAML path they wrote.
-        shown = [str(p) for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] == "strategy" and p in registry())]
+        shown = [str(p) for i, p in enumerate(loc[:-1] if bad_key else loc) if not _is_union_tag(loc, i)]
         path = ".".join(shown) or "(top level)"
         kind = e["type"]
         if kind == "extra_forbidden":
@@ -552,7 +560,7 @@ def format_validation_errors(err: ValidationError, root: type[StrictModel] = Run
             problems.append(str(e["msg"]).removeprefix("Value error, "))
         else:
             got = e.get("input")
-            shown_input = "" if isinstance(got, dict) or repr(got) in str(e["msg"]) else f" (got {got!r})"
+            shown_input = "" if bad_key or isinstance(got, dict) or repr(got) in str(e["msg"]) else f" (got {got!r})"
             message = str(e["msg"]).removeprefix("Value error, ")  # pydantic's prefix for our own ValueErrors
             problems.append(f"{path}: {message}{shown_input}")
     return problems

@@ -6,14 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from clue_adv.checks import Sources, check_pretrain_paths, data_problems, hub_position_check, path_problems
 from clue_adv.config import TASKS, apply_override, expand_path, load_yaml, merge, parse_config
 from clue_adv.errors import ClueAdvError, DataError
 from clue_adv.pretrain.config import PretrainConfig, is_pretrain_config, parse_pretrain_config
 from clue_adv.pretrain.text import read_texts
-from clue_adv.sweep import SweepConfig, load_plan, plan_sweep
+from clue_adv.sweep import load_plan
 
 
 def _pretrain_data_problems(cfg: PretrainConfig) -> list[str]:
@@ -65,33 +63,6 @@ def _raw_sweep_problems(path: Path, data: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _beyond_the_sweep_schema(path: Path, raw: dict[str, Any], overrides: list[str]) -> list[str]:
-    """When the sweep file's own schema fails, load_plan stops there; plan the sweep again without the top-level
-    fields that failed, so the problems of the rest (strategy blocks, override keys, grid, cell values, paths)
-    are reported in the same pass. Empty when the schema was not what failed, or too little remains to plan."""
-    try:
-        SweepConfig.model_validate(raw)
-        return []
-    except ValidationError as e:
-        failed = {err["loc"][0] for err in e.errors() if err["loc"]}
-    if "base" in failed:  # nothing to plan the cells against
-        return []
-    try:
-        rest = SweepConfig.model_validate({k: v for k, v in raw.items() if k not in failed})
-        plan_sweep(rest, path, overrides=overrides)
-    except ValidationError:  # what remains does not make a sweep either: the first report stands
-        return []
-    except ClueAdvError as e:
-        # Without the failed experiment/output_dir the cells' directories are not theirs: no conflicts there.
-        moved = bool(failed & {"experiment", "output_dir"})
-        return [
-            p
-            for p in (e.problems or [e.message])
-            if "run config not found" not in p and not (moved and "holds a run with a different config" in p)
-        ]
-    return []
-
-
 def _validate_sweep(path: Path, merged: list[Path], overrides: list[str], notes: list[str] | None = None) -> list[str]:
     if merged:
         return [f"--with {', '.join(map(str, merged))}: cannot merge over a sweep file (use the sweep's `base`)"]
@@ -103,8 +74,7 @@ def _validate_sweep(path: Path, merged: list[Path], overrides: list[str], notes:
             raw = load_yaml(path)
         except ClueAdvError:
             return problems
-        extra = _raw_sweep_problems(path, raw) + _beyond_the_sweep_schema(path, raw, overrides)
-        return list(dict.fromkeys(problems + extra))
+        return list(dict.fromkeys(problems + _raw_sweep_problems(path, raw)))
     # load_plan has checked every cell's schema and paths; the data contents and hub models remain, once per
     # source.
     problems = []

@@ -136,13 +136,16 @@ def test_strategy_grid_keys_apply_only_where_the_parameter_exists(tmp_path):
         ({"grid": {"fgm.eps": [0.1]}, "strategies": [{"name": "fgm"}]}, ["grid.fgm.eps:", "did you mean 'epsilon'"]),
         ({"grid": {"fgm.epsilon": [0.1]}}, ["grid.fgm.epsilon: no `fgm` block in strategies"]),
         ({"grid": {"seed": [1, 2]}}, ["grid.seed: set it with the sweep's `seeds` field"]),
-        ({"strategies": [{"name": "nope"}]}, ["strategies[0] (nope): name: unknown strategy 'nope'"]),
-        ({"strategies": [{"name": "fgm", "epsilon": -1}]}, ["strategies[0] (fgm): epsilon: Input should be greater"]),
+        ({"strategies": [{"name": "nope"}]}, ["strategies.0.name: unknown strategy 'nope'"]),
+        ({"strategies": [{"name": "fgm", "epsilon": -1}]}, ["strategies.0.epsilon: Input should be greater"]),
+        ({"strategies": [{"name": "fgm", "epsilonn": 1}]}, ["strategies.0.epsilonn: unknown field (did you mean"]),
         ({"overrides": {"epochs": 0}}, ["sw/tnews/none: epochs: Input should be greater than 0"]),
         ({"overrides": {"strategy.epsilon": 1}}, ["overrides.strategy.epsilon: strategy fields belong in"]),
         ({"overrides": {"data.path": "/no/such/dir"}}, ["sw/tnews: data.path: directory not found: /no/such/dir"]),
         ({"seeds": [1, 1]}, ["seeds: seeds repeat"]),
-        ({"strategies": [{"name": ["fgm"]}]}, ["strategies[0].name: must be a strategy name", "(valid: none, "]),
+        ({"strategies": [{"name": ["fgm"]}]}, ["strategies.0.name: unknown strategy \"['fgm']\"", "valid: none, "]),
+        ({"strategies": ["fgm"]}, ["strategies.0: Input should be a valid dictionary"]),
+        ({"per_task": {"tnews": {"optim.lrr": 1}}}, ["per_task.tnews.optim.lrr: unknown field 'lrr' in 'optim'"]),
         # Bounded so that a typo fails at once: these used to hang `--dry-run` or raise MemoryError.
         ({"seeds": 200000}, ["seeds", "less than or equal to 1000"]),
         ({"seeds": 1.3e16}, ["seeds", "less than or equal to 1000"]),
@@ -162,6 +165,19 @@ def test_bad_sweeps_exit_2_naming_the_field(tmp_path, body, needles):
         assert needle in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_strategy_blocks_are_typed_by_the_run_configs_strategy_union(tmp_path):
+    path = write_sweep(tmp_path, {"seeds": 1, "strategies": [{"name": "fgm", "epsilon": 0.25}, {"name": "none"}]})
+    assert [type(b).__name__ for b in load_sweep(path).strategies] == ["FGMConfig", "NoneConfig"]
+    # Without `strategies`, the base's strategy is the one block, checked as the base file's field.
+    path = write_sweep(tmp_path, {"seeds": 1}, "from-base.yaml")
+    base_file = tmp_path / "configs" / "tiny.yaml"  # written by write_sweep
+    base = yaml.safe_load(base_file.read_text())
+    base_file.write_text(yaml.safe_dump({**base, "strategy": {"name": "fgm", "epsilon": -1}}))
+    with pytest.raises(ConfigError) as e:
+        load_plan(path)
+    assert e.value.problems == ["base: strategy.epsilon: Input should be greater than or equal to 0 (got -1)"]
 
 
 def test_set_keys_are_checked_like_the_sweeps_own_keys(tmp_path):
@@ -444,10 +460,10 @@ def test_smoke_sweep_end_to_end_prints_a_row_per_strategy(tmp_path):
     table = report.split("### Dev accuracy at the best epoch (%)")[1].split("###")[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| strategy")]
     assert len(rows) == len(sweep.strategies)
-    assert {row.split(" | ")[0][2:] for row in rows} == {tag_of(block) for block in sweep.strategies}
+    assert {row.split(" | ")[0][2:] for row in rows} == {block.directory_tag() for block in sweep.strategies}
     assert all("(n=2)" in row for row in rows)
     for block in sweep.strategies:
-        assert tag_of(block)[:10] in result.output  # the terminal table
+        assert block.directory_tag()[:10] in result.output  # the terminal table
     assert len(list((tmp_path / "smoke" / "plots").glob("*.png"))) == 3
     dry = runner.invoke(
         app, ["sweep", "-c", str(REPO / "sweeps" / "smoke.yaml"), "-o", str(tmp_path), *sets, "--dry-run"]
@@ -461,8 +477,7 @@ def test_smoke_sweep_end_to_end_prints_a_row_per_strategy(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_sweep_is_valid(path, tmp_path):
-    sweep = load_sweep(path)
-    wanted = {b["name"] for b in sweep.strategies or []}
+    wanted = {b["name"] for b in yaml.safe_load(path.read_text(encoding="utf-8")).get("strategies") or []}
     missing = wanted - set(registry())
     if missing:
         pytest.skip(f"strategies not registered in this checkout: {', '.join(sorted(missing))}")

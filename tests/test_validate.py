@@ -274,8 +274,8 @@ def test_a_sweep_reports_every_stage_in_one_pass(tmp_path):
     for needle in (
         "seedz: unknown field (did you mean 'seeds'?)",
         "overrides.optim.lrr: unknown field",
-        "strategies[0] (fgmm): name: unknown strategy 'fgmm'",
-        "strategies[1] (fgm): epsilon: Input should be greater than or equal to 0",
+        "strategies.0.name: unknown strategy 'fgmm'",
+        "strategies.1.epsilon: Input should be greater than or equal to 0",
     ):
         assert needle in text, (needle, text)
     second = tmp_path / "s2.yaml"

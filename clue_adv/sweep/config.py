@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator
 
-from clue_adv.config import MAX_SEED, format_validation_errors, load_yaml
+from clue_adv.config import MAX_SEED, RunConfig, StrategyBlock, check_key, format_validation_errors, load_yaml
 from clue_adv.errors import ConfigError
 from clue_adv.schema import StrictModel
 
@@ -27,6 +27,25 @@ RESERVED = {
 # instead of hanging `--dry-run` or exhausting memory.
 MAX_SEEDS = 1000
 MAX_RUNS = 100_000
+
+
+def reserved_key_problem(key: str) -> str | None:
+    """Why a dotted run-config key cannot be set through `overrides`, `per_task` or `--set` (None: it can)."""
+    head = key.split(".")[0]
+    if head in RESERVED:
+        return f"set it with the sweep's `{RESERVED[head]}` field"
+    if head == "strategy":
+        return "strategy fields belong in `strategies` blocks (or `grid`)"
+    return check_key(RunConfig, key)
+
+
+def _settable(key: str) -> str:
+    if problem := reserved_key_problem(key):
+        raise ValueError(problem)
+    return key
+
+
+RunKey = Annotated[str, AfterValidator(_settable)]  # a dotted run-config field, e.g. `optim.lr`
 
 
 class SlurmConfig(StrictModel):
@@ -75,7 +94,7 @@ class SweepConfig(StrictModel):
         description=f"Seeds: a count N (seeds 1..N) or an explicit list. The same seeds for every strategy. At "
         f"most {MAX_SEEDS}, so that a typo (`seeds: 200000`) fails at once instead of stalling the plan.",
     )
-    strategies: list[dict[str, Any]] | None = Field(
+    strategies: list[StrategyBlock] | None = Field(
         None,
         description="Strategy blocks (`name` plus parameters, as in a run config's `strategy`); default: the "
         "base's strategy. Include `{name: none}` for the baseline the report compares against.",
@@ -85,12 +104,12 @@ class SweepConfig(StrictModel):
         description="Dotted key -> values; every combination is crossed with the rest. `fgm.epsilon` varies the "
         "fgm blocks, `strategy.epsilon` every block that has `epsilon`, `optim.lr` every cell.",
     )
-    overrides: dict[str, Any] = Field(
+    overrides: dict[RunKey, Any] = Field(
         default_factory=dict,
         description="Dotted key -> value applied to every cell (e.g. a tiny model). `{task}` in a string value "
         "is replaced by the cell's task (data.path: data/clue/{task}).",
     )
-    per_task: dict[Task, dict[str, Any]] = Field(
+    per_task: dict[Task, dict[RunKey, Any]] = Field(
         default_factory=dict, description="Task -> {dotted key: value} applied to that task's cells only."
     )
     slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="Slurm resources (`--executor slurm`).")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from clue_adv.checks import check_data, check_paths, check_raw_paths
 from clue_adv.config import (
@@ -37,8 +37,9 @@ from clue_adv.config import (
 )
 from clue_adv.errors import ConfigError
 from clue_adv.regularizers import registry
+from clue_adv.regularizers.base import StrategyConfig
 from clue_adv.rundir import existing_state, read_summary, run_dir
-from clue_adv.sweep.config import MAX_RUNS, RESERVED, SweepConfig, load_sweep
+from clue_adv.sweep.config import MAX_RUNS, RESERVED, SweepConfig, load_sweep, reserved_key_problem
 
 
 @dataclass
@@ -90,10 +91,10 @@ def plan_sweep(
     line's `--set`, applied last."""
     source = Path(source)
     base = _base(sweep, source)
-    problems = _key_problems(sweep, overrides or [])
+    problems = _set_key_problems(overrides or [])
     tasks = _tasks(sweep, base, problems)
     classes = {name: cls.config_class for name, cls in registry().items()}
-    blocks = _strategy_blocks(sweep, base, classes, problems)
+    blocks = _strategy_blocks(sweep, base, problems)
     grid = _grid(sweep, blocks, classes, problems)
     if problems:
         raise ConfigError(f"{source}: {len(problems)} problem(s)", problems)
@@ -131,21 +132,10 @@ def _base(sweep: SweepConfig, source: Path) -> dict[str, Any]:
     return base
 
 
-def reserved_key_problem(key: str) -> str | None:
-    """Why a dotted key cannot be set through `overrides`, `per_task` or `--set` (None: it can)."""
-    head = key.split(".")[0]
-    if head in RESERVED:
-        return f"set it with the sweep's `{RESERVED[head]}` field"
-    if head == "strategy":
-        return "strategy fields belong in `strategies` blocks (or `grid`)"
-    return check_key(RunConfig, key)
-
-
-def _key_problems(sweep: SweepConfig, overrides: list[str]) -> list[str]:
-    keys = [("--set ", assignment.partition("=")[0].strip()) for assignment in overrides]
-    keys += [("overrides.", key) for key in sweep.overrides]
-    keys += [(f"per_task.{task}.", key) for task, block in sweep.per_task.items() for key in block]
-    return [f"{where}{key}: {problem}" for where, key in keys if (problem := reserved_key_problem(key))]
+def _set_key_problems(overrides: list[str]) -> list[str]:
+    """The command line's `--set` keys, held to the rules the schema applies to `overrides` keys."""
+    keys = [assignment.partition("=")[0].strip() for assignment in overrides]
+    return [f"--set {key}: {problem}" for key in keys if (problem := reserved_key_problem(key))]
 
 
 def _tasks(sweep: SweepConfig, base: dict[str, Any], problems: list[str]) -> list[str]:
@@ -173,25 +163,15 @@ def _parse_cell(data: dict[str, Any]) -> tuple[RunConfig | None, list[str]]:
         return None, format_validation_errors(e)
 
 
-def _strategy_blocks(
-    sweep: SweepConfig, base: dict[str, Any], classes: dict[str, type[BaseModel]], problems: list[str]
-) -> list[dict[str, Any]]:
-    """The strategy blocks, each validated through the run schema (so names and parameters are checked against
-    whatever strategies are registered)."""
-    blocks = [copy.deepcopy(b) for b in (sweep.strategies or [base.get("strategy") or {"name": "none"}])]
-    for i, block in enumerate(blocks):
-        if not isinstance(block, dict) or "name" not in block:
-            problems.append(f"strategies[{i}]: a block needs a `name` (valid: {', '.join(classes)})")
-            continue
-        if not isinstance(block["name"], str):  # a list or mapping would also break the name lookups below
-            problems.append(
-                f"strategies[{i}].name: must be a strategy name (a string), got {block['name']!r} "
-                f"(valid: {', '.join(classes)})"
-            )
-            continue
-        _, errs = _parse_cell({"task": "tnews", "strategy": block})
-        problems += [f"strategies[{i}] ({block['name']}): {e.removeprefix('strategy.')}" for e in errs]
-    return blocks
+def _strategy_blocks(sweep: SweepConfig, base: dict[str, Any], problems: list[str]) -> list[StrategyConfig]:
+    """The sweep's strategy blocks (its schema validated them), else the base's strategy, validated here."""
+    if sweep.strategies:
+        return list(sweep.strategies)
+    cfg, errors = _parse_cell({"task": next(iter(TASKS)), "strategy": base.get("strategy") or {"name": "none"}})
+    if cfg is None:
+        problems += [f"base: {e}" for e in errors if e.startswith("strategy")]
+        return []
+    return [cfg.strategy]
 
 
 @dataclass
@@ -200,25 +180,25 @@ class _Grid:
     that has the parameter; the parameter)) and run fields (every cell)."""
 
     values: dict[str, list[Any]]
-    classes: dict[str, type[BaseModel]]
     strategy: dict[str, tuple[str | None, str]]
     run: list[str]
 
-    def variant_keys(self, block: dict[str, Any]) -> list[tuple[str, str]]:
+    def variant_keys(self, block: StrategyConfig) -> list[tuple[str, str]]:
         return [
             (key, param)
             for key, (target, param) in self.strategy.items()
-            if (target is None or target == block["name"]) and check_key(self.classes[block["name"]], param) is None
+            if (target is None or target == block.name) and check_key(type(block), param) is None
         ]
 
-    def n_variants(self, blocks: list[dict[str, Any]]) -> int:
+    def n_variants(self, blocks: list[StrategyConfig]) -> int:
         return sum(math.prod(len(self.values[k]) for k, _ in self.variant_keys(b)) for b in blocks)
 
-    def variants(self, block: dict[str, Any]) -> list[dict[str, Any]]:
+    def variants(self, block: StrategyConfig) -> list[dict[str, Any]]:
+        """The block once per combination of its grid values, as the dict a run config's `strategy` reads."""
         keys = self.variant_keys(block)
         variants = []
         for values in itertools.product(*(self.values[k] for k, _ in keys)):
-            variant = copy.deepcopy(block)
+            variant = block.model_dump(exclude_unset=True)
             for (_, param), value in zip(keys, values, strict=True):
                 set_dotted(variant, param, value)
             # A tag replaces the parameters in the directory name (StrategyConfig.directory_tag), so without the
@@ -232,11 +212,11 @@ class _Grid:
 
 
 def _grid(
-    sweep: SweepConfig, blocks: list[dict[str, Any]], classes: dict[str, type[BaseModel]], problems: list[str]
+    sweep: SweepConfig, blocks: list[StrategyConfig], classes: dict[str, type[StrategyConfig]], problems: list[str]
 ) -> _Grid:
     """Who each grid key applies to; a key that names nothing is a problem."""
-    grid = _Grid(sweep.grid, classes, {}, [])
-    names_in_sweep = {b.get("name") for b in blocks if isinstance(b, dict) and isinstance(b.get("name"), str)}
+    grid = _Grid(sweep.grid, {}, [])
+    names_in_sweep = {b.name for b in blocks}
     for key in sweep.grid:
         head, _, rest = key.partition(".")
         if head in RESERVED:
@@ -285,7 +265,7 @@ def _expand(
     sweep: SweepConfig,
     base: dict[str, Any],
     tasks: list[str],
-    blocks: list[dict[str, Any]],
+    blocks: list[StrategyConfig],
     grid: _Grid,
     output_dir: str | Path | None,
     overrides: list[str],
@@ -328,7 +308,7 @@ def _expand(
                             # Invalid values do not depend on the seed: the label leaves it out, so each problem
                             # shows once. The paths the cell names are still checked, so a bad value does not
                             # hide a missing file.
-                            label = f"{base_experiment + suffix}/{task}/{variant.get('name')}"
+                            label = f"{base_experiment + suffix}/{task}/{block.name}"
                             problems += [f"{label}: {e}" for e in errs]
                             invalid.append(data)
                             continue
