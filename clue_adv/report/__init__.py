@@ -43,6 +43,7 @@ from clue_adv.report.tables import (
     method_note,
     table_rows,
 )
+from clue_adv.rundir import STALE_AFTER_S, STALE_NOTE, last_update, stale_running  # moved to rundir
 
 __all__ = [
     "BASELINE",
@@ -54,6 +55,8 @@ __all__ = [
     "NOT_STARTED",
     "REFERENCE_NOTE",
     "RUN_COLUMNS",
+    "STALE_AFTER_S",
+    "STALE_NOTE",
     "STUDY",
     "STUDY_LABELS",
     "STUDY_PARAMS",
@@ -70,12 +73,14 @@ __all__ = [
     "collect_runs",
     "cost_rows",
     "delta_text",
+    "last_update",
     "method_note",
     "planned_runs",
     "reference_section",
     "render",
     "rich_table",
     "runs_csv",
+    "stale_running",
     "summary_csv",
     "table_json",
     "table_rows",

@@ -7,7 +7,9 @@ process, or a worker process per cell); worker: one cell in its own process (`py
 slurm: a job array through submitit; run: `run_sweep`; status: `sweep --status`.
 """
 
-from clue_adv.sweep.config import MAX_RUNS, MAX_SEEDS, SlurmConfig, SweepConfig, load_sweep
+from clue_adv.config import check_key  # moved to config
+from clue_adv.memory import SHARED_PROCESS_MEMORY_NOTE  # moved to memory
+from clue_adv.sweep.config import MAX_RUNS, MAX_SEEDS, SlurmConfig, SweepConfig, Task, load_sweep
 from clue_adv.sweep.local import MAX_JOBS, available_cores, core_sets
 from clue_adv.sweep.outcome import CellResult, SweepProgress, SweepResult, record_setup_failure
 from clue_adv.sweep.plan import Cell, SweepPlan, load_plan, plan_data_problems, plan_sweep
@@ -37,6 +39,7 @@ __all__ = [
     "QUEUE_POLL_S",
     "RESULT_GRACE_S",
     "SLURM_LOGS",
+    "SHARED_PROCESS_MEMORY_NOTE",
     "SLURM_RECORD",
     "STATUS_ORDER",
     "Cell",
@@ -47,8 +50,10 @@ __all__ = [
     "SweepPlan",
     "SweepProgress",
     "SweepResult",
+    "Task",
     "available_cores",
     "check_executor",
+    "check_key",
     "core_sets",
     "in_queue",
     "load_plan",
