@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
+from clue_adv.data import _collator
 from clue_adv.regularizers.base import Batch, at_least_fp32
 from clue_adv.schema import StrictModel
 
@@ -170,8 +171,6 @@ def subset_batches(
 ) -> list[dict[str, torch.Tensor]]:
     """The tokenized examples at `indices` as padded batches (CPU tensors), sorted by length: little padding,
     and the same batches, hence the same probe draws, for every run measuring the same indices."""
-    from clue_adv.data import _collator
-
     rows = dataset.select(list(indices))
     order = sorted(range(len(rows)), key=lambda i: (len(rows[i]["input_ids"]), i))
     collate = _collator(tokenizer, pad_to_multiple_of)

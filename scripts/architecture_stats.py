@@ -1,11 +1,10 @@
 """Figures of clue_adv's layout: lines per file, import cycles, imports of clue_adv's own modules inside
 functions, and the error-handling count of the sweep. `python scripts/architecture_stats.py [--json]`.
 
-The import graph is read from the source with `ast` (nothing is imported): every `import clue_adv...` at
-module level, under `if TYPE_CHECKING:` too (a cycle that only types close is still a cycle of the design),
-and inside functions (the usual way to hide one). Importing `clue_adv.a.b` from outside package `clue_adv.a`
-runs `clue_adv/a/__init__.py` first, so it is an edge to both. tests/test_architecture.py asserts on the same
-graph.
+The import graph is read from the source with `ast` (nothing is imported): every `import clue_adv...` that runs,
+at module level and inside functions (the usual way to hide a cycle); an import under `if TYPE_CHECKING:` serves
+annotations only, never runs, and is counted apart. Importing `clue_adv.a.b` from outside package `clue_adv.a` runs
+`clue_adv/a/__init__.py` first, so it is an edge to both. tests/test_architecture.py asserts on the same graph.
 """
 
 from __future__ import annotations
@@ -28,8 +27,9 @@ class Module:
     name: str
     path: Path
     lines: int
-    imports: set[str] = field(default_factory=set)  # clue_adv modules it imports, at any level
+    imports: set[str] = field(default_factory=set)  # clue_adv modules it imports when it runs
     lazy: list[tuple[int, str]] = field(default_factory=list)  # (line, module) imported inside a function
+    typing_only: set[str] = field(default_factory=set)  # imported under `if TYPE_CHECKING:`
 
 
 def module_name(path: Path) -> str:
@@ -63,6 +63,14 @@ def _with_parents(target: str, importer: str) -> list[str]:
     return out
 
 
+def _is_type_checking(node: ast.AST) -> bool:
+    """`if TYPE_CHECKING:` (or `typing.TYPE_CHECKING`)."""
+    if not isinstance(node, ast.If):
+        return False
+    test = node.test
+    return getattr(test, "id", None) == "TYPE_CHECKING" or getattr(test, "attr", None) == "TYPE_CHECKING"
+
+
 def read_modules() -> dict[str, Module]:
     paths = sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
     known = {module_name(p) for p in paths}
@@ -73,19 +81,22 @@ def read_modules() -> dict[str, Module]:
         module = Module(name, path, len(text.splitlines()))
         tree = ast.parse(text)
 
-        def visit(node: ast.AST, in_function: bool, module: Module = module, name: str = name) -> None:
+        def visit(
+            node: ast.AST, in_function: bool, typing_only: bool, module: Module = module, name: str = name
+        ) -> None:
             for child in ast.iter_child_nodes(node):
                 if isinstance(child, ast.Import | ast.ImportFrom):
                     for target in _targets(child, name, path.name == "__init__.py", known):
                         if target == name:
                             continue
-                        module.imports.update(t for t in _with_parents(target, name) if t != name)
+                        edges = {t for t in _with_parents(target, name) if t != name}
+                        (module.typing_only if typing_only else module.imports).update(edges)
                         if in_function:
                             module.lazy.append((child.lineno, target))
                 inner = in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
-                visit(child, inner)
+                visit(child, inner, typing_only or _is_type_checking(child))
 
-        visit(tree, False)
+        visit(tree, False, False)
         modules[name] = module
     return modules
 
@@ -156,6 +167,7 @@ def stats() -> dict[str, object]:
         "cycles": cycles(modules),
         "function_level_imports_outside_cli": sum(len(v) for v in lazy.values()),
         "function_level_imports_by_module": {k: len(v) for k, v in sorted(lazy.items())},
+        "typing_only_imports": sum(len(m.typing_only) for m in modules.values()),
         "sweep_files": [str(p.relative_to(ROOT)) for p in sweep_files],
         "sweep_handlers": handler_counts(sweep_files),
     }
@@ -175,6 +187,7 @@ def main() -> None:
     print(f"function-level imports of clue_adv modules outside cli.py: {figures['function_level_imports_outside_cli']}")
     for name, n in figures["function_level_imports_by_module"].items():
         print(f"  {name}: {n}")
+    print(f"modules imported for annotations only (if TYPE_CHECKING): {figures['typing_only_imports']}")
     h = figures["sweep_handlers"]
     print(f"sweep ({len(figures['sweep_files'])} file(s)): {h['except']} except, {h['suppress']} suppress, ", end="")
     print(f"{h['isinstance']} isinstance")
