@@ -81,3 +81,20 @@ def test_validate_names_a_holdout_as_large_as_the_training_file(tmp_path, monkey
     assert f"holdout_size: {TRAIN_ROWS} leaves no training examples (the training split has {TRAIN_ROWS})" in (
         result.output
     )
+
+
+def test_a_sweep_checks_each_holdout_size_against_the_training_file(tmp_path):
+    """Cells that differ only in data.holdout_size read the same files, but only one of them asks too much."""
+    base = tmp_path / "run.yaml"
+    base.write_text(
+        f"task: tnews\ndata: {{path: {ASSETS / 'tnews'}}}\n"
+        f"model: {{name_or_path: {ASSETS / 'tokenizer'}, init: random}}\n"
+    )
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        "base: run.yaml\nexperiment: h\nseeds: 1\nstrategies: [{name: none}]\n"
+        f"grid: {{data.holdout_size: [100, {TRAIN_ROWS}]}}\n"
+    )
+    result = CliRunner().invoke(app, ["sweep", "-c", str(sweep), "--dry-run", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert f"holdout_size: {TRAIN_ROWS} leaves no training examples" in result.output

@@ -363,8 +363,8 @@ def plan_data_problems(plan: SweepPlan) -> list[str]:
     problem names the cells that would read that data."""
     groups: dict[tuple[Any, ...], list[Cell]] = {}
     for cell in plan.cells:
-        c, d = cell.config, cell.config.data
-        key = (c.task, d.path, d.train_file, d.dev_file, d.max_train_samples, d.max_eval_samples)
+        # Everything check_data reads (Sources.of): cells that differ in any of it are checked apart.
+        key = (cell.config.task, cell.config.data.model_dump_json())
         groups.setdefault(key, []).append(cell)
     problems: list[str] = []
     for cells in groups.values():
