@@ -18,6 +18,9 @@ Contenders:
 The Trainer contenders need accelerate, which clue_adv itself does not: `pip install -e '.[bench]'` (`dev`
 includes it).
 
+Every contender trains on one GPU: run as a script, it makes only the first of CUDA_VISIBLE_DEVICES visible (on a
+host with several, transformers.Trainer would otherwise spread its batches over all of them through DataParallel).
+
 The targets compare length-grouped clue_adv with Trainer's defaults (random batches) and with pad128; the
 like-with-like pairs (random vs random, grouped vs grouped) are reported beside them.
 
@@ -44,6 +47,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+def first_gpu_only(visible: str | None) -> str:
+    """The CUDA_VISIBLE_DEVICES that leaves only the first of `visible` (device 0 when unset; none stays none)."""
+    return "0" if visible is None else visible.split(",")[0].strip()
+
+
+if __name__ == "__main__":
+    # One GPU, as clue_adv trains on: transformers.Trainer would wrap the model in DataParallel over every visible
+    # GPU and multiply its batch by their number. Set before anything initialises CUDA, which reads it once.
+    os.environ["CUDA_VISIBLE_DEVICES"] = first_gpu_only(os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -140,7 +154,7 @@ def _training_args(bench: Bench, **extra: Any) -> Any:
     from transformers import TrainingArguments
 
     cfg, cuda = bench.cfg, bench.device.type == "cuda"
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(bench.workdir / "trainer"),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.eval.batch_size,
@@ -161,6 +175,12 @@ def _training_args(bench: Bench, **extra: Any) -> Any:
         disable_tqdm=True,
         **extra,
     )
+    if args.n_gpu > 1:  # CUDA was initialised before the script could pin one GPU (e.g. imported, not run)
+        raise SystemExit(
+            f"transformers.Trainer sees {args.n_gpu} GPUs and would train through DataParallel with a "
+            f"{args.n_gpu}× batch; set CUDA_VISIBLE_DEVICES to one device"
+        )
+    return args
 
 
 def _trainer(bench: Bench, model: torch.nn.Module, **extra: Any) -> Any:
@@ -594,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval_batch_size": eval_bs,
             "rounds": args.rounds,
             "seed": args.seed,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "wall_time_s": round(time.perf_counter() - started, 1),
         },
         "tasks": tasks,

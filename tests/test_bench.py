@@ -226,3 +226,48 @@ def test_throughput_says_which_extra_the_trainer_contenders_need(monkeypatch, ca
     err = capsys.readouterr().err
     assert "trainer_grouped" in err and "pip install -e '.[bench]'" in err
     assert throughput.parse_args(["--contenders", "clue_adv,pad128", "--device", "cpu"]).contenders == "clue_adv,pad128"
+
+
+def test_throughput_run_as_a_script_sees_one_gpu(tmp_path):
+    """transformers.Trainer wraps the model in DataParallel over every visible GPU (and multiplies its batch by their
+    number); the benchmark compares loops on one GPU, so as a script it leaves only the first one visible, before
+    anything can initialise CUDA."""
+    import os
+    import subprocess
+
+    throughput = load_script("bench_throughput")
+    assert throughput.first_gpu_only("2,3") == "2"
+    assert throughput.first_gpu_only("GPU-a1, GPU-b2") == "GPU-a1"
+    assert throughput.first_gpu_only(None) == "0"
+    assert throughput.first_gpu_only("") == ""  # none visible stays none
+    script = str(throughput.common.REPO / "scripts" / "bench_throughput.py")
+    probe = (
+        "import os, runpy, sys\n"
+        f"sys.argv = [{script!r}, '--help']\n"
+        "try:\n"
+        f"    runpy.run_path({script!r}, run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('visible:', os.environ['CUDA_VISIBLE_DEVICES'])\n"
+    )
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": "2,3"}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("visible: 2")
+
+
+def test_throughput_trainer_refuses_to_spread_over_several_gpus(tmp_path, monkeypatch):
+    """Imported rather than run (CUDA may be up before the pin can apply), a Trainer that sees several GPUs stops the
+    benchmark with the fix, instead of timing DataParallel with a doubled batch."""
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    throughput = load_script("bench_throughput")
+    bench = SimpleNamespace(
+        cfg=throughput.common.run_config(architecture=SMALL), device=torch.device("cpu"), workdir=tmp_path
+    )
+    assert throughput._training_args(bench).n_gpu <= 1
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
+    with pytest.raises(SystemExit, match="CUDA_VISIBLE_DEVICES to one device"):
+        throughput._training_args(bench)
