@@ -175,13 +175,27 @@ class Contender:
             self.passes.append((counter.forward, counter.backward, counter.double_backward))
 
 
-def build_contender(row: Row, architecture: dict[str, int], device: torch.device, task: str, seed: int) -> Contender:
+def build_contender(
+    row: Row,
+    architecture: dict[str, Any],
+    device: torch.device,
+    task: str,
+    seed: int,
+    model: torch.nn.Module | None = None,
+    **fields: Any,
+) -> Contender:
+    """A strategy with its own model (or `model`, shared: scripts/gpu_check.py's probes build one per attention
+    implementation and pass it to every strategy that runs on it) and optimizer; `fields` go to the run config
+    (e.g. `precision="fp32"`)."""
     from transformers import set_seed
 
-    cfg = common.run_config(task=task, architecture=architecture, device=device, strategy=row.config.model_dump())
+    cfg = common.run_config(
+        task=task, architecture=architecture, device=device, strategy=row.config.model_dump(), **fields
+    )
     strategy = build_strategy(cfg.strategy)
-    set_seed(seed)  # every contender starts from the same initial weights
-    model = build_model(cfg, bundled_labels(task), strategy.needs_double_backward).to(device)
+    if model is None:
+        set_seed(seed)  # every contender starts from the same initial weights
+        model = build_model(cfg, bundled_labels(task), strategy.needs_double_backward).to(device)
     model.train()
     strategy.setup(model)
     optimizer = build_optimizer(model, cfg, device)
