@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -308,6 +309,10 @@ def _f(x: Any, digits: int = 2) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _g(x: Any) -> str:
+    return "–" if x is None else f"{x:.2g}"  # spans 1e-7 to 1
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
     steps = summary["steps"]
     env = (steps.get("env") or {}).get("results") or {}
@@ -447,7 +452,7 @@ def _bf16_section(step: dict[str, Any] | None) -> list[str]:
         agrees = "–" if row["cosine"] is None else ("yes" if row["agrees"] else "**no**")
         lines.append(
             f"| {label} | {_f(row['cosine'], 3)} | {agrees} | {_f(row['relative_difference'], 3)} | "
-            f"{_f(row['share_of_gradient'], 3)} | {row['off']} |"
+            f"{_g(row['share_of_gradient'])} | {row['off']} |"
         )
     return lines
 
@@ -927,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
     selected = set(args.only.split(",")) if args.only else set(STEP_NAMES)
     summary: dict[str, Any] = {
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join([os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)]),
+        "command": "python " + shlex.join([os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)]),
         "dry_run": args.dry_run,
         "budget_s": args.budget,
         "output_dir": str(out),
