@@ -78,7 +78,8 @@ def render(curves: list[dict[str, Any]], header: str) -> str:
             "",
             f"init {c['init']} ({c['model']}), evaluated on {c['eval_split']}, lr {c['lr']} ({c['schedule']}); "
             f"best epoch {c['best_epoch']} ({100 * c['best_accuracy']:.2f}%), final {100 * c['final_accuracy']:.2f}%, "
-            f"evaluation loss lowest at epoch {c['eval_loss_min_epoch']}; overfits: {'yes' if c['overfits'] else 'no'}; "
+            f"evaluation loss lowest at epoch {c['eval_loss_min_epoch']}; "
+            f"overfits: {'yes' if c['overfits'] else 'no'}; "
             f"training time {c['train_wall_time_s']:.0f} s.",
             "",
             "| epoch | train loss | eval accuracy % | eval loss |",
