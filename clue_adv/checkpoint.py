@@ -12,6 +12,8 @@ disk; the older epochs are removed after that, so a kill at any moment leaves th
 Everything that decides the rest of the run is in it: weights, optimizer moments, learning-rate schedule, the
 strategy's own state (SMART's EMA teacher), the global RNG (dropout, noise) and the sampler's generator (the
 data order of the epochs to come), so a resumed run ends exactly as an uninterrupted one.
+
+`save_run` and `resume` are what `train` calls: the loop's state (`runstate.LoopState`) in, the same out.
 """
 
 from __future__ import annotations
@@ -22,15 +24,18 @@ import random
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from clue_adv.regularizers.base import Strategy
-from clue_adv.rundir import CHECKPOINT_DIR
+from clue_adv.errors import ClueAdvError
+from clue_adv.regularizers.base import PassCounter, Strategy
+from clue_adv.rundir import CHECKPOINT_DIR, acquire_run_lock, resume_run
+from clue_adv.runstate import LoopState, Run
 
 FORMAT = 1  # raised when the files change: an older checkpoint is then not used (the run starts over)
 _EPOCH_DIR = re.compile(r"epoch-(\d+)")
@@ -144,6 +149,62 @@ def restore(path: Path, parts: Resumable, loop: dict[str, Any], state: dict[str,
     random.setstate(_tupled(loop["python_rng"]))
     keys, pos, has_gauss, cached = loop["numpy_rng"]
     np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_run(run: Run, state: LoopState, metrics_bytes: int) -> None:
+    """Checkpoint `run` after epoch `state.epoch` (`metrics_bytes`: metrics.jsonl's size now)."""
+    # the window's device-tensor metrics as numbers: the loop state is written as JSON
+    state.log_window = {k: [float(x) for x in v] for k, v in state.log_window.items()}
+    loop = {"state": asdict(state), "passes": asdict(run.learner.counter), "metrics_bytes": metrics_bytes}
+    save(run.directory, state.epoch, _resumable(run), loop | _data_shape(run))
+
+
+def resume(run: Run, say: Callable[[str], None]) -> LoopState | None:
+    """The loop state of the run's last checkpoint, with the model, optimizer, scheduler, strategy and RNGs put
+    back as they were then, and metrics.jsonl cut back to that moment; None when there is no usable
+    checkpoint (the run starts over, after `say` told why)."""
+    path = latest(run.directory)
+    if path is None:
+        return None
+    acquire_run_lock(run.directory)  # before reading: no other process may be writing there
+    try:
+        loop, tensors = read(path, _data_shape(run))
+        state = LoopState(**loop["state"])
+        passes = PassCounter(**loop["passes"])
+        metrics_bytes = loop["metrics_bytes"]
+        if (run.directory / "metrics.jsonl").stat().st_size < metrics_bytes:
+            raise Unusable("metrics.jsonl is shorter than when the checkpoint was written")
+    except (Unusable, OSError, KeyError, TypeError) as e:
+        say(f"{run.directory}: not resuming from {path.name} ({e}); starting over")
+        return None
+    try:
+        restore(path, _resumable(run), loop, tensors)
+    except Exception as e:  # read fine but does not fit the model built from the same config: not silently redone
+        raise ClueAdvError(
+            f"{path} does not fit this run ({type(e).__name__}: {e}); rerun with --force to start over"
+        ) from None
+    run.learner.counter = passes
+    resume_run(run.cfg, run.directory, metrics_bytes)
+    state.resumed_from.append(state.epoch)
+    say(f"{run.directory}: resuming after epoch {state.epoch} (step {state.step}) from its checkpoint")
+    return state
+
+
+def _resumable(run: Run) -> Resumable:
+    learner = run.learner
+    # Both training samplers (random, length-grouped) draw every epoch's order from this one seeded generator.
+    generator = run.loader.sampler.generator
+    return Resumable(learner.model, learner.optimizer, learner.scheduler, learner.strategy, generator)
+
+
+def _data_shape(run: Run) -> dict[str, Any]:
+    """What a checkpoint must agree on with the run resuming it: the same config can name changed data files."""
+    return {
+        "train_examples": len(run.data.train),
+        "dev_examples": len(run.data.dev),
+        "steps_per_epoch": run.steps_per_epoch,
+        "data_fingerprint": [getattr(ds, "_fingerprint", None) for ds in (run.data.train, run.data.dev)],
+    }
 
 
 def _jsonable(value: Any) -> Any:

@@ -6,7 +6,7 @@
                   fails without leaving anything behind
     resume        an unfinished run with a checkpoint (checkpoint.every_epoch) continues after its last epoch
     fit()         epochs of `train_step`s, evaluations at their points, checkpoints at epoch ends
-    finish        summary.json from `build_summary`, however the run ended
+    finish        summary.json from `summary.build_summary`, however the run ended
 
 `train_step` is one optimizer step: a window of micro-batches through the strategy (which leaves the
 gradients), then clipping and the optimizer step. The loop never looks at the strategy's name.
@@ -17,26 +17,20 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import platform
-import subprocess
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from torch.utils.data import DataLoader
 
-import clue_adv
 from clue_adv import checkpoint
 from clue_adv.checks import check_paths
 from clue_adv.config import RunConfig, require_nameable
-from clue_adv.data import TaskData, eval_loader, load_task_data, train_loader
+from clue_adv.data import eval_loader, load_task_data, train_loader
 from clue_adv.errors import ClueAdvError, ConfigError, RunFailed
 from clue_adv.evaluate import evaluate
-from clue_adv.memory import peak_memory_mb
 from clue_adv.model import (
     build_model,
     build_tokenizer,
@@ -47,10 +41,9 @@ from clue_adv.model import (
 )
 from clue_adv.progress import RunProgress
 from clue_adv.regularizers import build_strategy
-from clue_adv.regularizers.base import Batch, PassCounter, StepContext, Strategy
+from clue_adv.regularizers.base import Batch, StepContext
 from clue_adv.rundir import (
     JsonlWriter,
-    acquire_run_lock,
     atomic_write_json,
     check_writable,
     existing_state,
@@ -58,123 +51,19 @@ from clue_adv.rundir import (
     release_run_lock,
     remove_checkpoint,
     replace_directory,
-    resume_run,
     run_dir,
     start_run,
-    summary_header,
-    utc_now,
+)
+from clue_adv.runstate import Learner, LoopState, NonFiniteError, Run, RunOutcome, StepOutput
+from clue_adv.summary import (
+    OOM_ADVICE,
+    build_summary,
+    ending_of,
+    git_commit,
+    library_versions,
+    setup_out_of_memory_summary,
 )
 from clue_adv.trackers import RunLog
-
-
-class NonFiniteError(Exception):
-    """A non-finite loss or gradient norm in `train_step`; the loop knows (and reports) the step."""
-
-    def __init__(self, quantity: str) -> None:
-        super().__init__(f"non-finite {quantity}")
-        self.quantity = quantity
-
-
-@dataclass
-class RunOutcome:
-    directory: Path
-    summary: dict[str, Any]
-    skipped: bool = False
-
-
-@dataclass
-class Learner:
-    """What one optimizer step touches. `scheduler` None keeps the learning rate (the strategy benchmark)."""
-
-    model: torch.nn.Module
-    strategy: Strategy
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
-    autocast: Callable[[], Any] = contextlib.nullcontext
-    label_smoothing: float = 0.0
-    max_grad_norm: float | None = None
-    special_token_ids: tuple[int, ...] = ()
-    counter: PassCounter = field(default_factory=PassCounter)
-
-    def __post_init__(self) -> None:
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-
-
-@dataclass
-class StepOutput:
-    """What `train_step` reports: each micro-batch's clean task loss and strategy metrics, the window's mean
-    clean loss over its examples, the gradient norm before clipping, and the window's example count."""
-
-    losses: list[float]
-    metrics: dict[str, list[torch.Tensor | float]]  # as StepResult's: device tensors, read when logged
-    loss: float
-    grad_norm: float
-    examples: int
-
-
-@dataclass
-class Run:
-    """Everything `setup` built for one run."""
-
-    cfg: RunConfig
-    directory: Path
-    device: torch.device
-    data: TaskData
-    tokenizer: Any
-    learner: Learner
-    loader: DataLoader
-    dev_loader: DataLoader
-    steps_per_epoch: int
-    facts: dict[str, Any]  # summary.json's description of the run (device, precision, sizes, versions)
-
-    @property
-    def total_steps(self) -> int:
-        return self.steps_per_epoch * self.cfg.epochs
-
-
-@dataclass
-class LoopState:
-    """Where the loop is: everything `fit` changes besides the model, optimizer and scheduler."""
-
-    started_at: str = field(default_factory=utc_now)
-    epoch: int = 0  # epochs finished
-    step: int = 0  # optimizer steps taken
-    examples: int = 0  # training examples seen
-    history: list[dict[str, Any]] = field(default_factory=list)  # the eval records, in order
-    best: dict[str, Any] | None = None  # the eval record with the best dev accuracy so far
-    log_window: dict[str, list[torch.Tensor | float]] = field(default_factory=dict)  # per micro-batch, since last log
-    last_step: dict[str, float] = field(default_factory=dict)  # the latest step's lr, grad_norm and time
-    epoch_loss_sum: float = 0.0  # this epoch's clean loss summed over its examples: the final training loss
-    epoch_examples: int = 0
-    resumed_from: list[int] = field(default_factory=list)  # the epochs this run was resumed after
-    # eval.early_stopping: the accuracy to beat (by min_delta) and the evaluations since it was set
-    reference_accuracy: float | None = None
-    evals_without_improvement: int = 0
-    stopped_early_at: tuple[int, int] | None = None  # (epoch, step)
-    train_time_s: float = 0.0  # training only: evaluation and checkpoints excluded
-    timed_steps: int = 0
-    first_step_s: float = 0.0
-    later_steps_s: float = 0.0
-
-    def stepped(self, out: StepOutput, seconds: float, lr: float) -> None:
-        """Book one optimizer step that took `seconds` and left the learning rate at `lr`."""
-        self.step += 1
-        self.examples += out.examples
-        self.epoch_loss_sum += out.loss * out.examples
-        self.epoch_examples += out.examples
-        for key, values in {"loss": out.losses, **out.metrics}.items():
-            self.log_window.setdefault(key, []).extend(values)
-        self.last_step = {"lr": lr, "grad_norm": out.grad_norm, "step_time_s": seconds}
-        if self.timed_steps == 0:
-            self.first_step_s = seconds
-        else:
-            self.later_steps_s += seconds
-        self.timed_steps += 1
-
-    @property
-    def mean_step_time_s(self) -> float:
-        # the first step pays one-off costs (allocations, lazy init)
-        return self.later_steps_s / (self.timed_steps - 1) if self.timed_steps > 1 else self.first_step_s
 
 
 def train(
@@ -206,7 +95,7 @@ def train(
 def _train(cfg: RunConfig, directory: Path, show_progress: bool | None, console: Any, force: bool) -> RunOutcome:
     """setup → resume or start the run files → fit → summary."""
     run = setup(cfg, directory)
-    state = None if force else _resume(run, console)
+    state = None if force else checkpoint.resume(run, lambda message: _say(console, message))
     if state is None:
         state = LoopState()
         start_run(cfg, directory)
@@ -222,7 +111,7 @@ def _train(cfg: RunConfig, directory: Path, show_progress: bool | None, console:
         with progress:
             fit(run, state, metrics, progress)
     except BaseException as e:
-        ending, instead = _ending(e, state.step, directory)
+        ending, instead = ending_of(e, state.step, directory)
         if instead is None:
             raise
         raise instead from None
@@ -323,7 +212,7 @@ def fit(run: Run, state: LoopState, metrics: JsonlWriter, progress: RunProgress)
             )
             break
         if cfg.checkpoint.every_epoch:
-            _save_checkpoint(run, state, metrics)
+            checkpoint.save_run(run, state, metrics.size())
     if state.log_window:  # the last, partial logging window: a short run logs its training loss too
         _log(state, state.epoch, metrics, progress)
 
@@ -394,7 +283,7 @@ def _log(state: LoopState, epoch: int, metrics: JsonlWriter, progress: RunProgre
         # strategies' metrics are device tensors (StepResult): read here, once per line, not per micro-batch
         **{k: float(sum(v) / len(v)) for k, v in state.log_window.items() if v},
     }
-    metrics.write(record)
+    _record(metrics, record)
     progress.log(record)
     state.log_window = {}
 
@@ -403,9 +292,10 @@ def _evaluate(run: Run, state: LoopState, epoch: int, metrics: JsonlWriter, prog
     learner = run.learner
     result = evaluate(learner.model, run.dev_loader, run.device, len(run.data.labels.ids), learner.autocast)
     record = {"type": "eval", "epoch": epoch, "step": state.step, **result}
-    metrics.write(record)
+    _record(metrics, record)
     state.history.append(record)
-    if state.best is None or result["accuracy"] > state.best["accuracy"]:
+    is_best = state.best is None or result["accuracy"] > state.best["accuracy"]
+    if is_best:
         state.best = record
         if run.cfg.save_model:
             _save_model(learner.model, run.tokenizer, run.directory)
@@ -421,130 +311,16 @@ def _evaluate(run: Run, state: LoopState, epoch: int, metrics: JsonlWriter, prog
                 state.stopped_early_at = (epoch, state.step)
 
 
-def _save_checkpoint(run: Run, state: LoopState, metrics: JsonlWriter) -> None:
-    # the window's device-tensor metrics as numbers: the loop state is written as JSON
-    state.log_window = {k: [float(x) for x in v] for k, v in state.log_window.items()}
-    loop = {"state": asdict(state), "passes": asdict(run.learner.counter), "metrics_bytes": metrics.size()}
-    checkpoint.save(run.directory, state.epoch, _resumable(run), loop | _data_shape(run))
-
-
-def _resume(run: Run, console: Any) -> LoopState | None:
-    """The loop state of the run's last checkpoint, with the model, optimizer, scheduler, strategy and RNGs put
-    back as they were then; None when there is no usable checkpoint (the run starts over)."""
-    path = checkpoint.latest(run.directory)
-    if path is None:
-        return None
-    acquire_run_lock(run.directory)  # before reading: no other process may be writing there
-    try:
-        loop, tensors = checkpoint.read(path, _data_shape(run))
-        state = LoopState(**loop["state"])
-        passes = PassCounter(**loop["passes"])
-        metrics_bytes = loop["metrics_bytes"]
-        if (run.directory / "metrics.jsonl").stat().st_size < metrics_bytes:
-            raise checkpoint.Unusable("metrics.jsonl is shorter than when the checkpoint was written")
-    except (checkpoint.Unusable, OSError, KeyError, TypeError) as e:
-        _say(console, f"{run.directory}: not resuming from {path.name} ({e}); starting over")
-        return None
-    try:
-        checkpoint.restore(path, _resumable(run), loop, tensors)
-    except Exception as e:  # read fine but does not fit the model built from the same config: not silently redone
-        raise ClueAdvError(
-            f"{path} does not fit this run ({type(e).__name__}: {e}); rerun with --force to start over"
-        ) from None
-    run.learner.counter = passes
-    resume_run(run.cfg, run.directory, metrics_bytes)
-    state.resumed_from.append(state.epoch)
-    _say(console, f"{run.directory}: resuming after epoch {state.epoch} (step {state.step}) from its checkpoint")
-    return state
-
-
-def _resumable(run: Run) -> checkpoint.Resumable:
-    learner = run.learner
-    # Both training samplers (random, length-grouped) draw every epoch's order from this one seeded generator.
-    generator = run.loader.sampler.generator
-    return checkpoint.Resumable(learner.model, learner.optimizer, learner.scheduler, learner.strategy, generator)
-
-
-def _data_shape(run: Run) -> dict[str, Any]:
-    """What a checkpoint must agree on with the run resuming it: the same config can name changed data files."""
-    return {
-        "train_examples": len(run.data.train),
-        "dev_examples": len(run.data.dev),
-        "steps_per_epoch": run.steps_per_epoch,
-        "data_fingerprint": [getattr(ds, "_fingerprint", None) for ds in (run.data.train, run.data.dev)],
-    }
+def _record(metrics: JsonlWriter, *records: dict[str, Any]) -> None:
+    """Every metrics.jsonl line (train, eval) is written here."""
+    for record in records:
+        metrics.write(record)
 
 
 def _say(console: Any, message: str) -> None:
     from rich.console import Console
 
     (console or Console(stderr=True)).print(message, highlight=False, markup=False, soft_wrap=True)
-
-
-def build_summary(run: Run, state: LoopState, ending: dict[str, Any]) -> dict[str, Any]:
-    """summary.json: which run, what it ran on, how it ended (`ending`: status and its details), its results and
-    its costs. Results of a run that did not complete carry `_so_far` names, which the report does not take for a
-    finished result."""
-    cfg, status = run.cfg, ending["status"]
-    summary = {
-        **summary_header(cfg, run.directory, status),
-        **run.facts,
-        "started_at": state.started_at,
-        **{k: v for k, v in ending.items() if k != "status"},
-    }
-    history = [{k: h[k] for k in ("epoch", "step", "accuracy", "macro_f1", "loss")} for h in state.history]
-    best = state.best
-    if status == "completed" and best is not None:
-        final = state.history[-1]
-        summary.update(
-            best_dev_accuracy=best["accuracy"],
-            best_dev_macro_f1=best["macro_f1"],
-            best_epoch=best["epoch"],
-            best_step=best["step"],
-            final_dev_accuracy=final["accuracy"],
-            final_dev_macro_f1=final["macro_f1"],
-            final_train_loss=state.epoch_loss_sum / max(state.epoch_examples, 1),
-            dev_history=history,
-        )
-        if state.stopped_early_at:
-            summary["stopped_early_at_epoch"], summary["stopped_early_at_step"] = state.stopped_early_at
-    elif best is not None:
-        summary.update(best_dev_accuracy_so_far=best["accuracy"], best_epoch_so_far=best["epoch"], dev_history=history)
-    if state.resumed_from:
-        summary["resumed_after_epochs"] = state.resumed_from
-    if status == "running":
-        return summary
-    counter = run.learner.counter
-    micro_steps = max(math.ceil(state.examples / cfg.batch_size), 1)
-    summary.update(
-        steps=state.step,
-        train_wall_time_s=state.train_time_s,
-        mean_step_time_s=state.mean_step_time_s,
-        samples_per_s=state.examples / state.train_time_s if state.train_time_s > 0 else None,
-        peak_memory_mb=peak_memory_mb(run.device),
-        passes_per_micro_step={
-            "forward": counter.forward / micro_steps,
-            "backward": counter.backward / micro_steps,
-            "double_backward": counter.double_backward / micro_steps,
-        },
-        finished_at=utc_now(),
-    )
-    return summary
-
-
-def _ending(e: BaseException, steps_done: int, directory: Path) -> tuple[dict[str, Any], BaseException | None]:
-    """How exception `e` ends the run: the summary's status and details, and what to raise instead (None: `e`)."""
-    step = steps_done + 1  # the step that was running
-    if isinstance(e, NonFiniteError):
-        error = f"non-finite {e.quantity} at step {step}"
-        fields = {"status": "failed", "error": error, "failed_step": step, "failed_quantity": e.quantity}
-        return fields, RunFailed(f"run failed: {error} ({directory})")
-    if isinstance(e, torch.OutOfMemoryError):
-        fields = {"status": "failed", "error": "out of memory", "failed_step": step, "advice": OOM_ADVICE}
-        return fields, RunFailed(f"run failed: out of memory at step {step}: {OOM_ADVICE} ({directory})")
-    if isinstance(e, KeyboardInterrupt):
-        return {"status": "interrupted", "interrupted_step": steps_done}, None
-    return {"status": "failed", "error": f"{type(e).__name__}: {e}", "failed_step": step}, None
 
 
 def _check_paths(cfg: RunConfig) -> None:
@@ -558,22 +334,8 @@ def _setup_out_of_memory(cfg: RunConfig, directory: Path, device: torch.device) 
     """Out of memory while moving the model or building the optimizer: record it as a failed run, with the same
     advice as an out-of-memory training step (nothing was written before, so the run directory starts here)."""
     start_run(cfg, directory)
-    summary = {
-        **summary_header(cfg, directory, "failed"),
-        "error": "out of memory",
-        "failed_step": 0,
-        "failed_during": "setup",
-        "advice": OOM_ADVICE,
-        "steps": 0,
-        "peak_memory_mb": peak_memory_mb(device),
-        "finished_at": utc_now(),
-    }
-    atomic_write_json(directory / "summary.json", summary)
+    atomic_write_json(directory / "summary.json", setup_out_of_memory_summary(cfg, directory, device))
     return RunFailed(f"run failed: out of memory during setup: {OOM_ADVICE} ({directory})")
-
-
-# Printed with an out-of-memory failure and kept in summary.json: the fix that keeps the effective batch.
-OOM_ADVICE = "lower batch_size and raise optim.grad_accum_steps to keep the effective batch"
 
 
 def all_sources_local(cfg: RunConfig) -> bool:
@@ -668,34 +430,6 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device
         eps=cfg.optim.eps,
         fused=device.type in ("cpu", "cuda"),
     )
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(clue_adv.__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def library_versions() -> dict[str, str]:
-    import datasets
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "datasets": datasets.__version__,
-        "clue_adv": clue_adv.__version__,
-    }
-    return None
 
 
 def build_scheduler(
