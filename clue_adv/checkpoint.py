@@ -2,8 +2,10 @@
 
     <run>/checkpoint/epoch-<k>/
         model.safetensors   the model's weights
-        state.pt            optimizer, scheduler and strategy state and the torch RNG states: tensors and plain
-                            values only, read back with torch.load(weights_only=True), which runs no pickled code
+        state.pt            optimizer, scheduler and strategy state, the torch RNG states, and the diagnostics' state
+                            (results so far; the best model's weights when `when: end` must measure it later and
+                            the model no longer holds them): tensors and plain values only, read back with
+                            torch.load(weights_only=True), which runs no pickled code
         loop.json           the loop's bookkeeping (steps, dev history, best epoch, ...), metrics.jsonl's size at
                             that moment, Python's and NumPy's RNG states, and what the data looked like
 
@@ -34,10 +36,11 @@ import torch
 
 from clue_adv.errors import ClueAdvError
 from clue_adv.regularizers.base import PassCounter, Strategy
+from clue_adv.run_diagnostics import RunDiagnostics
 from clue_adv.rundir import CHECKPOINT_DIR, acquire_run_lock, resume_run
 from clue_adv.runstate import LoopState, Run
 
-FORMAT = 1  # raised when the files change: an older checkpoint is then not used (the run starts over)
+FORMAT = 2  # raised when the files change: an older checkpoint is then not used (the run starts over)
 _EPOCH_DIR = re.compile(r"epoch-(\d+)")
 
 
@@ -54,6 +57,7 @@ class Resumable:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     strategy: Strategy
     sampler_generator: torch.Generator
+    diagnostics: RunDiagnostics | None = None
 
 
 def latest(directory: Path) -> Path | None:
@@ -84,6 +88,7 @@ def save(directory: Path, epoch: int, parts: Resumable, loop: dict[str, Any]) ->
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "sampler_rng": parts.sampler_generator.get_state(),
+            "diagnostics": parts.diagnostics.state_dict() if parts.diagnostics is not None else None,
         }
         torch.save(state, tmp / "state.pt")
         _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
@@ -142,6 +147,8 @@ def restore(path: Path, parts: Resumable, loop: dict[str, Any], state: dict[str,
     if parts.scheduler is not None:
         parts.scheduler.load_state_dict(state["scheduler"])
     parts.strategy.load_state_dict(state["strategy"])
+    if parts.diagnostics is not None:
+        parts.diagnostics.load_state_dict(state["diagnostics"], parts.model)
     parts.sampler_generator.set_state(state["sampler_rng"])
     torch.set_rng_state(state["torch_rng"])
     if torch.cuda.is_available() and state["cuda_rng"]:
@@ -160,8 +167,8 @@ def save_run(run: Run, state: LoopState, metrics_bytes: int) -> None:
 
 
 def resume(run: Run, say: Callable[[str], None]) -> LoopState | None:
-    """The loop state of the run's last checkpoint, with the model, optimizer, scheduler, strategy and RNGs put
-    back as they were then, and metrics.jsonl cut back to that moment; None when there is no usable
+    """The loop state of the run's last checkpoint, with the model, optimizer, scheduler, strategy, diagnostics
+    and RNGs put back as they were then, and metrics.jsonl cut back to that moment; None when there is no usable
     checkpoint (the run starts over, after `say` told why)."""
     path = latest(run.directory)
     if path is None:
@@ -194,7 +201,7 @@ def _resumable(run: Run) -> Resumable:
     learner = run.learner
     # Both training samplers (random, length-grouped) draw every epoch's order from this one seeded generator.
     generator = run.loader.sampler.generator
-    return Resumable(learner.model, learner.optimizer, learner.scheduler, learner.strategy, generator)
+    return Resumable(learner.model, learner.optimizer, learner.scheduler, learner.strategy, generator, run.diagnostics)
 
 
 def _data_shape(run: Run) -> dict[str, Any]:

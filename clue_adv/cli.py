@@ -91,6 +91,9 @@ def train(
         f"{wall:.1f}s" if isinstance(wall, int | float) else "?",
     )
     out.print(table)
+    diagnostics = s.get("diagnostics_wall_time_s")
+    if isinstance(diagnostics, int | float):  # their cost, apart from the training time above
+        out.print(f"diagnostics: {diagnostics:.1f}s (summary.json: diagnostics)", highlight=False)
     out.print(f"run directory: {outcome.directory}", highlight=False)
 
 

@@ -57,7 +57,9 @@ class DiagnosticsConfig(StrictModel):
         True,
         description="Measure input-gradient norm, input curvature, accuracy under attack and the generalisation gap "
         "(docs/DIAGNOSTICS.md). On by default: they are how a report tells whether a strategy did what the theory "
-        "says; their wall time is recorded apart from training (a few seconds on the smoke config).",
+        "says. Recorded in summary.json (`diagnostics`: best and final model) and metrics.jsonl (`type: "
+        "diagnostics` lines); their wall time in `diagnostics_wall_time_s`, apart from `train_wall_time_s` (a few "
+        "seconds on the smoke config). false: nothing is measured or recorded.",
     )
     when: Literal["end", "every_eval"] = Field(
         "end",

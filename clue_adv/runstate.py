@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from clue_adv.config import RunConfig
 from clue_adv.data import TaskData
 from clue_adv.regularizers.base import PassCounter, Strategy
+from clue_adv.run_diagnostics import RunDiagnostics
 from clue_adv.rundir import utc_now
 
 
@@ -78,6 +79,7 @@ class Run:
     dev_loader: DataLoader
     steps_per_epoch: int
     facts: dict[str, Any]  # summary.json's description of the run (device, precision, sizes, versions)
+    diagnostics: RunDiagnostics | None = None  # None: diagnostics.enabled is off
 
     @property
     def total_steps(self) -> int:
@@ -103,7 +105,7 @@ class LoopState:
     reference_accuracy: float | None = None
     evals_without_improvement: int = 0
     stopped_early_at: tuple[int, int] | None = None  # (epoch, step)
-    train_time_s: float = 0.0  # training only: evaluation and checkpoints excluded
+    train_time_s: float = 0.0  # training only: evaluation, diagnostics and checkpoints excluded
     timed_steps: int = 0
     first_step_s: float = 0.0
     later_steps_s: float = 0.0

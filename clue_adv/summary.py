@@ -47,6 +47,8 @@ def build_summary(run: Run, state: LoopState, ending: dict[str, Any]) -> dict[st
         )
         if state.stopped_early_at:
             summary["stopped_early_at_epoch"], summary["stopped_early_at_step"] = state.stopped_early_at
+        if run.diagnostics is not None:
+            summary["diagnostics"] = run.diagnostics.results  # {"best": {...}, "final": {...}}
     elif best is not None:
         summary.update(best_dev_accuracy_so_far=best["accuracy"], best_epoch_so_far=best["epoch"], dev_history=history)
     if state.resumed_from:
@@ -67,6 +69,8 @@ def build_summary(run: Run, state: LoopState, ending: dict[str, Any]) -> dict[st
             "double_backward": counter.double_backward / micro_steps,
         },
     )
+    if run.diagnostics is not None:
+        summary["diagnostics_wall_time_s"] = run.diagnostics.wall_time_s  # not in train_wall_time_s
     summary["finished_at"] = utc_now()
     return summary
 

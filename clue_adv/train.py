@@ -5,7 +5,9 @@
                   in dependency order; nothing is written until all of it succeeded, so a bad path or label
                   fails without leaving anything behind
     resume        an unfinished run with a checkpoint (checkpoint.every_epoch) continues after its last epoch
-    fit()         epochs of `train_step`s, evaluations at their points, checkpoints at epoch ends
+    fit()         epochs of `train_step`s, evaluations (and every_eval diagnostics) at their points, checkpoints
+                  at epoch ends
+    diagnostics   with `diagnostics.when: end`, the best and the final model measured (run_diagnostics.py)
     finish        summary.json from `summary.build_summary`, however the run ended
 
 `train_step` is one optimizer step: a window of micro-batches through the strategy (which leaves the
@@ -42,6 +44,7 @@ from clue_adv.model import (
 from clue_adv.progress import RunProgress
 from clue_adv.regularizers import build_strategy
 from clue_adv.regularizers.base import Batch, StepContext
+from clue_adv.run_diagnostics import RunDiagnostics
 from clue_adv.rundir import (
     JsonlWriter,
     atomic_write_json,
@@ -93,7 +96,7 @@ def train(
 
 
 def _train(cfg: RunConfig, directory: Path, show_progress: bool | None, console: Any, force: bool) -> RunOutcome:
-    """setup → resume or start the run files → fit → summary."""
+    """setup → resume or start the run files → fit → end-of-run diagnostics → summary."""
     run = setup(cfg, directory)
     state = None if force else checkpoint.resume(run, lambda message: _say(console, message))
     if state is None:
@@ -110,6 +113,8 @@ def _train(cfg: RunConfig, directory: Path, show_progress: bool | None, console:
     try:
         with progress:
             fit(run, state, metrics, progress)
+            if run.diagnostics is not None:  # `when: end`: the best and the final model, now that both exist
+                _record(metrics, *run.diagnostics.finished(run.learner.model, state.best, state.history[-1]))
     except BaseException as e:
         ending, instead = ending_of(e, state.step, directory)
         if instead is None:
@@ -151,6 +156,7 @@ def setup(cfg: RunConfig, directory: Path) -> Run:
     loader = train_loader(data.train, tokenizer, cfg, pad_multiple)
     dev_loader = eval_loader(data.dev, tokenizer, cfg.eval.batch_size, pad_multiple)
     steps_per_epoch = math.ceil(len(loader) / cfg.optim.grad_accum_steps)  # as accumulation_windows cuts them
+    diagnostics = RunDiagnostics.build(cfg.diagnostics, cfg.seed, data.dev, data.train, tokenizer, pad_multiple)
     learner = Learner(
         model,
         strategy,
@@ -172,7 +178,9 @@ def setup(cfg: RunConfig, directory: Path) -> Run:
         "versions": library_versions(),
         "git_commit": git_commit(),
     }
-    return Run(cfg, directory, device, data, tokenizer, learner, loader, dev_loader, steps_per_epoch, facts)
+    return Run(
+        cfg, directory, device, data, tokenizer, learner, loader, dev_loader, steps_per_epoch, facts, diagnostics
+    )
 
 
 def fit(run: Run, state: LoopState, metrics: JsonlWriter, progress: RunProgress) -> None:
@@ -299,6 +307,8 @@ def _evaluate(run: Run, state: LoopState, epoch: int, metrics: JsonlWriter, prog
         state.best = record
         if run.cfg.save_model:
             _save_model(learner.model, run.tokenizer, run.directory)
+    if run.diagnostics is not None:  # `when: every_eval` measures now; `when: end` keeps the best weights
+        _record(metrics, *run.diagnostics.evaluated(learner.model, record, is_best))
     progress.evaluated(result["accuracy"])
     stopping = run.cfg.eval.early_stopping
     if stopping is not None:
@@ -312,7 +322,7 @@ def _evaluate(run: Run, state: LoopState, epoch: int, metrics: JsonlWriter, prog
 
 
 def _record(metrics: JsonlWriter, *records: dict[str, Any]) -> None:
-    """Every metrics.jsonl line (train, eval) is written here."""
+    """Every metrics.jsonl line (train, eval, diagnostics) is written here."""
     for record in records:
         metrics.write(record)
 

@@ -152,7 +152,9 @@ def assert_grads_close(
 
 
 def smoke_config(**overrides) -> RunConfig:
-    """A run config on the bundled sample small enough for a test (seconds on 2 cores)."""
+    """A run config on the bundled sample small enough for a test (seconds on 2 cores). Diagnostics are off
+    unless a test turns them on (`diagnostics={...}`): they have their own tests, and their wall time would make
+    two runs' metrics.jsonl differ."""
     data = {
         "experiment": "test",
         "task": "tnews",
@@ -172,6 +174,7 @@ def smoke_config(**overrides) -> RunConfig:
         "epochs": 1,
         "optim": {"lr": 1e-3},
         "log_every_n_steps": 4,
+        "diagnostics": {"enabled": False},
     }
     for dotted, value in overrides.items():
         node = data

@@ -37,7 +37,10 @@ def test_train_with_overrides_prints_a_table_and_writes_the_run(tmp_path):
     assert result.exit_code == 0, result.output
     assert "best dev acc" in result.output
     run = tmp_path / "out" / "cli" / "tnews" / "none" / "seed-2"
-    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    # diagnostics are on by default, and what they cost is shown beside the training time
+    assert f"diagnostics: {summary['diagnostics_wall_time_s']:.1f}s" in result.output
     assert "lr: 0.002" in (run / "config.yaml").read_text()
     again = invoke("train", "--config", cfg, "--set", "seed=2", "--set", "optim.lr=2e-3", "-o", tmp_path / "out")
     assert again.exit_code == 0 and "already completed" in again.output

@@ -297,7 +297,7 @@ def test_diagnostic_batches_take_the_dev_subset_and_as_many_train_examples(token
 
 
 def test_config_block_defaults_switch_and_bad_values():
-    cfg = smoke_config()
+    cfg = smoke_config(diagnostics={})  # the schema's defaults (smoke_config itself turns them off)
     assert cfg.diagnostics.enabled and cfg.diagnostics.when == "end"
     assert not smoke_config(diagnostics__enabled=False).diagnostics.enabled
     assert smoke_config(diagnostics__epsilons=[0.1, 0.01, 0.1]).diagnostics.epsilons == [0.01, 0.1]
