@@ -286,7 +286,7 @@ def sweep(
         _fail(e)
     _check_metric(metric)
     try:
-        plan = load_plan(config, output_dir, set_ or [])
+        plan = load_plan(config, output_dir, set_ or [], force=force and not status)
     except ClueAdvError as e:
         _fail(e)
     done = sum(c.done for c in plan.cells)

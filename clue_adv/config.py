@@ -478,6 +478,16 @@ def set_dotted(data: dict[str, Any], key: str, value: Any, what: str | None = No
     node[parts[-1]] = copy.deepcopy(value)
 
 
+def merge_dotted(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """`data` with {"a": {"b": value}} for key "a.b" deep-merged into it, as a config file with that block would be
+    (`merge`): a sweep's `overrides: {data: {max_train_samples: 200}}` keeps the base's `data.path`. The value is
+    copied: one sweep value goes into many run configs, which must not share (and later mutate) it."""
+    nested: Any = copy.deepcopy(value)
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return merge(data, nested)
+
+
 def did_you_mean(word: str, names: list[str]) -> str:
     """A hint for a misspelt field or parameter: the closest of `names`, else all of them (nothing without names)."""
     close = difflib.get_close_matches(word, names, n=1)

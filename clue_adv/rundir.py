@@ -209,10 +209,30 @@ def read_config(directory: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def existing_state(cfg: RunConfig, directory: Path, parse: Callable[[dict[str, Any]], Any] = parse_config) -> str:
+def never_trained(directory: Path) -> bool:
+    """Whether `directory` holds only the trace of an attempt that ended before its first training step (a setup
+    failure: a missing file, an unreachable hub): no step logged, no evaluation, no checkpoint, nobody holding its
+    lock. Such a folder holds no result, so a changed config may take it over."""
+    summary = read_summary(directory)
+    if summary is None or summary.get("status") not in ("failed", "interrupted"):
+        return False
+    if (directory / CHECKPOINT_DIR).exists() or run_lock_held(directory):
+        return False
+    return not any(r.get("type") in ("train", "eval") for r in read_jsonl(directory / "metrics.jsonl"))
+
+
+def existing_state(
+    cfg: RunConfig,
+    directory: Path,
+    parse: Callable[[dict[str, Any]], Any] = parse_config,
+    *,
+    force: bool = False,
+) -> str:
     """What is already in `directory` for this config: 'absent', 'completed', or 'incomplete'.
-    A directory holding a *different* config is an error, never silently overwritten. `cfg` may be any config
-    with `resolved()` (e.g. a pretrain config) whose stored form `parse` reads."""
+    A directory holding a *different* config is an error, never silently overwritten, unless that run never trained
+    (see never_trained: 'absent', it is started over) or `force` (the user asked to rerun: 'absent', with a warning
+    naming what is replaced). `cfg` may be any config with `resolved()` (e.g. a pretrain config) whose stored form
+    `parse` reads."""
     _check_can_be_a_directory(directory)  # before training setup, not after minutes of loading
     stored = read_config(directory)
     if stored is None:
@@ -221,9 +241,19 @@ def existing_state(cfg: RunConfig, directory: Path, parse: Callable[[dict[str, A
     theirs = stored_identity(stored, parse)
     if theirs != ours:
         changed = differing_fields(theirs, ours)
+        if never_trained(directory):
+            return "absent"
+        if force:
+            print(
+                f"warning: --force replaces the run in {directory}, which has a different config "
+                f"(differs in: {', '.join(changed)})",
+                file=sys.stderr,
+            )
+            return "absent"
         raise ConfigError(
             f"{directory} holds a run with a different config (differs in: {', '.join(changed)}); "
-            "choose another experiment name or output directory, or delete that run"
+            "choose another experiment name or output directory, delete that run, or rerun with --force to "
+            "replace it"
         )
     summary = read_summary(directory)
     return "completed" if summary and summary.get("status") == "completed" else "incomplete"

@@ -82,7 +82,8 @@ def train(
         require_nameable(output_dir, "--output-dir")
         cfg = cfg.model_copy(update={"output_dir": str(output_dir)})
     directory = run_dir(cfg, output_dir).resolve()
-    state = existing_state(cfg, directory)  # raises if the directory holds another config
+    # raises if the directory holds another config that trained, unless --force replaces it
+    state = existing_state(cfg, directory, force=force)
     if state == "completed" and not force:
         return RunOutcome(directory, read_summary(directory) or {}, skipped=True)
 

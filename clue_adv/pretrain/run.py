@@ -101,7 +101,8 @@ def pretrain(
         require_nameable(output_dir, "--output-dir")
         cfg = cfg.model_copy(update={"output_dir": str(output_dir)})
     directory = run_directory(cfg, output_dir).resolve()
-    state = existing_state(cfg, directory, parse_pretrain_config)  # raises if the directory holds another config
+    # raises if the directory holds another config that trained, unless --force replaces it
+    state = existing_state(cfg, directory, parse_pretrain_config, force=force)
     if state == "completed" and not force:
         return PretrainOutcome(directory, read_summary(directory) or {}, skipped=True)
     restore_environment = configure_environment(cfg)

@@ -106,11 +106,13 @@ class SweepConfig(StrictModel):
     )
     overrides: dict[RunKey, Any] = Field(
         default_factory=dict,
-        description="Dotted key -> value applied to every cell (e.g. a tiny model). `{task}` in a string value "
-        "is replaced by the cell's task (data.path: data/clue/{task}).",
+        description="Dotted key -> value applied to every cell (e.g. a tiny model), deep-merged like a further "
+        "`--config` file: `data: {max_train_samples: 200}` changes that field and keeps the base's `data.path`. "
+        "`{task}` in a string value is replaced by the cell's task (data.path: data/clue/{task}).",
     )
     per_task: dict[Task, dict[RunKey, Any]] = Field(
-        default_factory=dict, description="Task -> {dotted key: value} applied to that task's cells only."
+        default_factory=dict,
+        description="Task -> {dotted key: value} applied to that task's cells only, deep-merged like `overrides`.",
     )
     slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="Slurm resources (`--executor slurm`).")
 

@@ -22,6 +22,7 @@ from clue_adv.rundir import (
     atomic_write_json,
     atomic_write_text,
     identity,
+    never_trained,
     read_config,
     read_summary,
     run_lock_held,
@@ -114,12 +115,13 @@ def record_setup_failure(cell: Cell, error: str, before: int | None = None) -> d
     if run_lock_held(directory):  # another process is training there (e.g. refused by its lock): not ours to mark
         return None
     stored = read_config(directory)
-    if stored is not None and stored_identity(stored) != identity(cell.config.resolved()):
+    other = stored is not None and stored_identity(stored) != identity(cell.config.resolved())
+    if other and not never_trained(directory):  # another config's results: kept (its own setup failure is not)
         return None
     header = summary_header(cell.config, directory, "failed")
     summary = {"status": "failed", "error": error, "failed_stage": "setup", **header}  # the order summaries had
     try:
-        if stored is None:
+        if stored is None or other:
             atomic_write_text(directory / "config.yaml", dump_config(cell.config))
         atomic_write_json(directory / "summary.json", summary)
     except OSError:  # e.g. the output folder cannot be created: the sweep's own message says so already

@@ -33,6 +33,7 @@ from clue_adv.config import (
     format_validation_errors,
     load_yaml,
     merge,
+    merge_dotted,
     set_dotted,
 )
 from clue_adv.errors import ConfigError
@@ -77,8 +78,10 @@ class SweepPlan:
         return Path(self.cells[0].config.output_dir)
 
 
-def load_plan(path: str | Path, output_dir: str | Path | None = None, overrides: list[str] | None = None) -> SweepPlan:
-    return plan_sweep(load_sweep(path), path, output_dir, overrides)
+def load_plan(
+    path: str | Path, output_dir: str | Path | None = None, overrides: list[str] | None = None, force: bool = False
+) -> SweepPlan:
+    return plan_sweep(load_sweep(path), path, output_dir, overrides, force)
 
 
 def plan_sweep(
@@ -86,9 +89,11 @@ def plan_sweep(
     source: str | Path,
     output_dir: str | Path | None = None,
     overrides: list[str] | None = None,
+    force: bool = False,
 ) -> SweepPlan:
     """Every cell of the grid as a validated RunConfig with its directory and state. `overrides`: the command
-    line's `--set`, applied last."""
+    line's `--set`, applied last. `force`: a directory holding another config's run is to be replaced (`--force`),
+    not a problem."""
     source = Path(source)
     base = _base(sweep, source)
     problems = _set_key_problems(overrides or [])
@@ -110,7 +115,7 @@ def plan_sweep(
     cells, invalid = _expand(sweep, base, tasks, blocks, grid, output_dir, overrides or [], problems)
     problems += _path_problems(cells, invalid)
     problems = list(dict.fromkeys(problems))
-    problems += _read_states(cells)
+    problems += _read_states(cells, force)
     if problems:
         raise ConfigError(f"{source}: {len(problems)} problem(s)", problems)
     if not cells:
@@ -286,10 +291,11 @@ def _expand(
                 for block in blocks:
                     for variant in grid.variants(block):
                         data = copy.deepcopy(base)
+                        # deep-merged like a further --config file: a block names only the fields it changes
                         for key, value in sweep.overrides.items():
-                            set_dotted(data, key, _with_task(value, task))
+                            data = merge_dotted(data, key, _with_task(value, task))
                         for key, value in sweep.per_task.get(task, {}).items():
-                            set_dotted(data, key, _with_task(value, task))
+                            data = merge_dotted(data, key, _with_task(value, task))
                         for assignment in overrides:  # the command line has the last word
                             key, _, raw = assignment.partition("=")
                             apply_override(data, f"{key}={_with_task(raw, task)}")
@@ -342,12 +348,13 @@ def _path_problems(cells: list[Cell], invalid: list[dict[str, Any]]) -> list[str
     return problems
 
 
-def _read_states(cells: list[Cell]) -> list[str]:
-    """Set each cell's state from its directory; a directory holding another config is a problem."""
+def _read_states(cells: list[Cell], force: bool = False) -> list[str]:
+    """Set each cell's state from its directory; a directory holding another config that trained is a problem,
+    unless `force`."""
     problems = []
     for cell in cells:
         try:
-            state = existing_state(cell.config, cell.directory)
+            state = existing_state(cell.config, cell.directory, force=force)
         except ConfigError as e:
             problems.append(e.message)
             continue

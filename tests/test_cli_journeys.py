@@ -1,0 +1,110 @@
+"""User journeys through the command line (issue 18): merging rules, run identity, what blocks a rerun."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from conftest import TINY_RUN
+from test_sweep import quiet, write_sweep
+from typer.testing import CliRunner
+
+from clue_adv.cli import app
+from clue_adv.data import ASSETS
+from clue_adv.rundir import read_config, read_summary, start_run
+from clue_adv.sweep import load_plan, record_setup_failure, run_sweep
+
+runner = CliRunner()
+
+
+def test_a_sweeps_overrides_block_merges_into_the_base_like_a_config_file(tmp_path):
+    # The user's file: a block under `overrides`, as in a run config. It used to replace the base's whole `data`
+    # block, so data.path fell back to the hub while validate and --dry-run said all was well.
+    overrides = {**TINY_RUN, "epochs": 1, "data": {"max_train_samples": 20}}
+    path = write_sweep(tmp_path, {"seeds": 1, "overrides": overrides})
+    cell = load_plan(path).cells[0]
+    assert cell.config.data.path == str(ASSETS / "tnews")  # the base's, kept
+    assert cell.config.data.max_train_samples == 20
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+
+
+def test_per_task_blocks_merge_too(tmp_path):
+    path = write_sweep(tmp_path, {"seeds": 1, "per_task": {"tnews": {"data": {"max_eval_samples": 7}}}})
+    cell = load_plan(path).cells[0]
+    assert cell.config.data.path == str(ASSETS / "tnews") and cell.config.data.max_eval_samples == 7
+
+
+def test_a_cell_that_failed_before_training_does_not_block_the_fixed_config(tmp_path):
+    path = write_sweep(tmp_path, {"seeds": 1})
+    cell = load_plan(path).cells[0]
+    # The first attempt failed in setup (e.g. the hub could not be reached): a failed summary, no training.
+    assert record_setup_failure(cell, "cannot reach the hub") is not None
+    fixed = write_sweep(tmp_path, {"seeds": 1, "overrides": {**TINY_RUN, "data.max_train_samples": 24}})
+    plan = load_plan(fixed)  # used to raise: "holds a run with a different config (differs in: data....)"
+    assert [c.state for c in plan.cells] == ["absent"]
+    result = run_sweep(plan, console=quiet())
+    assert [r.status for r in result.results] == ["completed"]
+    assert read_config(cell.directory)["data"]["max_train_samples"] == 24
+    assert read_summary(cell.directory)["status"] == "completed"
+
+
+def test_a_setup_failure_of_the_new_config_replaces_the_old_setup_failure(tmp_path):
+    path = write_sweep(tmp_path, {"seeds": 1})
+    cell = load_plan(path).cells[0]
+    assert record_setup_failure(cell, "first") is not None
+    changed = load_plan(write_sweep(tmp_path, {"seeds": 1, "overrides": {**TINY_RUN, "epochs": 2}})).cells[0]
+    assert record_setup_failure(changed, "second") is not None
+    assert read_config(cell.directory)["epochs"] == 2 and read_summary(cell.directory)["error"] == "second"
+
+
+def test_a_run_that_trained_still_blocks_a_changed_config_and_force_replaces_it(tmp_path):
+    path = write_sweep(tmp_path, {"seeds": 1})
+    cell = load_plan(path).cells[0]
+    other = cell.config.model_copy(update={"epochs": 2})
+    start_run(other, cell.directory)
+    (cell.directory / "metrics.jsonl").write_text(json.dumps({"type": "train", "step": 1, "loss": 2.0}) + "\n")
+    (cell.directory / "summary.json").write_text(json.dumps({"status": "failed", "error": "nan loss"}))
+    result = runner.invoke(app, ["sweep", "-c", str(path), "--no-report"])
+    assert result.exit_code == 2 and "differs in: epochs" in result.output and "--force" in result.output
+    assert read_config(cell.directory)["epochs"] == 2
+    result = runner.invoke(app, ["sweep", "-c", str(path), "--force", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "1 to run" in result.output and read_config(cell.directory)["epochs"] == 2  # a dry run changes nothing
+    result = runner.invoke(app, ["sweep", "-c", str(path), "--force", "--no-report"])  # used to give the same error
+    assert result.exit_code == 0, result.output
+    assert "replaces the run" in result.output
+    assert read_config(cell.directory)["epochs"] == 1 and read_summary(cell.directory)["status"] == "completed"
+
+
+def test_train_force_replaces_a_run_with_another_config(tmp_path):
+    config = tmp_path / "run.yaml"
+    body = {
+        "experiment": "j",
+        "task": "tnews",
+        "data": {"path": str(ASSETS / "tnews"), "max_train_samples": 16, "max_eval_samples": 16},
+        "model": {
+            "name_or_path": str(ASSETS / "tokenizer"),
+            "init": "random",
+            "architecture": {
+                "num_hidden_layers": 1,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_attention_heads": 2,
+            },
+        },
+        "max_length": 32,
+        "epochs": 1,
+        "output_dir": str(tmp_path / "out"),
+    }
+    config.write_text(yaml.safe_dump(body))
+    assert runner.invoke(app, ["train", "-c", str(config)]).exit_code == 0
+    body["epochs"] = 2
+    config.write_text(yaml.safe_dump(body))
+    refused = runner.invoke(app, ["train", "-c", str(config)])
+    assert refused.exit_code == 2 and "differs in: epochs" in refused.output
+    result = runner.invoke(app, ["train", "-c", str(config), "--force"])
+    assert result.exit_code == 0, result.output
+    run = Path(tmp_path / "out" / "j" / "tnews" / "none" / "seed-1")
+    assert read_config(run)["epochs"] == 2 and read_summary(run)["status"] == "completed"
