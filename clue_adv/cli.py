@@ -56,10 +56,10 @@ def train(
     ] = False,
 ) -> None:
     """Train one run from a YAML config and evaluate it on dev every epoch."""
-    from clue_adv.config import load_config
+    from clue_adv.config import as_variant, load_config
 
     try:
-        cfg = load_config(config, set_ or [])
+        cfg = as_variant(load_config(config, set_ or []), set_ or [])  # a --set variant has its own folder
         from clue_adv.errors import sigterm_as_interrupt
         from clue_adv.train import train as run_training
 

@@ -36,7 +36,7 @@ def test_train_with_overrides_prints_a_table_and_writes_the_run(tmp_path):
     result = invoke("train", "--config", cfg, "--set", "seed=2", "--set", "optim.lr=2e-3", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert "best dev acc" in result.output
-    run = tmp_path / "out" / "cli" / "tnews" / "none" / "seed-2"
+    run = tmp_path / "out" / "cli+optim.lr=2e-3" / "tnews" / "none" / "seed-2"  # a --set variant: its own folder
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed"
     # diagnostics are on by default, and what they cost is shown beside the training time

@@ -78,9 +78,8 @@ def test_a_run_that_trained_still_blocks_a_changed_config_and_force_replaces_it(
     assert read_config(cell.directory)["epochs"] == 1 and read_summary(cell.directory)["status"] == "completed"
 
 
-def test_train_force_replaces_a_run_with_another_config(tmp_path):
-    config = tmp_path / "run.yaml"
-    body = {
+def tiny_run_config(tmp_path: Path) -> dict:
+    return {
         "experiment": "j",
         "task": "tnews",
         "data": {"path": str(ASSETS / "tnews"), "max_train_samples": 16, "max_eval_samples": 16},
@@ -98,6 +97,11 @@ def test_train_force_replaces_a_run_with_another_config(tmp_path):
         "epochs": 1,
         "output_dir": str(tmp_path / "out"),
     }
+
+
+def test_train_force_replaces_a_run_with_another_config(tmp_path):
+    config = tmp_path / "run.yaml"
+    body = tiny_run_config(tmp_path)
     config.write_text(yaml.safe_dump(body))
     assert runner.invoke(app, ["train", "-c", str(config)]).exit_code == 0
     body["epochs"] = 2
@@ -108,3 +112,42 @@ def test_train_force_replaces_a_run_with_another_config(tmp_path):
     assert result.exit_code == 0, result.output
     run = Path(tmp_path / "out" / "j" / "tnews" / "none" / "seed-1")
     assert read_config(run)["epochs"] == 2 and read_summary(run)["status"] == "completed"
+
+
+def test_a_set_variant_of_train_gets_its_own_folder_and_never_collides(tmp_path):
+    # The README's journey: a run, then the same config with --set optim.lr=3e-5. It used to fail with "holds a run
+    # with a different config (differs in: optim.lr)".
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_config(tmp_path)))
+    assert runner.invoke(app, ["train", "-c", str(config)]).exit_code == 0
+    result = runner.invoke(app, ["train", "-c", str(config), "--set", "optim.lr=3e-5", "--set", "seed=2"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    variant = out / "j+optim.lr=3e-5" / "tnews" / "none" / "seed-2"  # seed shows in seed-<k>, not in the name
+    assert read_summary(variant)["status"] == "completed"
+    assert read_config(variant)["optim"]["lr"] == 3e-5
+    assert read_config(out / "j" / "tnews" / "none" / "seed-1")["optim"]["lr"] != 3e-5  # untouched
+    # Fields that are not the run's identity (where it writes, trackers) name no variant: the same run, skipped.
+    again = runner.invoke(app, ["train", "-c", str(config), "--set", "checkpoint.every_epoch=false"])
+    assert again.exit_code == 0 and "already completed" in again.output
+
+
+def test_set_on_a_tagged_strategy_names_a_variant(tmp_path):
+    from clue_adv.config import as_variant, load_config
+
+    config = tmp_path / "run.yaml"
+    body = tiny_run_config(tmp_path) | {"strategy": {"name": "fgm", "tag": "fgm-study"}}
+    config.write_text(yaml.safe_dump(body))
+    assignments = ["strategy.epsilon=0.2"]
+    cfg = as_variant(load_config([config], assignments), assignments)
+    assert cfg.experiment == "j+strategy.epsilon=0.2" and cfg.strategy.directory_tag() == "fgm-study"
+    untagged = as_variant(load_config([config], ["strategy.tag=null", *assignments]), ["strategy.tag=null"])
+    assert untagged.experiment == "j"  # the directory name shows the parameter itself: fgm-epsilon=0.2
+
+
+def test_a_sweeps_set_names_a_variant_experiment(tmp_path):
+    path = write_sweep(tmp_path, {"seeds": 1, "grid": {"optim.lr": [0.001]}})
+    plain = load_plan(path).cells[0]
+    varied = load_plan(path, overrides=["epochs=2", "logging.trackers=[]"]).cells[0]
+    assert plain.config.experiment == "sw+optim.lr=0.001"
+    assert varied.config.experiment == "sw+optim.lr=0.001+epochs=2" and varied.directory != plain.directory

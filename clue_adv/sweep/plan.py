@@ -31,10 +31,13 @@ from clue_adv.config import (
     did_you_mean,
     expand_path,
     format_validation_errors,
+    format_value,
     load_yaml,
     merge,
     merge_dotted,
     set_dotted,
+    set_variant_fields,
+    variant_name,
 )
 from clue_adv.errors import ConfigError
 from clue_adv.regularizers import registry
@@ -210,7 +213,7 @@ class _Grid:
             # grid values every variant of a tagged block would share one directory.
             if keys and variant.get("tag"):
                 variant["tag"] += "".join(
-                    f"-{param}={_format_value(value)}" for (_, param), value in zip(keys, values, strict=True)
+                    f"-{param}={format_value(value)}" for (_, param), value in zip(keys, values, strict=True)
                 )
             variants.append(variant)
         return variants
@@ -247,15 +250,6 @@ def _grid(
     return grid
 
 
-def _format_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str)
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        text = str(value)
-    return text.replace("/", "_").replace("\\", "_").replace(" ", "")
-
-
 def _with_task(value: Any, task: str) -> Any:
     if isinstance(value, str):
         return value.replace("{task}", task)
@@ -284,10 +278,13 @@ def _expand(
     cells: list[Cell] = []
     invalid: list[dict[str, Any]] = []
     seen: dict[Path, dict[str, Any]] = {}
+    set_fields = set_variant_fields(overrides)  # the sweep refuses --set of strategy fields: never tagged
     for seed in sweep.seed_list():
         for task in tasks:
             for run_values in itertools.product(*(sweep.grid[k] for k in grid.run)):
-                suffix = "".join(f"+{k}={_format_value(v)}" for k, v in zip(grid.run, run_values, strict=True))
+                # the grid's run fields, then the command line's --set fields: the experiment folder of the variant
+                fields = [*zip(grid.run, run_values, strict=True), *set_fields]
+                experiment = variant_name(base_experiment, fields)
                 for block in blocks:
                     for variant in grid.variants(block):
                         data = copy.deepcopy(base)
@@ -304,7 +301,7 @@ def _expand(
                         data["task"] = task
                         data["strategy"] = variant
                         data["seed"] = seed
-                        data["experiment"] = base_experiment + suffix
+                        data["experiment"] = experiment
                         if output_dir is not None:
                             data["output_dir"] = str(output_dir)
                         elif sweep.output_dir is not None:
@@ -314,7 +311,7 @@ def _expand(
                             # Invalid values do not depend on the seed: the label leaves it out, so each problem
                             # shows once. The paths the cell names are still checked, so a bad value does not
                             # hide a missing file.
-                            label = f"{base_experiment + suffix}/{task}/{block.name}"
+                            label = f"{experiment}/{task}/{block.name}"
                             problems += [f"{label}: {e}" for e in errs]
                             invalid.append(data)
                             continue
