@@ -99,7 +99,18 @@ def train(
 
 @app.command()
 def validate(
-    configs: Annotated[list[Path], typer.Argument(help="Run configs or sweep files (every cell) to check.")],
+    configs: Annotated[
+        list[Path] | None, typer.Argument(help="Run configs or sweep files (every cell), each checked on its own.")
+    ] = None,
+    merged: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Check these files merged into one, exactly as `train -c A -c B` (or `sweep -c SWEEP -c B`) reads "
+            "them; repeatable, later files win.",
+        ),
+    ] = None,
     merge_with: Annotated[
         list[Path] | None, typer.Option("--with", help="Merge this file over each config first (e.g. an override).")
     ] = None,
@@ -108,19 +119,31 @@ def validate(
     """Check configs and sweeps without training: schema, paths and data contents; every problem is reported."""
     from clue_adv.validate import validate_file
 
+    if not configs and not merged:
+        _fail(ClueAdvError("give config files to check (each on its own), or -c FILE [-c FILE...] to check a merge"))
+    # each positional file on its own (with --with merged over it), then the -c files as one merged config
+    checks = [([path, *(merge_with or [])], str(path)) for path in configs or []]
+    if merged:
+        checks.append(([*merged, *(merge_with or [])], " + ".join(map(str, merged))))
     bad = 0
-    for path in configs:
+    for files, label in checks:
         notes: list[str] = []  # what could not be checked here (e.g. a hub model's config not cached): not errors
-        problems = validate_file([path, *(merge_with or [])], set_ or [], notes=notes)
+        problems = validate_file(files, set_ or [], notes=notes)
         if problems:
             bad += 1
-            err.print(f"[red]✗[/] {path}", highlight=False)
+            err.print(f"[red]✗[/] {label}", highlight=False, soft_wrap=True)
             for p in problems:
                 err.print(f"    - {p}", highlight=False, markup=False)
         else:
-            out.print(f"[green]✓[/] {path}", highlight=False)
+            out.print(f"[green]✓[/] {label}", highlight=False, soft_wrap=True)
         for note in notes:
             err.print(f"    note: {note}", highlight=False, markup=False)
+    if bad and len(configs or []) > 1:  # `validate run.yaml overrides/tiny.yaml` checks the override as a run
+        err.print(
+            "note: each file named without -c is checked on its own; to check files merged, as `train -c A -c B` "
+            "reads them, give each with -c",
+            highlight=False,
+        )
     if bad:
         raise typer.Exit(2)
 
@@ -235,7 +258,15 @@ def _check_metric(metric: str) -> None:
 
 @app.command()
 def sweep(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Sweep config (YAML), e.g. sweeps/smoke.yaml.")],
+    configs: Annotated[
+        list[Path],
+        typer.Option(
+            "--config",
+            "-c",
+            help="Sweep file (YAML), e.g. sweeps/smoke.yaml; repeat to merge run configs over every cell, later "
+            "files win (-c sweeps/smoke.yaml -c overrides/tiny.yaml), as on train.",
+        ),
+    ],
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", "-s", help="Override a run field in every cell: --set epochs=1 (repeatable)."),
@@ -280,13 +311,15 @@ def sweep(
     """Run a grid of runs (tasks × strategies × hyperparameters × seeds); resumes where it stopped."""
     from clue_adv.sweep import check_executor, load_plan, plan_data_problems, run_sweep
 
+    config, extra = configs[0], configs[1:]
+
     try:
         check_executor(executor)
     except ClueAdvError as e:
         _fail(e)
     _check_metric(metric)
     try:
-        plan = load_plan(config, output_dir, set_ or [], force=force and not status)
+        plan = load_plan(config, output_dir, set_ or [], force=force and not status, configs=list(extra))
     except ClueAdvError as e:
         _fail(e)
     done = sum(c.done for c in plan.cells)

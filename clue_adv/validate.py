@@ -64,10 +64,8 @@ def _raw_sweep_problems(path: Path, data: dict[str, Any]) -> list[str]:
 
 
 def _validate_sweep(path: Path, merged: list[Path], overrides: list[str], notes: list[str] | None = None) -> list[str]:
-    if merged:
-        return [f"--with {', '.join(map(str, merged))}: cannot merge over a sweep file (use the sweep's `base`)"]
     try:
-        plan = load_plan(path, overrides=overrides)
+        plan = load_plan(path, overrides=overrides, configs=list(merged))  # merged over every cell, as `sweep -c`
     except ClueAdvError as e:
         problems = e.problems or [e.message]
         try:

@@ -151,3 +151,30 @@ def test_a_sweeps_set_names_a_variant_experiment(tmp_path):
     varied = load_plan(path, overrides=["epochs=2", "logging.trackers=[]"]).cells[0]
     assert plain.config.experiment == "sw+optim.lr=0.001"
     assert varied.config.experiment == "sw+optim.lr=0.001+epochs=2" and varied.directory != plain.directory
+
+
+def test_config_is_repeatable_and_merges_the_same_way_on_sweep_and_validate(tmp_path):
+    path = write_sweep(tmp_path, {"seeds": 1})
+    good, bad = tmp_path / "three-epochs.yaml", tmp_path / "no-epochs.yaml"
+    good.write_text("epochs: 3\noptim: {warmup_ratio: 0.2}\n")
+    bad.write_text("epochs: 0\n")
+    cell = load_plan(path, configs=[good]).cells[0]
+    assert cell.config.epochs == 3 and cell.config.optim.warmup_ratio == 0.2
+    assert cell.config.optim.lr == 1e-3  # the base's, kept: a block merges
+    # `sweep -c a -c b` used to read only the last file, as the sweep file
+    result = runner.invoke(app, ["sweep", "-c", str(path), "-c", str(good), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    for command in (
+        ["sweep", "-c", str(path), "-c", str(bad), "--dry-run"],
+        ["validate", "-c", str(path), "-c", str(bad)],
+    ):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2 and "epochs: Input should be greater than 0" in result.output, result.output
+    # validate -c merges run configs as train -c does; positional files are each checked on their own, and a failure
+    # among several says how to merge them
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump(tiny_run_config(tmp_path)))
+    merged = runner.invoke(app, ["validate", "-c", str(run), "-c", str(good)])
+    assert merged.exit_code == 0 and f"{run} + {good}" in merged.output, merged.output
+    alone = runner.invoke(app, ["validate", str(run), str(bad)])
+    assert alone.exit_code == 2 and "give each with -c" in " ".join(alone.output.split())

@@ -82,9 +82,13 @@ class SweepPlan:
 
 
 def load_plan(
-    path: str | Path, output_dir: str | Path | None = None, overrides: list[str] | None = None, force: bool = False
+    path: str | Path,
+    output_dir: str | Path | None = None,
+    overrides: list[str] | None = None,
+    force: bool = False,
+    configs: list[str | Path] | None = None,
 ) -> SweepPlan:
-    return plan_sweep(load_sweep(path), path, output_dir, overrides, force)
+    return plan_sweep(load_sweep(path), path, output_dir, overrides, force, configs)
 
 
 def plan_sweep(
@@ -93,12 +97,18 @@ def plan_sweep(
     output_dir: str | Path | None = None,
     overrides: list[str] | None = None,
     force: bool = False,
+    configs: list[str | Path] | None = None,
 ) -> SweepPlan:
-    """Every cell of the grid as a validated RunConfig with its directory and state. `overrides`: the command
-    line's `--set`, applied last. `force`: a directory holding another config's run is to be replaced (`--force`),
-    not a problem."""
+    """Every cell of the grid as a validated RunConfig with its directory and state. `configs`: run config files
+    the command line names after the sweep file (`sweep -c SWEEP -c overrides/tiny.yaml`), deep-merged over every
+    cell after the sweep's `overrides` and `per_task`, as repeated `--config` merges on `train`. `overrides`: the
+    command line's `--set`, applied last. `force`: a directory holding another config's run is to be replaced
+    (`--force`), not a problem."""
     source = Path(source)
     base = _base(sweep, source)
+    extra: dict[str, Any] = {}
+    for name in configs or []:  # relative to the working directory, like every path on the command line
+        extra = merge(extra, load_yaml(Path(name)))
     problems = _set_key_problems(overrides or [])
     tasks = _tasks(sweep, base, problems)
     classes = {name: cls.config_class for name, cls in registry().items()}
@@ -115,7 +125,7 @@ def plan_sweep(
             f"{source}: the sweep plans {n_runs} runs (seeds x tasks x grid x strategies); at most {MAX_RUNS}: "
             "fewer seeds or grid values, or split it into several sweeps"
         )
-    cells, invalid = _expand(sweep, base, tasks, blocks, grid, output_dir, overrides or [], problems)
+    cells, invalid = _expand(sweep, base, extra, tasks, blocks, grid, output_dir, overrides or [], problems)
     problems += _path_problems(cells, invalid)
     problems = list(dict.fromkeys(problems))
     problems += _read_states(cells, force)
@@ -263,6 +273,7 @@ def _with_task(value: Any, task: str) -> Any:
 def _expand(
     sweep: SweepConfig,
     base: dict[str, Any],
+    extra: dict[str, Any],
     tasks: list[str],
     blocks: list[StrategyConfig],
     grid: _Grid,
@@ -293,6 +304,7 @@ def _expand(
                             data = merge_dotted(data, key, _with_task(value, task))
                         for key, value in sweep.per_task.get(task, {}).items():
                             data = merge_dotted(data, key, _with_task(value, task))
+                        data = merge(data, extra)  # the command line's further --config files
                         for assignment in overrides:  # the command line has the last word
                             key, _, raw = assignment.partition("=")
                             apply_override(data, f"{key}={_with_task(raw, task)}")
