@@ -1,6 +1,6 @@
 """Run directories: the database that sweeps and reports read.
 
-    <output_dir>/<experiment>/<task>/<strategy-tag>/seed-<k>/
+    <output_dir>/<experiment>[+key=value...]/<task>/<strategy-tag>/seed-<k>/   (+key=value: a --set or grid variant)
         config.yaml     the fully resolved config (the run's identity)
         metrics.jsonl   one JSON object per line: training logs and evaluations, appended and flushed
         summary.json    status (running | completed | failed | interrupted) and the results
