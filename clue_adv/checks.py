@@ -5,6 +5,7 @@ reports them with the rest; the sweep's planner makes them for every cell, train
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -157,6 +158,40 @@ def hub_position_check(s: Sources) -> tuple[list[str], list[str]]:
     if isinstance(positions, int) and s.max_length > positions:
         return [f"max_length: {s.max_length} exceeds the model's {positions} positions ({s.model})"], []
     return [], []
+
+
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def offline_vars() -> list[str]:
+    """The Hugging Face variables that switch the hub off in this environment, e.g. ['HF_HUB_OFFLINE=1']."""
+    return [
+        f"{v}={os.environ[v]}" for v in _OFFLINE_VARS if os.environ.get(v, "").upper() in ("1", "TRUE", "ON", "YES")
+    ]
+
+
+def offline_hub_warning(sources: list[Sources]) -> str | None:
+    """When the environment is offline and some config reads from the hub, a plain statement that the hub can be
+    neither reached nor checked: every check here passes on a hub name, and the run fails in setup unless the
+    Hugging Face cache already holds it. None when online or when every source is local."""
+    switched_off = offline_vars()
+    if not switched_off:
+        return None
+    names: list[str] = []
+    for s in sources:
+        if s.data_path is None:
+            names.append("the hub dataset (data.path is not set)")
+        for name in (s.model, s.tokenizer):
+            if name and not looks_local(name):
+                names.append(name)
+    names = list(dict.fromkeys(names))
+    if not names:
+        return None
+    return (
+        f"{' and '.join(switched_off)}: the hub cannot be reached, and nothing here can check it: "
+        f"{', '.join(names)} must already be in the local Hugging Face cache, or the run fails when it starts; "
+        "point data.path and model.name_or_path at local directories to run offline"
+    )
 
 
 def data_problems(s: Sources) -> list[str]:

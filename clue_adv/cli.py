@@ -137,7 +137,8 @@ def validate(
         else:
             out.print(f"[green]✓[/] {label}", highlight=False, soft_wrap=True)
         for note in notes:
-            err.print(f"    note: {note}", highlight=False, markup=False)
+            kind = "warning" if note.startswith("HF_") else "note"  # an offline hub (checks.offline_hub_warning)
+            err.print(f"    {kind}: {note}", highlight=False, markup=False, soft_wrap=True)
     if bad and len(configs or []) > 1:  # `validate run.yaml overrides/tiny.yaml` checks the override as a run
         err.print(
             "note: each file named without -c is checked on its own; to check files merged, as `train -c A -c B` "
@@ -323,6 +324,11 @@ def sweep(
     except ClueAdvError as e:
         _fail(e)
     done = sum(c.done for c in plan.cells)
+    from clue_adv.checks import Sources, offline_hub_warning
+
+    # before anything runs (and in --dry-run): an offline environment cannot reach the hub the cells name
+    if not status and (offline := offline_hub_warning([Sources.of(c.config) for c in plan.cells])):
+        err.print(f"[yellow]warning:[/] {offline}", highlight=False, soft_wrap=True)
     if status:
         _print_status(plan, config)
         return

@@ -6,7 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from clue_adv.checks import Sources, check_pretrain_paths, data_problems, hub_position_check, path_problems
+from clue_adv.checks import (
+    Sources,
+    check_pretrain_paths,
+    data_problems,
+    hub_position_check,
+    offline_hub_warning,
+    path_problems,
+)
 from clue_adv.config import TASKS, apply_override, expand_path, load_yaml, merge, parse_config
 from clue_adv.errors import ClueAdvError, DataError
 from clue_adv.pretrain.config import PretrainConfig, is_pretrain_config, parse_pretrain_config
@@ -86,6 +93,9 @@ def _validate_sweep(path: Path, merged: list[Path], overrides: list[str], notes:
             problems += [f"{where}: {p}" for p in hub_problems + data_problems(sources)]
             if notes is not None:
                 notes += [n for n in hub_notes if n not in notes]
+    offline = offline_hub_warning(list(seen))
+    if notes is not None and offline:
+        notes.insert(0, offline)
     return list(dict.fromkeys(problems))
 
 
@@ -117,5 +127,5 @@ def validate_file(
         problems = e.problems or [e.message]
     hub_problems, hub_notes = hub_position_check(sources)
     if notes is not None:
-        notes += hub_notes
+        notes += [w for w in [offline_hub_warning([sources])] if w] + hub_notes
     return problems + path_problems(sources) + hub_problems + data_problems(sources)

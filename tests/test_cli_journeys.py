@@ -178,3 +178,23 @@ def test_config_is_repeatable_and_merges_the_same_way_on_sweep_and_validate(tmp_
     assert merged.exit_code == 0 and f"{run} + {good}" in merged.output, merged.output
     alone = runner.invoke(app, ["validate", str(run), str(bad)])
     assert alone.exit_code == 2 and "give each with -c" in " ".join(alone.output.split())
+
+
+def test_hub_sources_are_named_plainly_when_the_environment_is_offline(tmp_path, monkeypatch):
+    # Before: `validate configs/tnews/*.yaml` said ✓ and `sweep --dry-run` "N to run" with the hub switched off.
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = runner.invoke(app, ["validate", str(repo / "configs" / "tnews" / "fgm.yaml")])
+    text = " ".join(result.output.split())
+    assert "warning: HF_HUB_OFFLINE=1" in text and "the hub cannot be reached" in text and "bert-base-chinese" in text
+    hub_sweep = tmp_path / "hub.yaml"
+    hub_sweep.write_text(f"base: {repo / 'configs' / 'tnews' / 'baseline.yaml'}\nseeds: 1\n")
+    result = runner.invoke(app, ["sweep", "-c", str(hub_sweep), "--dry-run", "-o", str(tmp_path / "out")])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0 and "the hub cannot be reached" in text and "the hub dataset" in text
+    # a local sweep says nothing of the hub; online, nothing is said either
+    assert "hub cannot" not in runner.invoke(app, ["sweep", "-c", str(write_sweep(tmp_path, {})), "--dry-run"]).output
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    result = runner.invoke(app, ["sweep", "-c", str(hub_sweep), "--dry-run", "-o", str(tmp_path / "out")])
+    assert "hub cannot" not in result.output

@@ -128,8 +128,12 @@ def hub_yaml(tmp_path: Path, max_length: int) -> Path:
 
 
 def fake_hub_config(monkeypatch: pytest.MonkeyPatch, positions: int | None) -> list[dict]:
-    """AutoConfig as the HF cache would answer: a config with `positions`, or (None) not cached."""
+    """AutoConfig as the HF cache would answer: a config with `positions`, or (None) not cached. Online as far as
+    validate knows (AutoConfig never reaches the network here): offline, a hub name also gets the offline warning."""
     import transformers
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
     from transformers import BertConfig
 
     calls: list[dict] = []
