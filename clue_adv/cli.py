@@ -38,6 +38,41 @@ OutputOpt = Annotated[
 ]
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        import clue_adv
+
+        out.print(f"clue-adv {clue_adv.__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", metavar="", callback=_show_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Options before the command (`clue-adv --version`)."""
+
+
+def _print_whole(console: Console, table: Table, room: int = 10) -> None:
+    """Print `table` with its no_wrap columns whole: a value such as `fgm-epsilon=0.05` is never split over two lines
+    (`0.0` / `5` reads as ε = 0). When it does not fit the terminal (or a pipe's 80 columns) the table is drawn
+    wider than that, leaving the wrapping columns `room` characters."""
+    from rich.measure import Measurement
+
+    need = Measurement.get(console, console.options.update_width(100_000), table).minimum + room
+    width = console.width
+    console.width = max(width, need)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
+
 def _fail(e: ClueAdvError) -> None:
     err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(e.exit_code)
@@ -51,7 +86,9 @@ def train(
     force: Annotated[
         bool,
         typer.Option(
-            "--force", help="Rerun even if this run already completed; start over instead of resuming a checkpoint."
+            "--force",
+            metavar="",
+            help="Rerun even if this run already completed; start over instead of resuming a checkpoint.",
         ),
     ] = False,
 ) -> None:
@@ -74,7 +111,8 @@ def train(
     if outcome.skipped:
         err.print(f"already completed: {outcome.directory} (use --force to rerun)", highlight=False)
     table = Table(title=f"{s.get('task')} · {s.get('strategy_tag')} · seed {s.get('seed')}")
-    for col in ("best dev acc", "best epoch", "final dev acc", "macro-F1 (best)", "steps", "train time"):
+    # percentages, as in the report's tables (summary.json and runs.csv hold fractions)
+    for col in ("best dev acc %", "best epoch", "final dev acc %", "macro-F1 % (best)", "steps", "train time"):
         table.add_column(col, justify="right")
 
     def pct(key: str) -> str:  # an already-completed run's summary may be from another version or hand-edited
@@ -152,7 +190,7 @@ def validate(
 @app.command()
 def strategies(
     name: Annotated[str | None, typer.Argument(help="Show one strategy's parameters in full.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Machine-readable output.")] = False,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", "-s", help="With NAME: cost it with these settings, e.g. --set mode=finite_difference."),
@@ -202,11 +240,14 @@ def strategies(
         if r["accumulation"]:
             out.print(f"gradient accumulation (optim.grad_accum_steps > 1): {r['accumulation']}", highlight=False)
         changed = any(p["value"] != p["default"] for p in r["parameters"].values())
-        table = Table("parameter", *(["value"] if changed else []), "default", "description", show_lines=True)
+        table = Table(show_lines=True)
+        for col in ("parameter", *(["value"] if changed else []), "default"):
+            table.add_column(col, no_wrap=True)  # a value never wraps: `1e-` / `05`
+        table.add_column("description")
         for key, p in r["parameters"].items():
-            value = [repr(p["value"])] if changed else []
-            table.add_row(key, *value, repr(p["default"]), p["description"] or "")
-        out.print(table)
+            value = [_as_yaml(p["value"])] if changed else []
+            table.add_row(key, *value, _as_yaml(p["default"]), p["description"] or "")
+        _print_whole(out, table)
         return
     # Names never wrap (`clue-adv strategies | grep NAME` finds the row) and the list fits 80 columns, a pipe's
     # width: only "what it does" wraps, at spaces; each strategy's parameters are in `clue-adv strategies NAME`.
@@ -230,6 +271,17 @@ def strategies(
         "`clue-adv strategies NAME --set FIELD=VALUE` costs a variant.",
         highlight=False,
     )
+
+
+def _as_yaml(value: Any) -> str:
+    """A value as a config file writes it (`null`, `embedding_output`, `true`), not as Python prints it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple | dict):
+        return json.dumps(value, default=str)
+    return str(value)
 
 
 def main() -> None:  # pragma: no cover - console-script shim
@@ -277,6 +329,7 @@ def sweep(
         bool,
         typer.Option(
             "--dry-run",
+            metavar="",  # a flag: no `<bool>` in --help
             help="List the planned runs and which are done; with --executor slurm also the sbatch script and "
             "which array task holds which run. Submits nothing.",
         ),
@@ -285,11 +338,12 @@ def sweep(
         bool,
         typer.Option(
             "--status",
+            metavar="",
             help="Show each run's state from its directory (completed, running, pending in Slurm, failed, not "
             "started), whatever executor ran it. Runs nothing.",
         ),
     ] = False,
-    force: Annotated[bool, typer.Option("--force", help="Rerun every cell, completed ones too.")] = False,
+    force: Annotated[bool, typer.Option("--force", metavar="", help="Rerun every cell, completed ones too.")] = False,
     jobs: Annotated[
         int | None, typer.Option("--jobs", "-j", min=1, help="Runs at once (default: 1, or one per device).")
     ] = None,
@@ -305,7 +359,7 @@ def sweep(
         ),
     ] = "local",
     report: Annotated[
-        bool, typer.Option("--report/--no-report", help="Write the report and print the table at the end.")
+        bool, typer.Option("--report/--no-report", metavar="", help="Write the report and print the table at the end.")
     ] = True,
     metric: MetricOpt = "best",
 ) -> None:
@@ -388,15 +442,16 @@ def _print_status(plan: SweepPlan, config: Path) -> None:
 
     statuses = sweep_status(plan)
     table = Table(title=f"{config}: {len(plan.cells)} run(s)")
-    for col in ("#", "experiment", "task", "strategy", "seed", "status", "detail"):
-        table.add_column(col, overflow="fold")
+    for col in ("#", "experiment", "task", "strategy", "seed", "status"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("detail", overflow="fold")
     style = {"completed": "green", "failed": "red", "interrupted": "yellow", "running": "cyan"}
     for i, st in enumerate(statuses, start=1):
         c = st.cell.config
         shown = f"[{style[st.status]}]{st.status}[/]" if st.status in style else st.status
         tag = st.cell.directory.parent.name
         table.add_row(str(i), c.experiment, c.task, escape(tag), str(c.seed), shown, escape(st.detail))
-    out.print(table)
+    _print_whole(out, table)
     counts = {s: sum(st.status == s for st in statuses) for s in STATUS_ORDER}
     out.print(", ".join(f"{n} {s}" for s, n in counts.items()), highlight=False)
     out.print(f"run directories under {plan.output_dir.resolve()}", highlight=False)
@@ -411,7 +466,7 @@ def _print_dry_run(plan: SweepPlan, config: Path, force: bool, executor: str) ->
     done = sum(c.done for c in plan.cells)
     table = Table(title=f"{config}: {len(plan.cells)} run(s), {done} already completed")
     for col in ("#", "experiment", "task", "strategy", "seed", "state") + (("array task",) if slurm else ()):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, no_wrap=True)
     for i, cell in enumerate(plan.cells, start=1):
         state = {"completed": "done (skip)", "absent": "to run"}.get(cell.state, f"rerun ({cell.state})")
         if force:
@@ -423,7 +478,7 @@ def _print_dry_run(plan: SweepPlan, config: Path, force: bool, executor: str) ->
         if slurm:
             row.append(str(array[cell.directory]) if cell.directory in array else "-")
         table.add_row(*row)
-    out.print(table)
+    _print_whole(out, table, room=0)
     out.print(f"{len(plan.cells)} planned, {done} completed, {len(todo)} to run", highlight=False)
     out.print(f"run directories under {plan.output_dir.resolve()}", highlight=False)
     if slurm and todo:
@@ -446,7 +501,7 @@ def report(
     output: Annotated[
         Path | None, typer.Option("--output", help="Where report.md, CSVs and plots go (default: RESULTS_DIR).")
     ] = None,
-    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Draw the PNG plots.")] = True,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", metavar="", help="Draw the PNG plots.")] = True,
     metric: MetricOpt = "best",
 ) -> None:
     """Tables, CSVs and plots from run directories (works on partial sweeps)."""
@@ -468,6 +523,8 @@ def report(
         err.print(f"wrote {', '.join(str(p) for p in built.files[:3])} and {len(built.files) - 3} plot(s)")
     else:
         sys.stdout.write(render(built.tables, fmt, metric))
+        # every format writes the files too: say so, on stderr, so that `> table.tex` holds only the table
+        err.print(f"also wrote {', '.join(str(p) for p in built.files[:3])} and {len(built.files) - 3} plot(s)")
 
 
 @app.command()
@@ -481,7 +538,9 @@ def predict(
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     allow_incomplete: Annotated[
         bool,
-        typer.Option("--allow-incomplete", help="Predict with an interrupted/failed run's best model so far."),
+        typer.Option(
+            "--allow-incomplete", metavar="", help="Predict with an interrupted/failed run's best model so far."
+        ),
     ] = False,
 ) -> None:
     """Write the CLUE submission file (tnews_predict.json / iflytek_predict.json) for a test file."""
@@ -518,7 +577,9 @@ def pretrain(
     config: PretrainConfigArg,
     set_: SetOpt = None,
     output_dir: OutputOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Start over, even if the pretrain completed.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", metavar="", help="Start over, even if the pretrain completed.")
+    ] = False,
 ) -> None:
     """Masked-LM pretraining on the task's training text; writes a model directory to fine-tune from. Resumable."""
     from clue_adv.pretrain.config import load_pretrain_config

@@ -198,3 +198,36 @@ def test_hub_sources_are_named_plainly_when_the_environment_is_offline(tmp_path,
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     result = runner.invoke(app, ["sweep", "-c", str(hub_sweep), "--dry-run", "-o", str(tmp_path / "out")])
     assert "hub cannot" not in result.output
+
+
+def test_values_never_wrap_in_an_80_column_dry_run_and_status(tmp_path):
+    # `fgm-epsilon=0.0` / `5` read as ε = 0 when the strategy column folded at 80 columns (a pipe's width)
+    block = {"name": "fgm", "epsilon": 0.05, "epsilon_unit": "relative", "target": "embedding_matrix"}
+    path = write_sweep(tmp_path, {"seeds": 1, "strategies": [block], "grid": {"optim.lr": [0.001, 0.0003]}})
+    tag = load_plan(path).cells[0].directory.parent.name
+    assert len(tag) > 40
+    for flag in ("--dry-run", "--status"):
+        result = runner.invoke(app, ["sweep", "-c", str(path), flag], env={"COLUMNS": "80"})
+        assert result.exit_code == 0, result.output
+        assert tag in result.output and "sw+optim.lr=0.0003" in result.output, result.output
+
+
+def test_small_traps_of_the_command_line():
+    assert runner.invoke(app, ["--version"]).output.startswith("clue-adv ")
+    for command in ("train", "sweep", "strategies", "report", "pretrain"):
+        help_text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "120"}).output
+        flags = [
+            line
+            for line in help_text.splitlines()
+            if any(f in line for f in ("--force", "--json", "--dry-run", "--plots"))
+        ]
+        assert flags and not any("<bool>" in line for line in flags), help_text  # a flag takes no value
+    fgm = runner.invoke(app, ["strategies", "fgm"], env={"COLUMNS": "200"}).output
+    assert "None" not in fgm and "'embedding_output'" not in fgm and "null" in fgm  # YAML, as configs write it
+    assert "study-fgm.yaml" in fgm  # which preset is the study's
+
+
+def test_latex_turns_markdown_code_into_texttt():
+    from clue_adv.report.render import _latex_escape
+
+    assert _latex_escape("vs `none`, 50% of a_b") == r"vs \texttt{none}, 50\% of a\_b"

@@ -22,7 +22,12 @@ from clue_adv.regularizers.perturb import PerturbationConfig, PerturbationSpace,
 
 class FGMConfig(PerturbationConfig):
     name: Literal["fgm"] = Field("fgm", description="Fast gradient method (one-step adversarial training).")
-    epsilon: float = Field(0.5, ge=0, description="Perturbation size ε (the study: 0.5 on the embedding matrix).")
+    epsilon: float = Field(
+        0.5,
+        ge=0,
+        description="Perturbation size ε. The study's FGM is ε = 0.5 with target: embedding_matrix and combine: "
+        "adversarial_only, not these defaults: configs/<task>/study-fgm.yaml.",
+    )
     norm: Literal["l2", "sign"] = Field("l2", description="`l2`: r = ε·g/‖g‖ (FGM); `sign`: r = ε·sign(g) (FGSM).")
     combine: Literal["adversarial_only", "sum"] = Field(
         "sum",

@@ -7,12 +7,15 @@ import csv
 import io
 import json
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from clue_adv.config import require_nameable
 from clue_adv.errors import ClueAdvError
@@ -73,7 +76,15 @@ _LATEX_SPECIAL = {
 
 
 def _latex_escape(s: str) -> str:
-    """One pass over the characters, so a replacement's own braces or backslashes are never escaped again."""
+    """One pass over the characters, so a replacement's own braces or backslashes are never escaped again. Markdown's
+    `code` spans (the notes are written for report.md) become \texttt{code}."""
+    parts = re.split(r"`([^`]*)`", s)  # odd indices: the code spans
+    return "".join(
+        rf"\texttt{{{_escape_chars(part)}}}" if i % 2 else _escape_chars(part) for i, part in enumerate(parts)
+    )
+
+
+def _escape_chars(s: str) -> str:
     return "".join(_LATEX_SPECIAL.get(c, c) for c in s)
 
 
@@ -177,9 +188,9 @@ def rich_table(table: ExperimentTable, metric: str = "best") -> Any:
     reference = table.has_reference and metric == "best"
     if reference:
         caption += " study: the study's published figure (one run, BERT-base)."
-    out = Table(
-        title=f"{table.experiment}: {METRICS[metric][1]}", caption=caption, caption_justify="left", show_lines=True
-    )
+    # The note is printed under the table as a paragraph of its own: a table caption wraps to the table's width
+    # (13 lines under a narrow one-row table), a paragraph to the terminal's.
+    out = Table(title=f"{table.experiment}: {METRICS[metric][1]}", show_lines=True)
     out.add_column("strategy", overflow="fold")
     for task in table.tasks:
         out.add_column(TASK_NAMES.get(task, task), justify="right", overflow="fold")
@@ -195,7 +206,7 @@ def rich_table(table: ExperimentTable, metric: str = "best") -> Any:
                 lines.append(f"study: {cell.reference:.2f}")
             row.append("\n".join(lines))
         out.add_row(*row)
-    return out
+    return Group(out, Text(caption, style="dim italic"))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -228,7 +228,12 @@ def method_note(table: ExperimentTable, metric: str) -> str:
         text += (
             f" Δ: mean paired difference vs `{table.baseline}` in percentage points over the seeds both completed "
             f"(same seed = same initialisation and data order), 95% t-interval, paired t-test p-value "
-            f"Holm-adjusted across the table's {n_tests} comparison(s); * marks adjusted p < 0.05."
+            + (
+                f"Holm-adjusted across the table's {n_tests} comparison{'s' if n_tests > 1 else ''}; * marks adjusted "
+                "p < 0.05."
+                if n_tests
+                else "where a strategy and the baseline share at least two completed seeds (none here yet)."
+            )
         )
         pairs = [c.delta[metric].n for c in table.cells.values() if metric in c.delta and c.delta[metric].n >= 2]
         if pairs and min(pairs) < FEW_SEEDS:
