@@ -200,7 +200,9 @@ def strategies(
     from clue_adv.regularizers import describe_strategies, registry
 
     if name is not None and name not in registry():
-        err.print(f"[bold red]error:[/] unknown strategy {name!r}; valid: {', '.join(registry())}")
+        # `strategies --json true`: a flag's value is read as NAME
+        flag = " (--json is a flag and takes no value)" if name.lower() in ("true", "false", "yes", "no") else ""
+        err.print(f"[bold red]error:[/] unknown strategy {name!r}{flag}; valid: {', '.join(registry())}")
         raise typer.Exit(2)
     if set_ and name is None:
         err.print("[bold red]error:[/] --set needs a strategy NAME (e.g. clue-adv strategies pgd --set steps=5)")

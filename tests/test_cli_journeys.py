@@ -225,6 +225,8 @@ def test_small_traps_of_the_command_line():
     fgm = runner.invoke(app, ["strategies", "fgm"], env={"COLUMNS": "200"}).output
     assert "None" not in fgm and "'embedding_output'" not in fgm and "null" in fgm  # YAML, as configs write it
     assert "study-fgm.yaml" in fgm  # which preset is the study's
+    wrong = runner.invoke(app, ["strategies", "--json", "true"])
+    assert wrong.exit_code == 2 and "--json is a flag and takes no value" in wrong.output
 
 
 def test_latex_turns_markdown_code_into_texttt():

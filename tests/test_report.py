@@ -257,8 +257,13 @@ def test_formats(results):
     assert fgm["delta"]["mean"] == pytest.approx(1.5)
     latex = render(tables, "latex")
     assert r"\begin{tabular}" in latex and r"54.00 $\pm$ 3.00" in latex and r"\bottomrule" in latex
-    rows = list(csv.reader(io.StringIO(render(tables, "csv").split("\n\n")[0])))
-    assert rows[0][:3] == ["experiment", "strategy", "IFLYTEK"] and len(rows) == 4
+    # CSV holds numbers, one row per strategy and task (it held the terminal's `54.00 ± 3.00 (n=2)` text)
+    rows = list(csv.DictReader(io.StringIO(render(tables, "csv"))))
+    fgm_row = next(
+        r for r in rows if r["experiment"] == "hand" and r["task"] == "iflytek" and r["strategy"] == fgm["strategy"]
+    )
+    assert float(fgm_row["mean"]) == pytest.approx(fgm["mean"]) and float(fgm_row["delta_mean"]) == pytest.approx(1.5)
+    assert int(fgm_row["n"]) == 2 and int(fgm_row["n_pairs"]) == 2
 
 
 def _data_points(ax) -> list[tuple[float, float]]:

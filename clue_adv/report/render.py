@@ -161,10 +161,34 @@ def table_json(table: ExperimentTable, metric: str) -> dict[str, Any]:
     }
 
 
+NUMERIC_COLUMNS = [
+    "experiment", "strategy", "task", "n", "mean", "std",
+    "delta_mean", "delta_ci95_low", "delta_ci95_high", "p", "p_holm", "n_pairs", "study_reference",
+]  # fmt: skip
+
+
+def _numeric_rows(table: ExperimentTable, metric: str) -> list[list[Any]]:
+    """The main table as numbers for a spreadsheet or pandas, one row per strategy and task, accuracy in percent
+    (the terminal's `13.00 ± 0.00 (n=2)` cells are text). Empty: not computed (too few seeds, no baseline)."""
+    rows = []
+    for r in table_json(table, metric)["rows"]:
+        delta = r.get("delta") or {}
+        ci = delta.get("ci95") or [None, None]
+        values = [
+            table.experiment, r["strategy"], r["task"], r["n"], r.get("mean"), r.get("std"),
+            delta.get("mean"), ci[0], ci[1], delta.get("p"), delta.get("p_holm"), delta.get("n_pairs"),
+            r.get("study_reference"),
+        ]  # fmt: skip
+        rows.append(["" if v is None else v for v in values])
+    return rows
+
+
 def render(tables: list[ExperimentTable], fmt: str, metric: str = "best") -> str:
     """The main table(s) alone in `fmt` (md, csv, json or latex)."""
     if fmt == "json":
         return json.dumps([table_json(t, metric) for t in tables], indent=2, ensure_ascii=False) + "\n"
+    if fmt == "csv":  # one header: every experiment's rows have the same columns
+        return _csv(NUMERIC_COLUMNS, [row for table in tables for row in _numeric_rows(table, metric)])
     parts = []
     for table in tables:
         header, rows = table_rows(table, metric)
@@ -173,11 +197,8 @@ def render(tables: list[ExperimentTable], fmt: str, metric: str = "best") -> str
             parts.append(f"**{title}**\n\n" + _markdown(header, rows) + "\n" + method_note(table, metric) + "\n")
         elif fmt == "latex":
             parts.append(_latex(header, rows, f"{title}. {method_note(table, metric)}"))
-        elif fmt == "csv":
-            parts.append(_csv(["experiment", *header], [[table.experiment, *row] for row in rows]))
         else:
             raise ClueAdvError(f"--format: unknown format {fmt!r} (valid: {', '.join(FORMATS)})")
-    # CSV: one block (with its own header) per experiment, since experiments can differ in their tasks.
     return "\n".join(parts)
 
 
