@@ -456,7 +456,9 @@ def test_smoke_sweep_end_to_end_prints_a_row_per_strategy(tmp_path):
     n = len(sweep.strategies) * len(sweep.seed_list())
     assert f"{n} completed, 0 skipped, 0 failed" in result.output
     assert f"[{n}/{n}] completed" in result.output  # plain progress lines when not a terminal
-    report = (tmp_path / "smoke" / "report.md").read_text()
+    # the --set fields name a variant of the experiment (smoke+...; hashed when long): its own folder
+    (experiment,) = [p for p in tmp_path.iterdir() if p.name.startswith("smoke+")]
+    report = (experiment / "report.md").read_text()
     table = report.split("### Dev accuracy at the best epoch (%)")[1].split("###")[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| strategy")]
     assert len(rows) == len(sweep.strategies)
@@ -464,7 +466,7 @@ def test_smoke_sweep_end_to_end_prints_a_row_per_strategy(tmp_path):
     assert all("(n=2)" in row for row in rows)
     for block in sweep.strategies:
         assert block.directory_tag()[:10] in result.output  # the terminal table
-    assert len(list((tmp_path / "smoke" / "plots").glob("*.png"))) == 3
+    assert len(list((experiment / "plots").glob("*.png"))) == 3
     dry = runner.invoke(
         app, ["sweep", "-c", str(REPO / "sweeps" / "smoke.yaml"), "-o", str(tmp_path), *sets, "--dry-run"]
     )
