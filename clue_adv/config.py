@@ -494,6 +494,9 @@ def merge_dotted(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
 # directory name) or that do not change what a run computes (where it is written, checkpoints, trackers: not part of
 # its identity, see rundir._NOT_IDENTITY): every other `--set` names a variant of the experiment.
 _NOT_A_VARIANT = ("experiment", "task", "seed", "output_dir", "checkpoint", "logging", "strategy")
+# Where the task's data is read from (a local copy of CLUE, or the hub) is not what a run computes: the same run
+# read from another folder is the same run (rundir.identity leaves it out too).
+_WHERE_DATA_IS = ("data.path",)
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_.=+-]")
 
 
@@ -530,7 +533,7 @@ def set_variant_fields(assignments: list[str], tagged: bool = False) -> list[tup
         key = key.strip()
         head, _, rest = key.partition(".")
         strategy_param = tagged and head == "strategy" and rest not in ("", "name", "tag")
-        if head in _NOT_A_VARIANT and not strategy_param:
+        if (head in _NOT_A_VARIANT and not strategy_param) or key in _WHERE_DATA_IS:
             continue
         try:
             value = yaml.safe_load(raw) if raw.strip() else None

@@ -163,7 +163,12 @@ def utc_now() -> str:
 
 
 def identity(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in _NOT_IDENTITY}
+    """What makes two configs the same run: all but where it is written, checkpoints, trackers and the folder the
+    data is read from (the same CLUE files elsewhere, as README's `--set data.path=...` runs them)."""
+    out = {k: v for k, v in config.items() if k not in _NOT_IDENTITY}
+    if isinstance(out.get("data"), dict):
+        out["data"] = {k: v for k, v in out["data"].items() if k != "path"}
+    return out
 
 
 def stored_identity(stored: dict[str, Any], parse: Callable[[dict[str, Any]], Any] = parse_config) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,16 @@ def test_strategies_set_cannot_change_the_strategy_name():
     result = invoke("strategies", "pgd", "--set", "name=fgm")
     assert result.exit_code == 2 and "give the strategy as NAME" in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_data_read_from_another_folder_is_the_same_run(tmp_path):
+    """README's `--set data.path=...` says where the CLUE files are, not what is computed: no variant folder, and the
+    same run read from a copy of the data elsewhere is already completed."""
+    copy = tmp_path / "copy"
+    shutil.copytree(ASSETS / "tnews", copy)
+    cfg = tiny_yaml(tmp_path)
+    first = invoke("train", "--config", cfg, "--set", f"data.path={copy}", "-o", tmp_path / "out")
+    assert first.exit_code == 0, first.output
+    assert (tmp_path / "out" / "cli" / "tnews" / "none" / "seed-1" / "summary.json").is_file()
+    again = invoke("train", "--config", cfg, "-o", tmp_path / "out")
+    assert again.exit_code == 0 and "already completed" in again.output, again.output

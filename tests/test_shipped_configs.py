@@ -35,7 +35,9 @@ def test_every_shipped_config_is_found():
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
 def test_shipped_config_runs_one_step(path, tmp_path):
     # study configs use the `cls` head and `null` clipping: the tiny override keeps those, only shrinks the run.
-    cfg = load_config([path, TINY], [f"{k}={v}" for k, v in ONE_STEP.items()])
+    # A holdout carved from the full training file (the proxy study's 5,000) is larger than the bundled sample.
+    holdout = ["data.holdout_size=100"] if load_config(path).data.holdout_size else []
+    cfg = load_config([path, TINY], [f"{k}={v}" for k, v in ONE_STEP.items()] + holdout)
     outcome = train(cfg, tmp_path, show_progress=False)
     assert outcome.summary["status"] == "completed"
     assert outcome.summary["steps"] == 1
@@ -45,7 +47,11 @@ def test_shipped_config_runs_one_step(path, tmp_path):
     assert all(math.isfinite(h["loss"]) for h in outcome.summary["dev_history"])
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
+# configs/proxy/ is the proxy study's own protocol, which stops early by design (its header says why).
+PROTOCOLS = [p for p in SHIPPED if p.parent.name != "proxy"]
+
+
+@pytest.mark.parametrize("path", PROTOCOLS, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
 def test_protocol_configs_train_every_epoch(path):
     """The CLUE and study protocols train a fixed number of epochs: no early stopping (it would change what the
     published numbers mean); the study's 50-epoch runs keep resumable checkpoints."""
