@@ -302,19 +302,22 @@ class _Pretrain:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
                     if not math.isfinite(grad_norm):
                         raise NonFiniteError(self.step + 1, "gradient norm")
-                    with interrupts_deferred():  # weights, optimizer state and step change together or not at all
+                    # Weights, optimizer state, step and the step's records change together or not at all: an
+                    # interrupt landing between the update and its log line checkpointed the step without the line,
+                    # and the resumed run never wrote it.
+                    with interrupts_deferred():
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                         self.step += 1
-                    step = self.step
-                    progress.step(step, loss, lr)
-                    if step % cfg.log_every_n_steps == 0:
-                        record = {"type": "train", "step": step, "lr": lr, "grad_norm": grad_norm, **window.take()}
-                        epoch = self.order.epoch_of(step * cfg.optim.grad_accum_steps - 1) + 1
-                        metrics.write({**record, "epoch": epoch, "elapsed_s": self.elapsed()})
-                        progress.log(record)
-                    if step % cfg.eval.every_n_steps == 0:
-                        evaluate()
+                        step = self.step
+                        progress.step(step, loss, lr)
+                        if step % cfg.log_every_n_steps == 0:
+                            record = {"type": "train", "step": step, "lr": lr, "grad_norm": grad_norm, **window.take()}
+                            epoch = self.order.epoch_of(step * cfg.optim.grad_accum_steps - 1) + 1
+                            metrics.write({**record, "epoch": epoch, "elapsed_s": self.elapsed()})
+                            progress.log(record)
+                        if step % cfg.eval.every_n_steps == 0:
+                            evaluate()
                     since = time.perf_counter() - self.last_checkpoint
                     if step % cfg.checkpoint_every_n_steps == 0 or since >= 60 * cfg.checkpoint_every_minutes:
                         self._checkpoint()
