@@ -5,7 +5,7 @@ steps each line covers), the evaluated split's accuracy and loss after each epoc
 run overfits (evaluation loss rising past its minimum while the training loss keeps falling). Writes
 <out>.md and <out>.json with the command, machine and date.
 
-    python scripts/proxy_regime.py results/proxy-tnews/probes/random-init/... --out results/proxy-tnews/regime
+    python scripts/proxy_regime.py results/proxy-tnews-probes/random-init... --out results/proxy-tnews/regime
 """
 
 from __future__ import annotations
