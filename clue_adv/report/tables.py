@@ -4,8 +4,9 @@ the paired comparison with the baseline (clue_adv/stats.py) and the cost; and ea
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from clue_adv.progress import long_duration
 from clue_adv.regularizers import registry
@@ -121,21 +122,37 @@ def build_tables(runs: list[RunRecord]) -> list[ExperimentTable]:
     return tables
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """One paired comparison with the baseline: the test, the seeds it paired and its Holm-adjusted p-value."""
+
+    test: PairedTest
+    seeds: list[int]
+    p_holm: float
+
+
+def compare_family(pairs: Mapping[Hashable, tuple[Mapping[int, float], Mapping[int, float]]]) -> dict[Any, Comparison]:
+    """Each (treatment, baseline) pair of {seed: value} maps tested on the seeds both have (paired t-test), the
+    p-values Holm-adjusted across the family: the accuracy tables and the diagnostics tables test this way."""
+    tests = {key: paired_by_key(treatment, base) for key, (treatment, base) in pairs.items()}
+    adjusted = holm([test.p for test, _ in tests.values()])
+    return {key: Comparison(test, seeds, p) for (key, (test, seeds)), p in zip(tests.items(), adjusted, strict=True)}
+
+
 def _compare_to_baseline(table: ExperimentTable) -> None:
     if table.baseline is None:
         return
     for metric in METRICS:
-        tested: list[CellStats] = []
+        pairs = {}
         for (task, tag), cell in table.cells.items():
             base = table.cell(task, table.baseline)
-            if tag == table.baseline or base is None:
-                continue
-            test, seeds = paired_by_key(cell.values[metric], base.values[metric])
-            cell.delta[metric], cell.paired_seeds[metric] = test, seeds
-            tested.append(cell)
+            if tag != table.baseline and base is not None:
+                pairs[(task, tag)] = (cell.values[metric], base.values[metric])
         # One family per table and metric: every strategy × task comparison with the baseline.
-        for cell, adjusted in zip(tested, holm([c.delta[metric].p for c in tested]), strict=True):
-            cell.p_holm[metric] = adjusted
+        for key, comparison in compare_family(pairs).items():
+            cell = table.cells[key]
+            cell.delta[metric], cell.paired_seeds[metric] = comparison.test, comparison.seeds
+            cell.p_holm[metric] = comparison.p_holm
     for (task, _), cell in table.cells.items():
         base = table.cell(task, table.baseline)
         if base is not None and base.step_time_s > 0:
@@ -184,17 +201,22 @@ def delta_text(cell: CellStats | None, metric: str, baseline: str | None) -> str
         return ""
     if cell.tag == baseline:
         return "baseline"
-    test = cell.delta.get(metric)
+    return paired_text(cell.delta.get(metric), cell.p_holm.get(metric, math.nan))
+
+
+def paired_text(test: PairedTest | None, p_holm: float, digits: int = 2) -> str:
+    """A paired difference as a table shows it: mean [95% CI] Holm-adjusted p (* below 0.05), or why there is no
+    test; `digits` after the decimal point."""
     if test is None or test.n == 0:
         return "no shared seeds"
+    mean = _num(test.mean_difference, digits, sign=True)
     if test.n == 1:
-        return f"{_num(test.mean_difference, sign=True)} (1 pair, no test)"
+        return f"{mean} (1 pair, no test)"
     if test.no_spread:
-        return f"{_num(test.mean_difference, sign=True)} ({test.n} pairs, no spread, no test)"
-    p = cell.p_holm.get(metric, math.nan)
-    star = "*" if math.isfinite(p) and p < 0.05 else ""
-    ci = f"[{_num(test.ci_low, sign=True)}, {_num(test.ci_high, sign=True)}]"
-    return f"{_num(test.mean_difference, sign=True)} {ci} {_p(p)}{star}"
+        return f"{mean} ({test.n} pairs, no spread, no test)"
+    star = "*" if math.isfinite(p_holm) and p_holm < 0.05 else ""
+    ci = f"[{_num(test.ci_low, digits, sign=True)}, {_num(test.ci_high, digits, sign=True)}]"
+    return f"{mean} {ci} {_p(p_holm)}{star}"
 
 
 def table_rows(table: ExperimentTable, metric: str) -> tuple[list[str], list[list[str]]]:
