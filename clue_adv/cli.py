@@ -505,12 +505,33 @@ def report(
     ] = None,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", metavar="", help="Draw the PNG plots.")] = True,
     metric: MetricOpt = "best",
+    table: Annotated[
+        str,
+        typer.Option(
+            "--table",
+            help="Which table to print: `accuracy` (the main table) or `diagnostics` (input-gradient norm, curvature, "
+            "train/dev gap, accuracy under attack; of the best model, or the final one with --metric final). "
+            "report.md has both.",
+        ),
+    ] = "accuracy",
 ) -> None:
     """Tables, CSVs and plots from run directories (works on partial sweeps)."""
-    from clue_adv.report import FORMATS, build_report, render, rich_table
+    from clue_adv.report import (
+        FORMATS,
+        TABLES,
+        build_report,
+        diagnostics_tables,
+        render,
+        render_diagnostics,
+        rich_diagnostics_table,
+        rich_table,
+    )
 
     if fmt not in FORMATS:
         err.print(f"[bold red]error:[/] --format: {fmt!r} is not one of {', '.join(FORMATS)}")
+        raise typer.Exit(2)
+    if table not in TABLES:
+        err.print(f"[bold red]error:[/] --table: {table!r} is not one of {', '.join(TABLES)}")
         raise typer.Exit(2)
     _check_metric(metric)
     try:
@@ -519,14 +540,29 @@ def report(
         _fail(e)
     for line in built.skipped:
         err.print(f"skipped {line}", highlight=False, markup=False)
-    if fmt == "rich":
+    if table == "diagnostics":
+        found = diagnostics_tables(built.tables, metric)
+        if not found:
+            err.print(
+                f"no completed run under {results_dir} recorded diagnostics of its {metric} model "
+                "(diagnostics.enabled: false, or runs from before them): no diagnostics table",
+                highlight=False,
+                markup=False,
+            )
+        if fmt == "rich":
+            for dt in found:
+                out.print(rich_diagnostics_table(dt))
+        else:
+            sys.stdout.write(render_diagnostics(found, fmt))
+    elif fmt == "rich":
         for t in built.tables:
             out.print(rich_table(t, metric))
-        err.print(f"wrote {', '.join(str(p) for p in built.files[:3])} and {len(built.files) - 3} plot(s)")
     else:
         sys.stdout.write(render(built.tables, fmt, metric))
-        # every format writes the files too: say so, on stderr, so that `> table.tex` holds only the table
-        err.print(f"also wrote {', '.join(str(p) for p in built.files[:3])} and {len(built.files) - 3} plot(s)")
+    written = [str(p) for p in built.files if p.suffix != ".png"]
+    # every format writes the files too: say so, on stderr, so that `> table.tex` holds only the table
+    also = "wrote" if fmt == "rich" else "also wrote"
+    err.print(f"{also} {', '.join(written)} and {len(built.files) - len(written)} plot(s)", highlight=False)
 
 
 @app.command()

@@ -1,20 +1,27 @@
 """`clue-adv report`: tables, CSVs and plots rebuilt from run directories alone, so it works on a partial sweep
 and can be rerun at any time. One table per experiment: rows = strategies (directory tags), columns = tasks,
 each cell the mean ± std over seeds of the dev accuracy, and the difference to the baseline (`none`) over the
-seeds both completed, with a 95% CI and a Holm-adjusted paired t-test.
+seeds both completed, with a 95% CI and a Holm-adjusted paired t-test. Where runs recorded diagnostics, a table of
+them (input-gradient norm, curvature, train/dev gap, accuracy under attack) with the same paired comparison.
 
 collect: run directories and sweep manifests -> RunRecord; study: the published figures and their setting;
-tables: RunRecords -> ExperimentTable and its text; render: formats, CSVs, report.md; plots: PNGs.
+tables: RunRecords -> ExperimentTable and its text; diagnostics: ExperimentTable -> DiagnosticsTable and its text;
+render: formats, CSVs, report.md; plots: PNGs.
 """
 
 from clue_adv.report.collect import MANIFEST, NOT_STARTED, RunRecord, collect_runs, planned_runs
+from clue_adv.report.diagnostics import DiagnosticsTable, build_diagnostics, diagnostics_tables
 from clue_adv.report.render import (
     FORMATS,
     RUN_COLUMNS,
+    TABLES,
     ReportResult,
     build_report,
+    diagnostics_csv,
     reference_section,
     render,
+    render_diagnostics,
+    rich_diagnostics_table,
     rich_table,
     runs_csv,
     summary_csv,
@@ -40,6 +47,8 @@ from clue_adv.report.tables import (
     build_tables,
     cost_rows,
     delta_text,
+    early_stopping_line,
+    early_stopping_rows,
     method_note,
     table_rows,
 )
@@ -61,23 +70,32 @@ __all__ = [
     "STUDY_LABELS",
     "STUDY_PARAMS",
     "STUDY_PROTOCOL",
+    "TABLES",
     "TASK_NAMES",
     "TASK_ORDER",
     "CellStats",
+    "DiagnosticsTable",
     "ExperimentTable",
     "ReportResult",
     "RunRecord",
     "accuracy_text",
+    "build_diagnostics",
     "build_report",
     "build_tables",
     "collect_runs",
     "cost_rows",
     "delta_text",
+    "diagnostics_csv",
+    "diagnostics_tables",
+    "early_stopping_line",
+    "early_stopping_rows",
     "last_update",
     "method_note",
     "planned_runs",
     "reference_section",
     "render",
+    "render_diagnostics",
+    "rich_diagnostics_table",
     "rich_table",
     "runs_csv",
     "stale_running",

@@ -33,6 +33,28 @@ class RunRecord:
         value = self.summary.get(key)
         return float(value) if isinstance(value, int | float) and self.status == "completed" else None
 
+    def diagnostic(self, model: str, key: str) -> float | None:
+        """A completed run's diagnostic `key` (a `diag/...` name) of its `best` or `final` model; None when the run
+        recorded none (diagnostics off, a run from before them) or the value is not a finite number."""
+        block = self.summary.get("diagnostics") if self.status == "completed" else None
+        results = block.get(model) if isinstance(block, dict) else None
+        value = results.get(key) if isinstance(results, dict) else None
+        return float(value) if _finite_number(value) else None
+
+    def diagnostic_names(self, model: str) -> list[str]:
+        """The `diag/...` names this run recorded a number for, for its `best` or `final` model (none: empty)."""
+        block = self.summary.get("diagnostics") if self.status == "completed" else None
+        results = block.get(model) if isinstance(block, dict) else None
+        if not isinstance(results, dict):
+            return []
+        return [k for k, v in results.items() if isinstance(k, str) and k.startswith("diag/") and _finite_number(v)]
+
+    @property
+    def early_stopping(self) -> dict[str, Any] | None:
+        """The run's `eval.early_stopping` block (None: it trained every epoch)."""
+        block = (self.config.get("eval") or {}).get("early_stopping")
+        return block if isinstance(block, dict) else None
+
 
 # Summary fields the report computes with: a value of another type (a hand-edited or damaged file) is dropped,
 # so the run shows as missing that number instead of breaking the report.
@@ -42,6 +64,9 @@ _NUMERIC_FIELDS = (
     "best_dev_macro_f1",
     "final_dev_macro_f1",
     "best_epoch",
+    "best_step",
+    "stopped_early_at_epoch",
+    "stopped_early_at_step",
     "steps",
     "mean_step_time_s",
     "train_wall_time_s",

@@ -1,5 +1,5 @@
 """Rendering the tables (markdown, LaTeX, CSV, JSON, a terminal table), the CSV files, and `build_report`, which
-writes report.md, runs.csv, summary.csv and plots/ from the run directories."""
+writes report.md, runs.csv, summary.csv, diagnostics.csv and plots/ from the run directories."""
 
 from __future__ import annotations
 
@@ -20,6 +20,19 @@ from rich.text import Text
 from clue_adv.config import require_nameable
 from clue_adv.errors import ClueAdvError
 from clue_adv.report.collect import NOT_STARTED, RunRecord, collect_runs
+from clue_adv.report.diagnostics import (
+    DIAGNOSTICS_COLUMNS,
+    MODELS,
+    DiagnosticsTable,
+    diagnostics_json,
+    diagnostics_note,
+    diagnostics_numeric_rows,
+    diagnostics_rows,
+    diagnostics_tables,
+    title,
+)
+from clue_adv.report.diagnostics import delta_text as diagnostics_delta_text
+from clue_adv.report.diagnostics import value_text as diagnostics_value_text
 from clue_adv.report.plots import experiment_plots
 from clue_adv.report.study import CLUE_DEV_BERT_BASE, REFERENCE_NOTE, STUDY
 from clue_adv.report.tables import (
@@ -31,6 +44,8 @@ from clue_adv.report.tables import (
     build_tables,
     cost_rows,
     delta_text,
+    early_stopping_line,
+    early_stopping_rows,
     method_note,
     table_rows,
 )
@@ -38,6 +53,7 @@ from clue_adv.rundir import atomic_write_text, first_non_directory
 from clue_adv.stats import summarize
 
 FORMATS = ("rich", "md", "csv", "json", "latex")
+TABLES = ("accuracy", "diagnostics")  # what `clue-adv report --table` prints
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,6 +218,48 @@ def render(tables: list[ExperimentTable], fmt: str, metric: str = "best") -> str
     return "\n".join(parts)
 
 
+def render_diagnostics(tables: list[DiagnosticsTable], fmt: str) -> str:
+    """The diagnostics tables alone in `fmt` (md, csv, json or latex); an experiment without diagnostics has none
+    (csv: the header alone, json: no entry)."""
+    if fmt == "json":
+        return json.dumps([diagnostics_json(dt) for dt in tables], indent=2, ensure_ascii=False) + "\n"
+    if fmt == "csv":
+        return _csv(DIAGNOSTICS_COLUMNS, [row for dt in tables for row in diagnostics_numeric_rows(dt)])
+    parts = []
+    for dt in tables:
+        header, rows = diagnostics_rows(dt)
+        if fmt == "md":
+            parts.append(f"**{title(dt)}**\n\n" + _markdown(header, rows) + "\n" + diagnostics_note(dt) + "\n")
+        elif fmt == "latex":
+            parts.append(_latex(header, rows, f"{title(dt)}. {diagnostics_note(dt)}"))
+        else:
+            raise ClueAdvError(f"--format: unknown format {fmt!r} (valid: {', '.join(FORMATS)})")
+    return "\n".join(parts)
+
+
+def rich_diagnostics_table(dt: DiagnosticsTable) -> Any:
+    """A diagnostics table for a terminal: a row per quantity and strategy, a column per task whose cells hold the
+    mean ± std and the Δ vs the baseline on two lines."""
+    out = Table(title=title(dt), show_lines=True)
+    out.add_column("quantity", overflow="fold")
+    out.add_column("strategy", overflow="fold")
+    for task in dt.tasks:
+        out.add_column(TASK_NAMES.get(task, task), justify="right", overflow="fold")
+    for q in dt.quantities:
+        tags = [tag for tag in dt.tags if any(dt.cell(task, tag) is not None for task in dt.tasks)]
+        for i, tag in enumerate(tags):
+            cells = []
+            for task in dt.tasks:
+                cell = dt.cell(task, tag)
+                lines = [diagnostics_value_text(dt, cell, q)]
+                delta = diagnostics_delta_text(dt, cell, q)
+                if delta and delta != "baseline":
+                    lines.append(f"Δ {delta}")
+                cells.append("\n".join(lines))
+            out.add_row(q.label if i == 0 else "", tag, *cells)
+    return Group(out, Text(diagnostics_note(dt), style="dim italic"))
+
+
 def rich_table(table: ExperimentTable, metric: str = "best") -> Any:
     """The main table for a terminal: one column per task, each cell on up to three lines (accuracy,
     Δ vs baseline, the study's figure), so it fits an 80-column terminal."""
@@ -227,6 +285,9 @@ def rich_table(table: ExperimentTable, metric: str = "best") -> Any:
                 lines.append(f"study: {cell.reference:.2f}")
             row.append("\n".join(lines))
         out.add_row(*row)
+    stopping = early_stopping_line(table)
+    if stopping:
+        return Group(out, Text(caption, style="dim italic"), Text(stopping[0].upper() + stopping[1:], style="dim"))
     return Group(out, Text(caption, style="dim italic"))
 
 
@@ -318,6 +379,33 @@ def summary_csv(tables: list[ExperimentTable]) -> str:
     return buf.getvalue()
 
 
+def diagnostics_csv(tables: list[ExperimentTable]) -> str:
+    """Every experiment's diagnostics, of the best and of the final model, one row per quantity, strategy and task
+    (the header alone when no run recorded any)."""
+    rows = [row for model in MODELS for dt in diagnostics_tables(tables, model) for row in diagnostics_numeric_rows(dt)]
+    return _csv(DIAGNOSTICS_COLUMNS, rows)
+
+
+def _diagnostics_section(table: ExperimentTable, dt: DiagnosticsTable | None) -> str | None:
+    if dt is None:
+        if not any(r.status == "completed" for r in table.runs):
+            return None
+        return (
+            "### Diagnostics\n\nNo completed run of this experiment recorded diagnostics (`diagnostics.enabled: "
+            "false`, or runs from before them)."
+        )
+    header, rows = diagnostics_rows(dt)
+    return f"### Diagnostics of the {dt.model} model\n\n" + _markdown(header, rows) + "\n" + diagnostics_note(dt)
+
+
+def _early_stopping_section(table: ExperimentTable) -> str | None:
+    line = early_stopping_line(table)
+    if line is None:
+        return None
+    header, rows = early_stopping_rows(table)
+    return "### Early stopping\n\n" + line[0].upper() + line[1:] + "\n\n" + _markdown(header, rows)
+
+
 def _setting(table: ExperimentTable) -> str:
     def values(getter: Any) -> str:
         found = sorted({str(getter(r)) for r in table.runs if r.status != NOT_STARTED})
@@ -382,7 +470,7 @@ def build_report(
     plots: bool = True,
     experiments: Iterable[str] | None = None,
 ) -> ReportResult:
-    """Read every run under `results_dir`, write report.md, runs.csv, summary.csv and plots/."""
+    """Read every run under `results_dir`, write report.md, runs.csv, summary.csv, diagnostics.csv and plots/."""
     root = Path(results_dir)
     require_nameable(root, "results directory", expands=False)
     if not root.is_dir():
@@ -398,9 +486,11 @@ def build_report(
     if first_non_directory(out) is not None:
         raise ClueAdvError(f"report folder {out}: it, or a folder above it, is a file")
     tables = build_tables(runs)
-    files = [out / "runs.csv", out / "summary.csv", out / "report.md"]
+    files = [out / "runs.csv", out / "summary.csv", out / "diagnostics.csv", out / "report.md"]
     atomic_write_text(files[0], runs_csv(runs))
     atomic_write_text(files[1], summary_csv(tables))
+    atomic_write_text(files[2], diagnostics_csv(tables))
+    diagnostics = {dt.experiment: dt for dt in diagnostics_tables(tables, "best")}
 
     figures: dict[str, list[tuple[str, Path]]] = {}
     if plots:
@@ -414,6 +504,9 @@ def build_report(
         for metric in METRICS:
             header, rows = table_rows(table, metric)
             parts.append(f"### {METRICS[metric][1]}\n\n" + _markdown(header, rows) + "\n" + method_note(table, metric))
+        for section in (_early_stopping_section(table), _diagnostics_section(table, diagnostics.get(table.experiment))):
+            if section is not None:
+                parts.append(section)
         header, rows = cost_rows(table)
         parts.append(
             "### Cost\n\n" + _markdown(header, rows) + "\nStep time: mean wall time per optimizer step (the first step "
@@ -435,5 +528,5 @@ def build_report(
             ]
             parts.append("### Runs that did not complete\n\n" + "\n".join(lines))
     parts.append(reference_section(tables))
-    atomic_write_text(files[2], "\n\n".join(p.rstrip("\n") for p in parts) + "\n")
+    atomic_write_text(files[3], "\n\n".join(p.rstrip("\n") for p in parts) + "\n")
     return ReportResult(tables, runs, files, skipped)

@@ -4,6 +4,7 @@ the paired comparison with the baseline (clue_adv/stats.py) and the cost; and ea
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -284,5 +285,61 @@ def cost_rows(table: ExperimentTable) -> tuple[list[str], list[list[str]]]:
             if table.baseline is not None:
                 row.append(_num(cell.step_time_ratio, 2))
             row += [long_duration(cell.wall_time_s), _num(cell.peak_memory_mb, 0)]
+            rows.append(row)
+    return header, rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Early stopping
+
+
+def _epochs_text(epochs: list[int]) -> str:
+    if len(set(epochs)) == 1:
+        return f"epoch {epochs[0]}"
+    return f"epochs {min(epochs)}–{max(epochs)} (median {statistics.median(epochs):g})"
+
+
+def _early_stopped(runs: list[RunRecord]) -> tuple[list[RunRecord], list[int], list[int]]:
+    """The completed runs with early stopping configured, the epochs where those that stopped early stopped, and the
+    best dev epochs of all of them."""
+    configured = [r for r in runs if r.status == "completed" and r.early_stopping is not None]
+    stopped = [int(e) for r in configured if (e := r.metric("stopped_early_at_epoch")) is not None]
+    best = [int(e) for r in configured if (e := r.metric("best_epoch")) is not None]
+    return configured, stopped, best
+
+
+def early_stopping_line(table: ExperimentTable) -> str | None:
+    """One line on early stopping over the experiment's completed runs, e.g. 'early stopping (patience 3): 7 of 10
+    runs stopped early, at epochs 4–8 (median 6); best dev epochs 2–6 (median 3)'; None when no completed run had
+    it configured."""
+    configured, stopped, best = _early_stopped(table.runs)
+    if not configured:
+        return None
+    done = sum(1 for r in table.runs if r.status == "completed")
+    settings = sorted({(r.early_stopping or {}).get("patience") for r in configured}, key=str)
+    deltas = sorted({(r.early_stopping or {}).get("min_delta") for r in configured} - {0, 0.0, None}, key=str)
+    how = "patience " + ", ".join(map(str, settings)) + (f"; min_delta {', '.join(map(str, deltas))}" if deltas else "")
+    where = "" if len(configured) == done else f", configured in {len(configured)} of {done} completed runs"
+    text = f"early stopping ({how}{where}): {len(stopped)} of {len(configured)} runs stopped early"
+    if stopped:
+        text += f", at {_epochs_text(stopped)}"
+    if best:
+        text += f"; best dev {_epochs_text(best)}"
+    return text + "."
+
+
+def early_stopping_rows(table: ExperimentTable) -> tuple[list[str], list[list[str]]]:
+    """Per task and strategy with early stopping configured: how many runs stopped early, the epochs they stopped
+    at and every run's best dev epoch (sorted; – where none)."""
+    header = ["task", "strategy", "runs", "stopped early", "at epoch", "best dev epoch"]
+    rows = []
+    for task in table.tasks:
+        for tag in table.tags:
+            here = [r for r in table.runs if r.task == task and r.tag == tag]
+            configured, stopped, best = _early_stopped(here)
+            if not configured:
+                continue
+            row = [TASK_NAMES.get(task, task), tag, str(len(configured)), str(len(stopped))]
+            row += [", ".join(map(str, sorted(stopped))) or "–", ", ".join(map(str, sorted(best))) or "–"]
             rows.append(row)
     return header, rows
