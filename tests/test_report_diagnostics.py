@@ -268,3 +268,64 @@ def test_without_diagnostics_or_early_stopping_nothing_breaks(tmp_path):
         "| input-gradient norm ‖∇ₓℓ‖ (dev) | none | – (2 without diagnostics) | baseline |",
         "|  | fgm | 0.500 ± – (n=1; 4 without diagnostics) | no shared seeds |",
     ]
+
+
+def _xy(ax) -> dict[str, list[tuple[float, float]]]:
+    """Each labelled data line of an axes: its label -> its (x, y) points."""
+    return {
+        line.get_label(): [(float(x), float(y)) for x, y in line.get_xydata()]
+        for line in ax.lines
+        if line.get_transform() is ax.transData and not line.get_label().startswith("_")
+    }
+
+
+def test_diagnostics_plots_draw_the_runs_data(results, monkeypatch):
+    import clue_adv.report.plots as plots
+
+    figures = {}
+    save = plots._save
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    report = build_report(results)
+    md = (results / "report.md").read_text(encoding="utf-8")
+    for name in ("diag-robustness.png", "diag-gain-mechanism.png"):
+        assert name in {p.name for p in report.files} and f"(plots/{name})" in md
+
+    # Accuracy under attack: per task and method, one line per strategy through (0, clean) and (ε, accuracy), each
+    # the mean over the seeds that recorded it, in %.
+    by_title = {ax.get_title(): ax for ax in figures["diag-robustness.png"].axes}
+    assert set(by_title) == {f"{t}: {m}" for t in ("TNEWS", "IFLYTEK") for m in ("FGM", "PGD")}
+    for (task, name), diag in DIAG.items():
+        seeds = range(1, len(diag[GRAD]) + 1)
+        for method in ("fgm", "pgd"):
+            lines = _xy(by_title[f"{task.upper()}: {method.upper()}"])
+            expected = [(0.0, 100 * np.mean([CLEAN[name] + 0.01 * s for s in seeds]))]
+            expected += [(eps, 100 * np.mean([attack(name, s, method, eps) for s in seeds])) for eps in EPSILONS]
+            [drawn] = [xy for label, xy in lines.items() if label.startswith(f"{name} (n=")]
+            np.testing.assert_allclose(drawn, expected)
+
+    # Gain vs change: per strategy and task, (mean paired Δ of the diagnostic, mean paired Δ of best-epoch accuracy)
+    # over the seeds where both exist: for tnews/gaussian_noise seeds 1 and 2 only (its table Δ of accuracy is over
+    # 3 seeds: 1.0 pp; here 0.5 pp).
+    def expected_points(key: str, task: str) -> list[tuple[float, float]]:
+        out = []
+        for name in ("fgm", "gaussian_noise"):
+            if (task, name) not in DIAG:
+                continue
+            seeds = range(1, len(DIAG[(task, name)][key]) + 1)
+            change = np.mean([DIAG[(task, name)][key][s - 1] - DIAG[(task, "none")][key][s - 1] for s in seeds])
+            gain = np.mean([ACCURACY[(task, name)][s] - ACCURACY[(task, "none")][s] for s in seeds])
+            out.append((float(change), float(gain)))
+        return out
+
+    grad_ax, curv_ax = figures["diag-gain-mechanism.png"].axes
+    for ax, key in ((grad_ax, GRAD), (curv_ax, CURV)):
+        drawn = _xy(ax)
+        assert set(drawn) == {"TNEWS", "IFLYTEK"}
+        for task, label in (("tnews", "TNEWS"), ("iflytek", "IFLYTEK")):
+            np.testing.assert_allclose(drawn[label], expected_points(key, task))
+    assert expected_points(GRAD, "tnews")[1] == pytest.approx((-0.025, 0.5))

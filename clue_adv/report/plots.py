@@ -1,4 +1,5 @@
-"""Report plots (PNG): per-seed accuracy per strategy, dev-accuracy curves, gain vs cost.
+"""Report plots (PNG): per-seed accuracy per strategy, dev-accuracy curves, gain vs cost; from the diagnostics,
+accuracy under attack against the radius and the accuracy gain against the change in input sensitivity.
 
 Figures are built with matplotlib's object API (`Figure` + Agg canvas), never pyplot, so nothing
 global is touched and no display is needed.
@@ -14,6 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from clue_adv.report.diagnostics import (
+    CURVATURE,
+    GRAD_NORM,
+    DiagnosticsTable,
+    build_diagnostics,
+    mechanism_points,
+    robust_curve,
+)
 from clue_adv.report.tables import TASK_NAMES, ExperimentTable
 
 _SAFE = str.maketrans({c: "_" for c in '/\\:*?"<>| '})
@@ -145,8 +154,67 @@ def gain_vs_cost(table: ExperimentTable, path: Path, metric: str = "best") -> Pa
     return _save(fig, path)
 
 
+def robust_accuracy(dt: DiagnosticsTable, path: Path) -> Path:
+    """A row of panels per task, one per attack (FGM, PGD): each strategy's dev-subset accuracy (mean over seeds)
+    against the relative radius ε, ε = 0 being its clean accuracy."""
+    from matplotlib.figure import Figure
+
+    methods = [m for m in ("fgm", "pgd") if any(q.method == m for q in dt.quantities)] or ["fgm", "pgd"]
+    fig = Figure(figsize=(5.0 * len(methods), 3.8 * len(dt.tasks)), layout="constrained")
+    grid = fig.subplots(len(dt.tasks), len(methods), squeeze=False)
+    radii = [q.epsilon for q in dt.quantities if q.epsilon is not None]
+    for row, task in zip(grid, dt.tasks, strict=True):
+        for ax, method in zip(row, methods, strict=True):
+            for tag in dt.tags:
+                xs, ys, n = robust_curve(dt, task, tag, method)
+                if len(xs) > 1:  # a clean point alone is no curve
+                    ax.plot(xs, ys, marker="o", ms=3, label=f"{tag} (n={n})")
+            if radii:  # the radii span decades (0.01 to 0.1) and start at 0: linear up to the smallest one
+                ax.set_xscale("symlog", linthresh=min(radii))
+            ax.set_title(f"{_task_name(task)}: {method.upper()}")
+            ax.set_xlabel("ε (relative to each example's ‖x‖)")
+            ax.set_ylabel(f"dev-subset accuracy (%), {dt.model} model")
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "no attack recorded", transform=ax.transAxes, ha="center", va="center")
+    fig.suptitle(f"{dt.experiment}: accuracy under attack (mean over seeds)")
+    return _save(fig, path)
+
+
+def gain_vs_mechanism(table: ExperimentTable, dt: DiagnosticsTable, path: Path) -> Path:
+    """Two panels: the accuracy gain vs the baseline (best epoch, pp) against the change in the dev input-gradient
+    norm and in the dev input curvature; one point per strategy and task, each a mean of paired differences over
+    the seeds where both numbers exist (mechanism_points)."""
+    fig, axes = _figure(2, width=5.5, height=4.5)
+    markers = ["o", "s", "^", "D"]
+    for ax, (key, what) in zip(axes, ((GRAD_NORM, "Δ ‖∇ₓℓ‖ (dev)"), (CURVATURE, "Δ tr ∇ₓ²ℓ (dev)")), strict=True):
+        points = mechanism_points(table, dt, key)
+        for k, task in enumerate(dt.tasks):
+            here = [p for p in points if p.task == task]
+            if not here:
+                continue
+            xs, ys = [p.change for p in here], [p.gain for p in here]
+            ax.plot(xs, ys, markers[k % len(markers)], linestyle="none", label=_task_name(task))
+            for p in here:
+                ax.annotate(f"{p.tag} (n={len(p.seeds)})", (p.change, p.gain), textcoords="offset points",
+                            xytext=(5, 4), fontsize=7)  # fmt: skip
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_xlabel(f"{what} vs {dt.baseline or 'baseline'}, {dt.model} model")
+        ax.set_ylabel("Δ dev accuracy vs baseline (pp), best epoch")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not recorded in paired runs", transform=ax.transAxes, ha="center", va="center")
+    fig.suptitle(f"{table.experiment}: accuracy gain vs change in input sensitivity (paired means over seeds)")
+    return _save(fig, path)
+
+
 def experiment_plots(table: ExperimentTable, directory: Path) -> list[tuple[str, Path]]:
-    """All plots of one experiment: (title, path) pairs."""
+    """All plots of one experiment: (title, path) pairs. The diagnostics plots only where runs recorded them."""
     stem = table.experiment.translate(_SAFE)
     out = [
         ("accuracy per seed", accuracy_by_seed(table, directory / f"{stem}-accuracy.png")),
@@ -154,4 +222,11 @@ def experiment_plots(table: ExperimentTable, directory: Path) -> list[tuple[str,
     ]
     if table.baseline is not None:
         out.append(("gain vs cost", gain_vs_cost(table, directory / f"{stem}-gain-cost.png")))
+    dt = build_diagnostics(table, "best")
+    if dt is not None:
+        if any(q.method is not None for q in dt.quantities):
+            out.append(("accuracy under attack", robust_accuracy(dt, directory / f"{stem}-robustness.png")))
+        if table.baseline is not None and any(q.key in (GRAD_NORM, CURVATURE) for q in dt.quantities):
+            path = directory / f"{stem}-gain-mechanism.png"
+            out.append(("accuracy gain vs change in input sensitivity", gain_vs_mechanism(table, dt, path)))
     return out
