@@ -26,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _bench_common import command_line, finish_info, machine_info, machine_markdown  # noqa: E402
+from _bench_common import command_line, finish_info, machine_info, machine_markdown, write_outputs  # noqa: E402
 
 
 def replay(accuracies: list[float], patience: int, min_delta: float = 0.0) -> int:
@@ -148,9 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     text = render(payload)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-        args.out.with_suffix(".md").write_text(text, encoding="utf-8")
+        write_outputs(args.out.name, payload, text, args.out.parent)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from _bench_common import REPO, command_line, finish_info, machine_info, machine_markdown  # noqa: E402
+from _bench_common import REPO, command_line, finish_info, machine_info, machine_markdown, write_outputs  # noqa: E402
 
 from clue_adv.sweep import load_plan  # noqa: E402
 
@@ -176,9 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     text = render(payload)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-        args.out.with_suffix(".md").write_text(text, encoding="utf-8")
+        write_outputs(args.out.name, payload, text, args.out.parent)
 
 
 if __name__ == "__main__":
