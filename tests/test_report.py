@@ -419,3 +419,21 @@ def test_latex_escapes_every_special_character_once():
     assert _latex_escape(r"a_b {x} $5 & #1 100% ^ ~ \ ±") == (
         r"a\_b \{x\} \$5 \& \#1 100\% \textasciicircum{} \textasciitilde{} \textbackslash{} $\pm$"
     )
+
+
+def test_a_holdout_evaluated_experiment_says_so_in_the_report_and_on_the_console(tmp_path):
+    """A selection sweep (data.eval_split: holdout) reports holdout accuracies: the report must not let them read
+    as dev results; an experiment evaluated on dev says the dev set."""
+    root = tmp_path / "results"
+    holdout = {"data": {"holdout_size": 5000, "holdout_seed": 0, "eval_split": "holdout"}}
+    for seed in (1, 2):
+        write_run(root, "select", "tnews", {"name": "none"}, seed, 50 + seed, **holdout)
+        write_run(root, "final", "tnews", {"name": "none"}, seed, 50 + seed)
+    build_report(root, plots=False)
+    sections = {part.split("`")[0]: part for part in (root / "report.md").read_text().split("## Experiment `")[1:]}
+    said = "- evaluated on: a holdout of 5000 training examples (seed 0), not the official dev set"
+    assert said in sections["select"]
+    assert "- evaluated on: the dev set" in sections["final"] and "holdout" not in sections["final"]
+    result = CliRunner().invoke(app, ["report", str(root), "--no-plots"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert result.output.count("Evaluated on a holdout of 5000 training examples") == 1  # the select table only

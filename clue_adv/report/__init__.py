@@ -49,6 +49,7 @@ from clue_adv.report.tables import (
     delta_text,
     early_stopping_line,
     early_stopping_rows,
+    evaluation_text,
     method_note,
     table_rows,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "diagnostics_csv",
     "diagnostics_tables",
     "early_stopping_line",
+    "evaluation_text",
     "early_stopping_rows",
     "last_update",
     "method_note",

@@ -46,6 +46,7 @@ from clue_adv.report.tables import (
     delta_text,
     early_stopping_line,
     early_stopping_rows,
+    evaluation_text,
     method_note,
     table_rows,
 )
@@ -285,10 +286,14 @@ def rich_table(table: ExperimentTable, metric: str = "best") -> Any:
                 lines.append(f"study: {cell.reference:.2f}")
             row.append("\n".join(lines))
         out.add_row(*row)
+    notes = [Text(caption, style="dim italic")]
+    evaluated = evaluation_text(table.runs)
+    if evaluated != "the dev set":  # a selection sweep's holdout numbers must not read as dev results
+        notes.append(Text(f"Evaluated on {evaluated}.", style="bold"))
     stopping = early_stopping_line(table)
     if stopping:
-        return Group(out, Text(caption, style="dim italic"), Text(stopping[0].upper() + stopping[1:], style="dim"))
-    return Group(out, Text(caption, style="dim italic"))
+        notes.append(Text(stopping[0].upper() + stopping[1:], style="dim"))
+    return Group(out, *notes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -421,6 +426,7 @@ def _setting(table: ExperimentTable) -> str:
         f"- train examples: {values(lambda r: r.summary.get('train_examples', '?'))}; "
         f"dev examples: {values(lambda r: r.summary.get('dev_examples', '?'))}",
         f"- device: {values(lambda r: r.summary.get('device', '?'))}",
+        f"- evaluated on: {evaluation_text(table.runs)}",
     ]
     return "\n".join(lines)
 

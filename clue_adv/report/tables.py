@@ -290,6 +290,28 @@ def cost_rows(table: ExperimentTable) -> tuple[list[str], list[list[str]]]:
 
 
 # --------------------------------------------------------------------------------------------------
+# What the runs were evaluated on
+
+
+def evaluation_text(runs: list[RunRecord]) -> str:
+    """What the runs' "dev" numbers are measured on: the dev file, or a holdout carved from train (a selection
+    sweep's), so that a holdout table is never read as a dev result; several settings are listed."""
+    found = set()
+    for r in runs:
+        if r.status == NOT_STARTED:
+            continue
+        data = r.config.get("data") or {}
+        if data.get("eval_split") == "holdout":
+            found.add(
+                f"a holdout of {data.get('holdout_size')} training examples (seed {data.get('holdout_seed')}), "
+                "not the official dev set: every 'dev' number here is a holdout number"
+            )
+        else:
+            found.add("the dev set")
+    return "; ".join(sorted(found)) if found else "the dev set"
+
+
+# --------------------------------------------------------------------------------------------------
 # Early stopping
 
 
