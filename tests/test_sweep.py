@@ -711,3 +711,15 @@ def test_progress_bars_on_a_terminal_nest_a_runs_bar_inside_the_sweeps(tmp_path)
     text = screen.getvalue()
     assert "\x1b[" in text  # drawn as a live terminal display, not the plain lines
     assert "ep 1/" in text  # a run's bar (its info column) was drawn inside the sweep's display
+
+
+def test_status_names_a_holdout_accuracy_as_such(tmp_path):
+    """A selection sweep evaluates on a holdout carved from train: its status must not call that number dev."""
+    import clue_adv.sweep.status as sweep_module
+
+    holdout = {"data": {"holdout_size": 100, "eval_split": "holdout"}}
+    path = write_sweep(tmp_path, {"seeds": [1], "strategies": [{"name": "none"}], "overrides": {**TINY, **holdout}})
+    (cell,) = load_plan(path).cells
+    _fake_run(cell, "completed", best_dev_accuracy=0.4321)
+    (status,) = sweep_module.sweep_status(load_plan(path))
+    assert status.detail == "best holdout 43.21"

@@ -212,7 +212,8 @@ class SweepProgress:
     def finished(self, result: CellResult) -> None:
         self.done += 1
         acc = result.summary.get("best_dev_accuracy")
-        detail = f" best dev {100 * acc:.2f}" if result.status == "completed" and acc is not None else ""
+        split = result.cell.config.data.eval_split  # a selection sweep's number is a holdout number
+        detail = f" best {split} {100 * acc:.2f}" if result.status == "completed" and acc is not None else ""
         if result.error:
             detail += f" ({result.error})"
         duration = short_duration(result.seconds)

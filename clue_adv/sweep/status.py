@@ -45,7 +45,8 @@ def sweep_status(plan: SweepPlan) -> list[CellStatus]:
             out.append(CellStatus(cell, "running", f"job {job} {queued.lower()}, starting", job))
         elif cell.state == "completed":
             acc = summary.get("best_dev_accuracy")
-            shown = f"best dev {100 * acc:.2f}" if isinstance(acc, int | float) and math.isfinite(acc) else ""
+            split = cell.config.data.eval_split  # a selection sweep's number is a holdout number
+            shown = f"best {split} {100 * acc:.2f}" if isinstance(acc, int | float) and math.isfinite(acc) else ""
             out.append(CellStatus(cell, "completed", shown, job))
         elif cell.state in ("failed", "interrupted"):
             out.append(CellStatus(cell, cell.state, str(summary.get("error") or ""), job))
