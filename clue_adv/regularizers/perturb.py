@@ -220,7 +220,8 @@ class PerturbationConfig(StrategyConfig):
     epsilon_unit: Literal["absolute", "relative"] = Field(
         "absolute",
         description="`absolute`: ε in embedding units, as papers state it for pretrained BERT. `relative`: ε is a "
-        "fraction of the perturbed tensor's own norm (per example, or of the used embedding rows), so one value "
+        "fraction of the embeddings' own size in this batch (embedding_output: the batch's mean of each example's "
+        "‖x‖, one scale for every example; embedding_matrix: the norm of the used rows), so one value "
         "transfers between pretrained and random-init/tiny models, whose embeddings are much smaller. A sign/L∞ "
         "radius is then a fraction of the typical coordinate (‖x‖/√n), so ε·sign(g) has L2 size ε·‖x‖ too.",
     )
