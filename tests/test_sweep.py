@@ -494,6 +494,21 @@ def test_every_shipped_sweep_is_valid(path, tmp_path):
         assert {c.config.model.name_or_path for c in plan.cells} == {"bert-base-chinese"}
 
 
+def test_the_early_stopping_reproduction_is_the_reproduction_with_early_stopping_only(tmp_path):
+    """sweeps/reproduce-early-stopping.yaml must stay sweeps/reproduce.yaml's grid: the same cells with the same
+    configs but for eval.early_stopping (on) and the experiment folder (its own, so the two never mix)."""
+    full = load_plan(REPO / "sweeps" / "reproduce.yaml", output_dir=tmp_path).cells
+    stopped = load_plan(REPO / "sweeps" / "reproduce-early-stopping.yaml", output_dir=tmp_path).cells
+    assert len(stopped) == len(full) == 30
+    assert {c.directory.parents[2] for c in stopped}.isdisjoint({c.directory.parents[2] for c in full})
+    for f, s in zip(full, stopped, strict=True):
+        assert s.config.eval.early_stopping is not None and f.config.eval.early_stopping is None
+        assert s.config.epochs == f.config.epochs == 50  # early stopping shortens runs, not the epoch budget
+        dumped = s.config.model_dump()
+        dumped["experiment"], dumped["eval"]["early_stopping"] = f.config.experiment, None
+        assert dumped == f.config.model_dump()
+
+
 # --------------------------------------------------------------------------------------------------
 # Slurm bookkeeping without a cluster (tests/test_slurm.py runs the real thing): dry run, status, the queue
 
