@@ -21,8 +21,16 @@ No GPU was used: this is arithmetic on counted tokens, not a measurement. What i
 - **Throughput** (assumed, not measured): H100 SXM bf16 dense peak 989 TFLOP/s times a model-FLOPs utilization
   (`--mfu`, default 0.35). Start-up, data loading and fixed per-step costs (kernel launches, optimizer) are not in
   the FLOP count; the output says how much each millisecond of per-step overhead would add.
+- **Early stopping** (`--early-stopping FILE --patience 3 5`, measured, then transferred): FILE is
+  scripts/early_stopping_fidelity.py's JSON (results/proxy-tnews/early-stopping.json: the proxy study's full dev
+  curves, tiny model, TNEWS). Each reproduction strategy is matched to the proxy's runs of the same strategy
+  (`PROXY_TAGS`); its epochs to the best dev epoch are their median best epoch, rounded up; under patience p each
+  cell then trains min(its epochs, that + p) epochs (the rule stops p evaluations after the last improvement, so a
+  run that improves no more after its best stops there). Assumed, and said in the output: that BERT-base reaches its
+  best dev epoch as early, in epochs, as the tiny model does, on IFLYTEK as on TNEWS.
 
     python scripts/estimate_reproduce.py                          # sweeps/reproduce.yaml, writes results/bench/
+    python scripts/estimate_reproduce.py --early-stopping results/proxy-tnews/early-stopping.json --patience 3 5
     python scripts/estimate_reproduce.py --mfu 0.5 --sweep sweeps/all-strategies.yaml --output-dir /tmp/est
 """
 
@@ -33,6 +41,7 @@ import json
 import math
 import os
 import random
+import statistics
 import sys
 import tempfile
 from collections import defaultdict
@@ -70,6 +79,10 @@ DEFAULT_SWEEP = REPO / "sweeps" / "reproduce.yaml"
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data" / "clue"
 CPU_STRATEGY_BENCH = common.RESULTS / "strategies-cpu.json"
 STEM = "reproduce-estimate"
+DEFAULT_PATIENCE = (3, 5)
+# The reproduction sweep's strategy tags -> the proxy study's tag for the same strategy (sweeps/proxy-tnews.yaml
+# names the study's gradient penalty `gp`). A tag not listed is looked up as itself.
+PROXY_TAGS: dict[str, str] = {"none": "none", "fgm-study": "fgm-study", "gp-study": "gp"}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -462,6 +475,106 @@ class Estimator:
 
 
 # ------------------------------------------------------------------------------------------------------
+# Early stopping: epochs to the best dev epoch, measured on the proxy study
+
+
+@dataclass(frozen=True)
+class ProxyRun:
+    """One full dev curve replayed by scripts/early_stopping_fidelity.py."""
+
+    run: str
+    strategy: str  # the proxy run's strategy tag
+    epochs: int
+    best_epoch: int
+    stops: dict[int, int]  # patience -> the epoch the replayed rule stopped at
+
+
+def read_fidelity(path: Path) -> tuple[list[ProxyRun], list[dict[str, Any]]]:
+    """The runs of scripts/early_stopping_fidelity.py's JSON and its per-patience rows (found, points lost);
+    ValueError naming what is wrong."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"cannot read it ({exc.strerror or exc})") from exc
+    except ValueError as exc:
+        raise ValueError(f"not JSON ({exc})") from exc
+    runs = data.get("runs") if isinstance(data, dict) else None
+    if not isinstance(runs, list) or not runs:
+        raise ValueError("no `runs` list (write it with scripts/early_stopping_fidelity.py --out)")
+    out = []
+    for i, r in enumerate(runs):
+        fields = (r.get("strategy"), r.get("epochs"), r.get("best_epoch")) if isinstance(r, dict) else (None,) * 3
+        if not (isinstance(fields[0], str) and all(isinstance(x, int) and x >= 1 for x in fields[1:])):
+            raise ValueError(f"runs[{i}] lacks a strategy, or whole epochs and best_epoch >= 1")
+        stops = {
+            int(k.removeprefix("patience_")): v["stop_epoch"]
+            for k, v in r.items()
+            if k.startswith("patience_") and isinstance(v, dict) and isinstance(v.get("stop_epoch"), int)
+        }
+        out.append(ProxyRun(str(r.get("run", f"runs[{i}]")), fields[0], fields[1], fields[2], stops))
+    rows = data.get("patience")
+    return out, [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+
+
+def proxy_runs_for(tag: str, runs: list[ProxyRun]) -> tuple[str, str, list[ProxyRun]]:
+    """(proxy tag, how matched, runs) for a reproduction strategy tag. Best first: runs with the proxy tag itself
+    ("exact"); else its strength variants, `<proxy tag>-<field>=<value>` as the selection sweep names them
+    ("variants": the same strategy at other strengths); else every run ("all runs": nothing measured for it)."""
+    proxy = PROXY_TAGS.get(tag, tag)
+    exact = [r for r in runs if r.strategy == proxy]
+    if exact:
+        return proxy, "exact", exact
+    variants = [r for r in runs if r.strategy.startswith(proxy + "-") and "=" in r.strategy[len(proxy) + 1 :]]
+    if variants:
+        return proxy, "variants", variants
+    return proxy, "all runs", list(runs)
+
+
+def epochs_to_best(runs: list[ProxyRun]) -> int:
+    """The median best epoch, rounded up (a run trains whole epochs; up, so a median between two counts the later)."""
+    return math.ceil(statistics.median(r.best_epoch for r in runs))
+
+
+def stopped_epochs(budget: int, to_best: int, patience: int) -> int:
+    """Epochs a run trains under early stopping when it improves last at epoch `to_best`: the rule stops `patience`
+    evaluations (one per epoch) later, unless the epoch budget ends it first."""
+    return min(budget, to_best + patience)
+
+
+def early_stopping_strategies(cells: list[CellSpec], runs: list[ProxyRun], patiences: list[int]) -> dict[str, Any]:
+    """Per reproduction strategy: the proxy runs it is matched to, their best epochs and replayed stop epochs, and
+    the epochs each patience gives its cells."""
+    out: dict[str, Any] = {}
+    for cell in cells:
+        if cell.strategy in out:
+            continue
+        proxy, how, matched = proxy_runs_for(cell.strategy, runs)
+        to_best = epochs_to_best(matched)
+        out[cell.strategy] = {
+            "proxy_tag": proxy,
+            "matched": how,
+            "fallback": how == "all runs",
+            "proxy_runs": [r.run for r in matched],
+            "proxy_strategies": sorted({r.strategy for r in matched}),
+            "proxy_epochs": sorted({r.epochs for r in matched}),
+            "best_epochs": [r.best_epoch for r in matched],
+            "median_best_epoch": statistics.median(r.best_epoch for r in matched),
+            "max_best_epoch": max(r.best_epoch for r in matched),
+            "epochs_to_best": to_best,
+            "replayed_stop_epochs": {str(p): [r.stops[p] for r in matched if p in r.stops] for p in patiences},
+            "epochs": {str(p): stopped_epochs(cell.epochs, to_best, p) for p in patiences},
+        }
+    return out
+
+
+def early_stopping_cells(cells: list[CellSpec], strategies: dict[str, Any], patience: int) -> list[CellSpec]:
+    """The cells with the epochs they train under early stopping with this patience."""
+    return [
+        replace(c, epochs=stopped_epochs(c.epochs, strategies[c.strategy]["epochs_to_best"], patience)) for c in cells
+    ]
+
+
+# ------------------------------------------------------------------------------------------------------
 # The report
 
 
@@ -514,25 +627,51 @@ def build_payload(args: argparse.Namespace, info: dict[str, Any]) -> dict[str, A
     target_s = args.target_minutes * 60
     protocols = {"as_shipped": cells, "clue": [clue_protocol(c) for c in cells]}
 
+    def summary(protocol: str, batching: str, specs: list[CellSpec], grouped: bool | None) -> dict[str, Any]:
+        rows = _scenario(estimator, specs, grouped)
+        rows_by[protocol, batching] = rows
+        flops = _total_flops(rows)
+        return {
+            "protocol": protocol,
+            "batching": batching,
+            "configured_batching": _batching_of(specs),
+            "runs": len(rows),
+            "epochs": sorted({c.epochs for c, _ in rows}),
+            "total_pflop": flops / 1e15,
+            "train_share": sum(k.epochs * k.train_flops_per_epoch for _, k in rows) / flops,
+            "optimizer_steps": sum(k.steps for _, k in rows),
+            "gpu_hours": {str(m): _hours(flops, m, args.peak_tflops) for m in mfus},
+            "to_reach_target": {str(m): _needed(rows, m, args.peak_tflops, target_s) for m in mfus},
+        }
+
     scenarios: dict[str, dict[str, Any]] = {}
     rows_by: dict[tuple[str, str], list[tuple[CellSpec, CellCost]]] = {}
     for protocol, specs in protocols.items():
         for batching, grouped in (("configured", None), ("random", False), ("length_grouped", True)):
-            rows = _scenario(estimator, specs, grouped)
-            rows_by[protocol, batching] = rows
-            flops = _total_flops(rows)
-            scenarios[f"{protocol}/{batching}"] = {
-                "protocol": protocol,
-                "batching": batching,
-                "configured_batching": _batching_of(specs),
-                "runs": len(rows),
-                "epochs": sorted({c.epochs for c, _ in rows}),
-                "total_pflop": flops / 1e15,
-                "train_share": sum(k.epochs * k.train_flops_per_epoch for _, k in rows) / flops,
-                "optimizer_steps": sum(k.steps for _, k in rows),
-                "gpu_hours": {str(m): _hours(flops, m, args.peak_tflops) for m in mfus},
-                "to_reach_target": {str(m): _needed(rows, m, args.peak_tflops, target_s) for m in mfus},
-            }
+            scenarios[f"{protocol}/{batching}"] = summary(protocol, batching, specs, grouped)
+
+    early_stopping = None
+    if args.early_stopping is not None:
+        proxy = args.proxy_runs  # read and checked by parse_args
+        per_strategy = early_stopping_strategies(cells, proxy, args.patience)
+        fidelity = {r.get("patience"): r for r in args.fidelity_rows}
+        early_stopping = {
+            "file": _rel(str(args.early_stopping)),
+            "proxy_runs": len(proxy),
+            "proxy_epochs": sorted({r.epochs for r in proxy}),
+            "proxy_tags": dict(PROXY_TAGS),
+            "rule": "each cell trains min(its epochs, epochs_to_best + patience); epochs_to_best = the median best "
+            "dev epoch of the proxy runs of its strategy, rounded up",
+            "strategies": per_strategy,
+            "scenarios": {
+                str(p): {
+                    "patience": p,
+                    **summary(f"early_stopping/{p}", "configured", early_stopping_cells(cells, per_strategy, p), None),
+                    "proxy_fidelity": fidelity.get(p),  # found / points lost on the proxy, where it was replayed
+                }
+                for p in args.patience
+            },
+        }
 
     cell_rows = []
     for protocol in protocols:
@@ -624,6 +763,7 @@ def build_payload(args: argparse.Namespace, info: dict[str, Any]) -> dict[str, A
         "cells": cell_rows,
         "fp32_cells": [c.name for c in cells if c.precision == "fp32"],
         "max_epoch_spread": max(r["sampling_spread"] for r in cell_rows),
+        **({"early_stopping": early_stopping} if early_stopping is not None else {}),
     }
 
 
@@ -674,6 +814,7 @@ def markdown(p: dict[str, Any]) -> str:
         )
     else:
         out.append(f"- As shipped, the grid fits in {target:g} min at MFU {mfu:g}.")
+    out += _early_stopping_headline(p)
     out += [
         "",
         "## Totals (GPU-hours on one H100, runs back to back)",
@@ -690,6 +831,14 @@ def markdown(p: dict[str, Any]) -> str:
         shipped_mark = " (as configured)" if s["batching"] == s["configured_batching"] else ""
         out.append(
             f"| {'as shipped' if s['protocol'] == 'as_shipped' else 'clue'} | {s['batching']}{shipped_mark} "
+            f"| {'/'.join(map(str, s['epochs']))} | {s['runs']} | {s['total_pflop']:,.0f} | {s['train_share']:.1%} | "
+            + " | ".join(f"{s['gpu_hours'][str(m)]:.2f}" for m in mfus)
+            + f" | {_f(n['epochs_for_target'], 1)} | {n['mfu_for_target']:.2f} | {n['gpus_for_target']} |"
+        )
+    for s in (p.get("early_stopping") or {}).get("scenarios", {}).values():
+        n = s["to_reach_target"][key]
+        out.append(
+            f"| as shipped + early stopping, patience {s['patience']} | {s['configured_batching']} (as configured) "
             f"| {'/'.join(map(str, s['epochs']))} | {s['runs']} | {s['total_pflop']:,.0f} | {s['train_share']:.1%} | "
             + " | ".join(f"{s['gpu_hours'][str(m)]:.2f}" for m in mfus)
             + f" | {_f(n['epochs_for_target'], 1)} | {n['mfu_for_target']:.2f} | {n['gpus_for_target']} |"
@@ -778,6 +927,9 @@ def markdown(p: dict[str, Any]) -> str:
         f"Model: {m['layers']} layers × {m['hidden']} (bundled config.json), N = {m['token_params']:,} "
         f"non-embedding parameters per token, {m['sequence_params']:,} per sequence (head `{m['head']}`, "
         f"{m['num_labels_of_first_cell']} labels in the first cell). FLOPs per train pass: {a['flops_formula']}.",
+    ]
+    out += _early_stopping_section(p)
+    out += [
         "",
         "## Assumptions and caveats",
         "",
@@ -791,6 +943,86 @@ def markdown(p: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _values(xs: list[int]) -> str:
+    """A few values listed, many summarised."""
+    if not xs:
+        return "–"
+    return ", ".join(map(str, sorted(xs))) if len(xs) <= 6 else f"median {statistics.median(xs):g}, max {max(xs)}"
+
+
+def _early_stopping_headline(p: dict[str, Any]) -> list[str]:
+    es = p.get("early_stopping")
+    if not es:
+        return []
+    mfu = p["assumptions"]["mfu"]
+    shipped = p["scenarios"]["as_shipped/configured"]["gpu_hours"][str(mfu)]
+    parts, fidelity = [], []
+    for s in es["scenarios"].values():
+        hours = s["gpu_hours"][str(mfu)]
+        parts.append(f"patience {s['patience']}: **{hours:.1f} GPU-hours** ({1 - hours / shipped:.0%} less)")
+        f = s["proxy_fidelity"]
+        if f and f.get("runs"):
+            fidelity.append(
+                f"patience {s['patience']} kept the full run's best epoch in {f['found']} of {f['runs']} "
+                f"(mean {f['mean_lost_points']:.2f}, max {f['max_lost_points']:.2f} points lost)"
+            )
+    line = (
+        f"- With **early stopping** (each cell trains its strategy's epochs to the best dev epoch, measured on "
+        f"{es['proxy_runs']} proxy runs of the tiny model ({'/'.join(map(str, es['proxy_epochs']))} epochs, TNEWS; "
+        f"not BERT-base), plus the patience): " + ", ".join(parts) + f" at MFU {mfu:g}."
+    )
+    if fidelity:
+        line += " On those proxy runs " + "; ".join(fidelity) + "."
+    return [line]
+
+
+def _early_stopping_section(p: dict[str, Any]) -> list[str]:
+    """Where the early-stopping scenarios' epochs come from, per strategy, and what limits them."""
+    es = p.get("early_stopping")
+    if not es:
+        return []
+    patiences = [s["patience"] for s in es["scenarios"].values()]
+    mapping = ", ".join(f"{k} → {v}" for k, v in es["proxy_tags"].items())
+    out = [
+        "",
+        "## Early stopping: epochs to the best dev epoch, measured on the proxy study",
+        "",
+        f"From `{es['file']}` (scripts/early_stopping_fidelity.py): {es['proxy_runs']} full dev curves of the proxy "
+        f"study (the tiny model on full TNEWS, {'/'.join(map(str, es['proxy_epochs']))} epochs), **not BERT-base**; "
+        "that file is refreshed as the proxy sweep completes, and this estimate with it (same command). Rule: "
+        f"{es['rule']}. Strategies map to the proxy's tags as {mapping} (another tag is looked up as itself); a "
+        "strategy without proxy runs of that tag takes its strength variants (`<tag>-<field>=<value>`, the "
+        "selection sweep's), else the median of all runs, **flagged** below.",
+        "",
+        "| strategy | proxy runs used | best epochs | median → epochs to best | max | "
+        + " | ".join(f"patience {q}: epochs trained (proxy's replayed stops)" for q in patiences)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(patiences),
+    ]
+    for tag, s in es["strategies"].items():
+        used = f"{len(s['proxy_runs'])} × {', '.join(s['proxy_strategies'])}"
+        if s["fallback"]:
+            used = f"**fallback: all {len(s['proxy_runs'])} runs** (none tagged {s['proxy_tag']})"
+        elif s["matched"] == "variants":
+            used += f" (strength variants of {s['proxy_tag']})"
+        out.append(
+            f"| {tag} | {used} | {_values(s['best_epochs'])} | {s['median_best_epoch']:g} → {s['epochs_to_best']} "
+            f"| {s['max_best_epoch']} | "
+            + " | ".join(f"{s['epochs'][str(q)]} ({_values(s['replayed_stop_epochs'][str(q)])})" for q in patiences)
+            + " |"
+        )
+    out += [
+        "",
+        "- Transferred, not measured: that the estimated runs (this sweep's model and protocol) reach their best dev "
+        "epoch after as many epochs as the proxy's tiny model does, on every task as on TNEWS. The max column is "
+        "the slow end seen on the proxy.",
+        "- Only runs that trained every epoch are replayed: proxy runs ended by their own early stopping are not in "
+        "the file. A proxy run whose replayed stop is its last epoch saved nothing there, and might have improved "
+        "after it: its best epoch is then a lower bound.",
+    ]
+    return out
 
 
 def _caveats(p: dict[str, Any]) -> list[str]:
@@ -844,11 +1076,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-minutes", type=float, default=TARGET_MINUTES)
     p.add_argument("--sim-epochs", type=int, default=2, help="epochs of batch orders simulated per (task, seed)")
     p.add_argument("--output-dir", type=Path, default=common.RESULTS)
+    p.add_argument(
+        "--early-stopping",
+        type=Path,
+        metavar="FIDELITY_JSON",
+        help="add early-stopping scenarios, epochs to the best dev epoch from this scripts/early_stopping_fidelity.py "
+        "output (e.g. results/proxy-tnews/early-stopping.json)",
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_PATIENCE),
+        help="with --early-stopping: the patiences to cost (default: 3 5)",
+    )
     args = p.parse_args(argv)
     if not 0 < args.mfu <= 1:
         p.error("--mfu must be in (0, 1]")
     if args.peak_tflops <= 0 or args.double_backward_weight < 1 or args.sim_epochs < 1:
         p.error("--peak-tflops must be > 0, --double-backward-weight >= 1, --sim-epochs >= 1")
+    if any(x < 1 for x in args.patience):
+        p.error("--patience values must be >= 1")
+    args.patience = sorted(set(args.patience))
+    args.proxy_runs, args.fidelity_rows = [], []
+    if args.early_stopping is not None:
+        try:
+            args.proxy_runs, args.fidelity_rows = read_fidelity(args.early_stopping)
+        except ValueError as exc:
+            p.error(f"--early-stopping {args.early_stopping}: {exc}")
     return args
 
 
