@@ -336,8 +336,10 @@ class LoggingConfig(StrictModel):
         "`<type>/<field>` (`train/loss`, `eval/accuracy`) at its step; one tracker run per run directory, grouped by "
         "the experiment. `tensorboard`: event files in `<run>/tensorboard/`; `wandb`: project $WANDB_PROJECT "
         "(default clue-adv), group = experiment, files in `<run>/wandb/` (WANDB_MODE, e.g. offline, is yours); "
-        "`mlflow`: MLflow experiment = experiment, at MLFLOW_TRACKING_URI (else MLflow's default store). Each needs "
-        "its package: pip install 'clue-adv[tensorboard]' (or [wandb], [mlflow]).",
+        "`mlflow`: MLflow experiment = experiment, at MLFLOW_TRACKING_URI, else in the SQLite store "
+        "`<output_dir>/mlflow.db` shared by the runs of that output directory (`mlflow ui --backend-store-uri "
+        "sqlite:///<output_dir>/mlflow.db`). Each needs its package: pip install 'clue-adv[tensorboard]' (or [wandb], "
+        "[mlflow]).",
     )
 
     @field_validator("trackers")

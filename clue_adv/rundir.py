@@ -145,6 +145,12 @@ def run_dir(cfg: RunConfig, output_dir: str | Path | None = None) -> Path:
     return root / cfg.experiment / cfg.task / cfg.strategy.directory_tag() / f"seed-{cfg.seed}"
 
 
+def output_root(directory: Path) -> Path:
+    """The output directory a run directory made by `run_dir` sits in (<root>/<experiment>/<task>/<tag>/seed-<k>:
+    each level one plain name)."""
+    return directory.parents[3]
+
+
 def summary_header(cfg: RunConfig, directory: Path, status: str) -> dict[str, Any]:
     """The fields every summary.json starts with: its status, then which run it is (the report groups by these)."""
     return {

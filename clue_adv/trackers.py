@@ -10,8 +10,10 @@ One tracker run per run directory, named after it (`<task>/<strategy-tag>/seed-<
     tensorboard   event files in <run>/tensorboard/ (`tensorboard --logdir <output_dir>/<experiment>`)
     wandb         project $WANDB_PROJECT (default `clue-adv`), group = experiment, files in <run>/wandb/;
                   WANDB_MODE (e.g. offline) and the login are the user's
-    mlflow        experiment = experiment name, at MLflow's tracking URI (MLFLOW_TRACKING_URI, else MLflow's
-                  default store in the current directory); the config as params, the run directory as a tag
+    mlflow        experiment = experiment name, at MLFLOW_TRACKING_URI when it is set, else in a SQLite store in the
+                  output directory, <output_dir>/mlflow.db (artifacts: <output_dir>/mlartifacts), so a sweep's runs
+                  share one store next to their run directories and nothing lands in the working directory; the
+                  config as params, the run directory as a tag
 
 A resumed run (checkpoint.every_epoch) continues the same tracker runs (wandb's and MLflow's run ids are kept in
 <run>/trackers.json). metrics.jsonl was cut back to the checkpoint and the steps after it are logged again:
@@ -35,7 +37,8 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -43,7 +46,12 @@ import yaml
 
 from clue_adv.config import RunConfig
 from clue_adv.errors import ClueAdvError
-from clue_adv.rundir import JsonlWriter, atomic_write_json, read_jsonl
+from clue_adv.rundir import JsonlWriter, atomic_write_json, output_root, read_jsonl
+
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): MLflow's store setup goes unserialised there
+    fcntl = None  # type: ignore[assignment]
 
 # tracker name -> the module it imports; each is also the name of the pip extra that installs it
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -52,6 +60,12 @@ IDS_FILE = "trackers.json"  # wandb/MLflow run ids, so that a resumed run contin
 WANDB_DEFAULT_PROJECT = "clue-adv"
 _MLFLOW_BATCH = 100  # MLflow takes at most 100 params per log_batch call
 _MLFLOW_PARAM_CHARS = 500  # the longest param value every MLflow version accepts
+# Without MLFLOW_TRACKING_URI: MLflow's own default is a store in the current directory (./mlruns, or ./mlflow.db
+# from MLflow 3.7), wherever the command was started. The runs' output directory is predictable instead. SQLite,
+# not a ./mlruns-style file store: MLflow 3.13+ refuses file stores unless MLFLOW_ALLOW_FILE_STORE is set.
+MLFLOW_STORE = "mlflow.db"
+MLFLOW_ARTIFACTS = "mlartifacts"
+MLFLOW_LOCK = ".mlflow.lock"
 
 
 def _installed(module: str) -> bool:
@@ -165,9 +179,25 @@ class MlflowTracker:
     STATUS = {"completed": "FINISHED", "interrupted": "KILLED"}  # anything else: FAILED
 
     def __init__(self, cfg: RunConfig, directory: Path, resumed_at_step: int | None, ids: dict[str, str]) -> None:
+        root = output_root(directory).resolve()
+        self.tracking_uri = mlflow_tracking_uri(directory)
+        # in the default store, new experiments keep their artifacts beside it (MLflow's default: the cwd)
+        self._artifacts = (root / MLFLOW_ARTIFACTS).as_uri() if self.tracking_uri is not None else None
+        # MLflow before 3.10 creates an empty ./mlruns (its default artifact root) when it opens a SQLite store
+        stray = Path("mlruns")
+        stray_existed = stray.exists()
+        # The first process to open a SQLite store creates its tables; two at once fail ("duplicate column"), which
+        # would stop a parallel sweep's runs. The runs sharing an output directory take turns until their MLflow
+        # run exists; logging afterwards is safe concurrently (SQLite's own locking).
+        with _exclusive(root / MLFLOW_LOCK):
+            self._start(cfg, directory, resumed_at_step, ids)
+        if self.tracking_uri is not None and not stray_existed:
+            _remove_if_empty(stray)
+
+    def _start(self, cfg: RunConfig, directory: Path, resumed_at_step: int | None, ids: dict[str, str]) -> None:
         import mlflow
 
-        self.client = mlflow.MlflowClient()
+        self.client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
         run_id = ids.get("mlflow") if resumed_at_step is not None else None
         self.new = run_id is None
         self.logged: dict[str, float] = {}  # metric -> the highest step the run has already (a resumed run)
@@ -181,7 +211,7 @@ class MlflowTracker:
                 experiment_id = experiment.experiment_id
             else:
                 try:
-                    experiment_id = self.client.create_experiment(cfg.experiment)
+                    experiment_id = self.client.create_experiment(cfg.experiment, artifact_location=self._artifacts)
                 except mlflow.exceptions.MlflowException:  # another run of the sweep created it meanwhile
                     experiment_id = self.client.get_experiment_by_name(cfg.experiment).experiment_id
             tags = {"task": cfg.task, "strategy": cfg.strategy.name, "seed": str(cfg.seed), "run_dir": str(directory)}
@@ -278,6 +308,34 @@ def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
     return out
+
+
+def mlflow_tracking_uri(directory: Path) -> str | None:
+    """The tracking URI the MLflow tracker passes for the run in `directory`: None when MLFLOW_TRACKING_URI is set
+    (MLflow reads it itself, untouched), else the SQLite store <output_dir>/mlflow.db."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    return "sqlite:///" + (output_root(directory).resolve() / MLFLOW_STORE).as_posix()
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path` for the block, waiting for it (the kernel releases it if the holder dies).
+    Unlocked where there is no flock (Windows, a file system without it)."""
+    with open(path, "a") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX)
+            except OSError:  # ENOLCK and the like: better an unserialised setup than no tracker
+                pass
+        yield  # closing the file releases the lock
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()  # only an empty directory: never anything MLflow or the user put there
+    except OSError:
+        pass
 
 
 def _remove(path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import json
+import os
 import sys
 import types
 from collections import defaultdict
@@ -173,17 +174,23 @@ class Param(NamedTuple):
 
 
 class FakeMlflowClient:
-    """MlflowClient's calls the tracker makes, over one in-memory store shared by every client."""
+    """MlflowClient's calls the tracker makes, over one in-memory store shared by every client. Like MLflow before
+    3.10 opening a SQLite store, it leaves an empty ./mlruns (its default artifact root) in the working directory;
+    it records the tracking URI it was given and whether the output directory's setup lock was held then."""
 
-    def __init__(self, store: dict[str, Any]) -> None:
+    def __init__(self, store: dict[str, Any], tracking_uri: str | None = None) -> None:
         self.store = store
+        store["clients"].append({"tracking_uri": tracking_uri, "setup_locked": _setup_locked(tracking_uri)})
+        if tracking_uri is not None and tracking_uri.startswith("sqlite:///"):
+            Path("mlruns").mkdir(exist_ok=True)
 
     def get_experiment_by_name(self, name: str):
         found = self.store["experiments"].get(name)
         return None if found is None else types.SimpleNamespace(experiment_id=found)
 
-    def create_experiment(self, name: str) -> str:
+    def create_experiment(self, name: str, artifact_location: str | None = None) -> str:
         self.store["experiments"][name] = f"exp{len(self.store['experiments'])}"
+        self.store["artifact_locations"][name] = artifact_location
         return self.store["experiments"][name]
 
     def create_run(self, experiment_id: str, run_name: str, tags: dict[str, str]):
@@ -217,8 +224,8 @@ class FakeMlflowClient:
 
 def fake_mlflow() -> types.ModuleType:
     mlflow = _module("mlflow")
-    mlflow.store = {"experiments": {}, "runs": {}}
-    mlflow.MlflowClient = lambda: FakeMlflowClient(mlflow.store)
+    mlflow.store = {"experiments": {}, "runs": {}, "clients": [], "artifact_locations": {}}
+    mlflow.MlflowClient = lambda tracking_uri=None: FakeMlflowClient(mlflow.store, tracking_uri)
     mlflow.entities = types.SimpleNamespace(Metric=Metric, Param=Param)
     mlflow.exceptions = types.SimpleNamespace(MlflowException=type("MlflowException", (Exception,), {}))
     return mlflow
@@ -230,7 +237,24 @@ def fakes(monkeypatch: pytest.MonkeyPatch) -> tuple[types.ModuleType, types.Modu
     monkeypatch.setitem(sys.modules, "wandb", wandb)
     monkeypatch.setitem(sys.modules, "mlflow", mlflow)
     monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return wandb, mlflow
+
+
+def _setup_locked(tracking_uri: str | None) -> bool | None:
+    """Whether another open file holds the flock on the output directory's .mlflow.lock (None: no such file)."""
+    fcntl = pytest.importorskip("fcntl")
+    if tracking_uri is None or not tracking_uri.startswith("sqlite:///"):
+        return None
+    lock = Path(tracking_uri.removeprefix("sqlite:///")).parent / ".mlflow.lock"
+    if not lock.exists():
+        return None
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return False
 
 
 def _by_step(pairs: list[tuple[int, dict[str, float]]]) -> dict[str, list[tuple[int, float]]]:
@@ -262,6 +286,50 @@ def test_wandb_and_mlflow_get_one_named_run_per_run_directory_with_every_record(
     assert _by_step([(m.step, {m.key: m.value}) for m in logged["metrics"]]) == expected
     assert logged["status"] == ["FINISHED"]
     assert json.loads((directory / "trackers.json").read_text()) == {"wandb": run.id, "mlflow": "run0"}
+
+
+def _mlflow_tracker(output_dir: Path, experiment: str = "study"):
+    """The MLflow tracker of a fresh run under `output_dir`, as RunLog starts it (no training)."""
+    from clue_adv.rundir import run_dir
+
+    cfg = _config(["mlflow"], experiment=experiment)
+    directory = run_dir(cfg, output_dir).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    return TRACKERS["mlflow"](cfg, directory, None, {})
+
+
+def test_mlflow_defaults_to_one_sqlite_store_in_the_output_directory(tmp_path, fakes, monkeypatch):
+    """Without MLFLOW_TRACKING_URI, the runs of an output directory share <output_dir>/mlflow.db, whatever the
+    working directory, and nothing is left in the working directory."""
+    _, mlflow = fakes
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    for experiment in ("study", "study", "other"):
+        _mlflow_tracker(tmp_path / "out", experiment).close("completed")
+    out = (tmp_path / "out").resolve()
+    expected = f"sqlite:///{out}/mlflow.db"  # by hand: SQLAlchemy's absolute form, four slashes
+    assert expected.startswith("sqlite:////")
+    assert mlflow.store["clients"] == [{"tracking_uri": expected, "setup_locked": True}] * 3
+    assert mlflow.store["artifact_locations"] == {n: f"file://{out}/mlartifacts" for n in ("study", "other")}
+    assert list(cwd.iterdir()) == []  # the empty ./mlruns older MLflow makes is removed
+
+    # ... but a ./mlruns that was there before (the user's own store, or one MLflow made for them) is left alone
+    (cwd / "mlruns").mkdir()
+    _mlflow_tracker(tmp_path / "out2").close("completed")
+    assert (cwd / "mlruns").is_dir()
+
+
+def test_mlflow_tracking_uri_set_in_the_environment_is_left_to_mlflow(tmp_path, fakes, monkeypatch):
+    _, mlflow = fakes
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    monkeypatch.chdir(tmp_path)
+    _mlflow_tracker(tmp_path / "out").close("completed")
+    # MlflowClient gets no URI, so MLflow reads the variable itself; the experiment keeps the server's artifacts
+    assert mlflow.store["clients"] == [{"tracking_uri": None, "setup_locked": None}]
+    assert mlflow.store["artifact_locations"] == {"study": None}
+    assert not (tmp_path / "out" / "mlflow.db").exists()
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
 
 
 def test_a_resumed_run_continues_its_wandb_and_mlflow_runs(tmp_path, fakes):
