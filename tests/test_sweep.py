@@ -466,7 +466,10 @@ def test_smoke_sweep_end_to_end_prints_a_row_per_strategy(tmp_path):
     assert all("(n=2)" in row for row in rows)
     for block in sweep.strategies:
         assert block.directory_tag()[:10] in result.output  # the terminal table
-    assert len(list((experiment / "plots").glob("*.png"))) == 3
+    # accuracy per seed, curves, gain vs cost; the smoke runs record diagnostics: robustness, gain vs mechanism
+    plots = sorted(p.name for p in (experiment / "plots").glob("*.png"))
+    kinds = ["accuracy", "curves", "gain-cost", "gain-mechanism", "robustness"]
+    assert len(plots) == len(kinds) and all(any(p.endswith(f"-{kind}.png") for p in plots) for kind in kinds)
     dry = runner.invoke(
         app, ["sweep", "-c", str(REPO / "sweeps" / "smoke.yaml"), "-o", str(tmp_path), *sets, "--dry-run"]
     )
