@@ -78,12 +78,14 @@ PROBE = textwrap.dedent(
             "torch_threads": torch.get_num_threads(),
             "omp": os.environ.get("OMP_NUM_THREADS"),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "given_gpu": os.environ.get("CLUE_ADV_GIVEN_GPU"),
         })
         summary = {"status": "completed"}
         atomic_write_json(directory / "summary.json", summary)
         return clue_adv.train.RunOutcome(directory, summary)
 
     clue_adv.train.train = probe
+    torch.cuda.is_available, torch.cuda.device_count = lambda: True, lambda: 1  # the GPU it was given, on any machine
     from clue_adv.sweep import worker_main
     sys.exit(worker_main(sys.argv[1:]))
     """
@@ -102,11 +104,15 @@ def test_devices_give_each_worker_its_gpu_and_its_share_of_the_cores(tmp_path, m
         return real_popen(command, *args, **kwargs)
 
     monkeypatch.setattr(clue_adv.sweep.local.subprocess, "Popen", popen)
+    # The sweep runs in a job given physical GPUs 2, 3, 5 and 7 (as Slurm sets it): --devices 1,2 are its second
+    # and third, physical 3 and 5 (it used to hand the workers 1 and 2, someone else's GPUs).
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5,7")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     path = write_sweep(tmp_path, {"seeds": [1, 2]})
-    result = runner.invoke(app, ["sweep", "-c", str(path), "--devices", "3,5", "--no-report"])
+    result = runner.invoke(app, ["sweep", "-c", str(path), "--devices", "1,2", "--no-report"])
     assert result.exit_code == 0, result.output
     assert len(commands) == 2
-    slots = core_sets(available_cores(), 2)  # --devices 3,5 means two workers, one per device
+    slots = core_sets(available_cores(), 2)  # --devices 1,2 means two workers, one per device
     cells = load_plan(path).cells
     assert [c.config.seed for c in cells] == [1, 2]
     for cell, device, cores in zip(cells, ["3", "5"], slots, strict=True):
@@ -116,11 +122,91 @@ def test_devices_give_each_worker_its_gpu_and_its_share_of_the_cores(tmp_path, m
             "torch_threads": len(cores),
             "omp": str(len(cores)),
             "cuda_visible_devices": device,
+            "given_gpu": device,
         }, cell.name
         # ... and the worker's log says so, for a user checking the pinning after the fact
         cpus = ",".join(str(c) for c in sorted(cores))
         log = (cell.directory / "train.log").read_text()
         assert f"worker: cpus {cpus} ({len(cores)} threads), CUDA_VISIBLE_DEVICES={device}" in log, log
+
+
+@pytest.mark.parametrize(
+    ("inherited", "present", "devices", "expected"),
+    [
+        (None, 4, ["0", "3"], ["0", "3"]),  # nothing inherited: the ids are the machine's GPUs
+        ("4,6,7", 3, ["2", "0"], ["7", "4"]),  # inherited: index into the job's list, in the order asked
+        ("GPU-aa,GPU-bb", 2, ["1"], ["GPU-bb"]),  # UUIDs pass through as they were given
+        ("4, 6", 2, ["1", "1"], ["6", "6"]),  # two runs on one GPU stays possible
+    ],
+)
+def test_device_ids_index_the_gpus_the_sweep_sees(monkeypatch, inherited, present, devices, expected):
+    from clue_adv.sweep import worker_gpus
+
+    if inherited is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", inherited)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: present)
+    assert worker_gpus(devices) == expected
+
+
+@pytest.mark.parametrize(
+    ("inherited", "present", "devices", "message"),
+    [
+        (None, 0, "0", "--devices 0: this machine has no GPU to give the runs (CUDA finds no GPU)"),
+        ("", 0, "0", "CUDA_VISIBLE_DEVICES='' hides every GPU"),
+        (None, 2, "0,2", "--devices 0,2: there is no GPU 2; 2 GPU(s) are visible, indices 0 to 1; nothing was run"),
+        # the job was given 2 GPUs of a node of 8: index 2 is not the job's, whatever the node has
+        ("4,6", 2, "2", "indices 0 to 1 (CUDA_VISIBLE_DEVICES=4,6 is inherited: --devices indexes into it)"),
+        (None, 2, "0,-1", "'-1' is not a GPU index"),
+        (None, 2, "cuda:0", "'cuda:0' is not a GPU index"),
+    ],
+)
+def test_devices_not_present_are_refused_before_anything_runs(
+    tmp_path, monkeypatch, inherited, present, devices, message
+):
+    """`--devices 0` without CUDA used to train every run on the CPU and exit 0."""
+    import clue_adv.sweep.outcome
+
+    if inherited is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", inherited)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: present)
+    monkeypatch.setattr(clue_adv.sweep.local.subprocess, "Popen", lambda *a, **k: pytest.fail("a worker started"))
+    monkeypatch.setattr(clue_adv.sweep.outcome, "train", lambda *a, **k: pytest.fail("a run started"))
+    path = write_sweep(tmp_path, {"seeds": [1, 2]})
+    result = runner.invoke(app, ["sweep", "-c", str(path), "--devices", devices], terminal_width=300)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()  # not even the manifest
+
+
+def test_devices_with_runs_set_to_the_cpu_are_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    path = write_sweep(tmp_path, {"seeds": [1], "overrides": {**TINY_RUN, "device": "cpu"}})
+    result = runner.invoke(app, ["sweep", "-c", str(path), "--devices", "0"], terminal_width=300)
+    assert result.exit_code == 2, result.output
+    assert "1 run(s) set device: cpu (e.g. sw/tnews/none/seed-1)" in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_worker_given_a_gpu_it_cannot_see_fails_instead_of_training_on_the_cpu(tmp_path, monkeypatch):
+    """The sweep checked the id, but the worker's process finds no CUDA (here: an id CUDA does not know, on any
+    machine): the run fails with that reason and nothing trains (`device: auto` used to fall back to the CPU)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-00000000-0000-0000-0000-000000000000")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # the sweep's own check believes it
+    path = write_sweep(tmp_path, {"seeds": [1]})
+    result = run_sweep(load_plan(path), devices=["0"], console=quiet(), show_progress=False)
+    assert result.exit_code == 1
+    [failed] = result.results
+    assert failed.status == "failed"
+    assert "this run was given GPU GPU-00000000" in failed.error and "not trained on the CPU" in failed.error
+    summary = read_summary(failed.cell.directory)
+    assert summary["status"] == "failed" and summary["failed_stage"] == "setup"
+    assert "steps" not in summary and not (failed.cell.directory / "metrics.jsonl").exists()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,7 +362,7 @@ def test_sweep_checks_the_data_contents_before_any_run_starts(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_jobs_beyond_devices_and_local_placement_options_with_a_scheduler_get_a_note(tmp_path):
+def test_jobs_beyond_devices_and_local_placement_options_with_a_scheduler_get_a_note(tmp_path, monkeypatch):
     import io
 
     from rich.console import Console
@@ -291,6 +377,8 @@ def test_jobs_beyond_devices_and_local_placement_options_with_a_scheduler_get_a_
         run_sweep(load_plan(path), show_progress=False, console=Console(file=screen, width=300), **kwargs)
         return screen.getvalue()
 
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # the cells are completed: no worker starts
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert "up to 2 runs share a GPU" in notes(devices=["0"], jobs=2)
     assert "the scheduler places them" in notes(executor="submitit-local", jobs=2)
     assert "note:" not in notes(devices=["0", "1"], jobs=2)

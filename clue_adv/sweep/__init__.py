@@ -10,7 +10,7 @@ slurm: a job array through submitit; run: `run_sweep`; status: `sweep --status`.
 from clue_adv.config import check_key  # moved to config
 from clue_adv.memory import SHARED_PROCESS_MEMORY_NOTE  # moved to memory
 from clue_adv.sweep.config import MAX_RUNS, MAX_SEEDS, SlurmConfig, SweepConfig, Task, load_sweep
-from clue_adv.sweep.local import MAX_JOBS, available_cores, core_sets
+from clue_adv.sweep.local import MAX_JOBS, available_cores, core_sets, worker_gpus
 from clue_adv.sweep.outcome import CellResult, SweepProgress, SweepResult, record_setup_failure
 from clue_adv.sweep.plan import Cell, SweepPlan, load_plan, plan_data_problems, plan_sweep
 from clue_adv.sweep.run import EXECUTORS, MANIFEST, check_executor, run_sweep, submission, write_manifests
@@ -71,6 +71,7 @@ __all__ = [
     "submission",
     "submitit_executor",
     "sweep_status",
+    "worker_gpus",
     "worker_main",
     "write_manifests",
 ]

@@ -1,7 +1,8 @@
 """Running cells on this machine. One job runs them in this process, one after the other, and shows each run's
 own progress bar under the sweep's. More jobs (`--jobs`, or any `--devices`) run each cell in a worker process
 (`python -m clue_adv.sweep`): a crash or an out-of-memory kill in one run cannot take the sweep down; each worker
-gets its share of the CPU cores (threads and affinity) and, with `devices`, one GPU (CUDA_VISIBLE_DEVICES)."""
+gets its share of the CPU cores (threads and affinity) and, with `devices`, one GPU (CUDA_VISIBLE_DEVICES): `devices`
+are indices among the GPUs this sweep sees (`worker_gpus` maps and checks them before anything runs)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 from rich.console import Console
 
 from clue_adv.config import dump_config
-from clue_adv.errors import sigterm_as_interrupt
+from clue_adv.errors import ClueAdvError, sigterm_as_interrupt
 from clue_adv.memory import correct_cpu_peak_memory, reset_peak_rss
 from clue_adv.rundir import open_in_run_dir, read_summary
 from clue_adv.sweep.outcome import INTERRUPTED_EXIT, CellResult, SweepProgress, SweepResult, attempt, worker_result
@@ -28,6 +29,9 @@ from clue_adv.sweep.plan import Cell
 
 MAX_JOBS = 256  # parallel local workers; more is a typo (each gets a process and a share of the cores)
 WORKER_MODULE = "clue_adv.sweep"  # `python -m clue_adv.sweep CONFIG.yaml [--force]`: sweep/__main__.py
+# Set in a worker's environment to the GPU it was given: the worker then refuses to run without CUDA rather than let
+# `device: auto` train on the CPU (a driver missing, a GPU taken away).
+GIVEN_GPU_VAR = "CLUE_ADV_GIVEN_GPU"
 
 
 def core_sets(cores: list[int], jobs: int) -> list[list[int]]:
@@ -49,6 +53,42 @@ def available_cores() -> list[int]:
         return sorted(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return list(range(os.cpu_count() or 1))
+
+
+def worker_gpus(devices: list[str], cells: list[Cell] | None = None) -> list[str]:
+    """The CUDA_VISIBLE_DEVICES value each `--devices` index gives a worker, checked before anything runs (exit 2).
+
+    The indices count the GPUs this sweep sees: under an inherited CUDA_VISIBLE_DEVICES (Slurm and most schedulers
+    set it to the job's GPUs) index k is that list's k-th entry, so `--devices 0,1` stays on the job's GPUs instead of
+    physical GPUs 0 and 1. An index beyond the GPUs present, or any index on a machine without CUDA, is refused:
+    the workers would otherwise see no GPU and train on the CPU (`device: auto`), or share someone else's."""
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = [d.strip() for d in inherited.split(",")] if inherited is not None else None
+    present = torch.cuda.device_count()
+    if visible is not None:  # CUDA stops at the first entry it cannot use: the list may promise more than there is
+        present = min(present, len([d for d in visible if d]))
+    given = ",".join(devices)
+    inherited_note = f" (CUDA_VISIBLE_DEVICES={inherited} is inherited: --devices indexes into it)" if visible else ""
+    if present == 0:
+        why = f"CUDA_VISIBLE_DEVICES={inherited!r} hides every GPU" if visible is not None else "CUDA finds no GPU"
+        raise ClueAdvError(f"--devices {given}: this machine has no GPU to give the runs ({why}); nothing was run")
+    indices = []
+    for device in devices:
+        if not device.isdigit():
+            raise ClueAdvError(f"--devices: {device!r} is not a GPU index (0-based, e.g. --devices 0,1)")
+        if int(device) >= present:
+            raise ClueAdvError(
+                f"--devices {given}: there is no GPU {device}; {present} GPU(s) are visible, "
+                f"indices 0 to {present - 1}{inherited_note}; nothing was run"
+            )
+        indices.append(int(device))
+    on_cpu = [c.name for c in cells or [] if c.config.device == "cpu"]
+    if on_cpu:
+        raise ClueAdvError(
+            f"--devices gives each run a GPU, but {len(on_cpu)} run(s) set device: cpu (e.g. {on_cpu[0]}); "
+            "run them without --devices, or set device: auto"
+        )
+    return [visible[i] if visible is not None else str(i) for i in indices]
 
 
 # Whether this process has trained a run already: on the CPU a run's peak memory is the process's peak resident
@@ -85,8 +125,10 @@ def run_in_process(cells: list[Cell], force: bool, progress: SweepProgress, cons
 
 
 def run_subprocesses(
-    cells: list[Cell], force: bool, jobs: int, devices: list[str] | None, progress: SweepProgress
+    cells: list[Cell], force: bool, jobs: int, gpus: list[str] | None, progress: SweepProgress
 ) -> SweepResult:
+    """Each cell in a worker process, `jobs` at once; `gpus`: the CUDA_VISIBLE_DEVICES values from `worker_gpus`,
+    given to the workers in turn."""
     slots = core_sets(available_cores(), jobs)
     queue = deque(cells)
     running: dict[int, tuple[subprocess.Popen, Cell, float, Path, Any]] = {}
@@ -111,9 +153,9 @@ def run_subprocesses(
                         CLUE_ADV_PARENT_PID=str(os.getpid()),
                     )
                     where = ""
-                    if devices:
-                        env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
-                        where = f" on device {env['CUDA_VISIBLE_DEVICES']}"
+                    if gpus:
+                        env["CUDA_VISIBLE_DEVICES"] = env[GIVEN_GPU_VAR] = gpus[slot % len(gpus)]
+                        where = f" on GPU {env['CUDA_VISIBLE_DEVICES']}"
                     cell.directory.mkdir(parents=True, exist_ok=True)
                     log = cell.directory / "train.log"
                     log.unlink(missing_ok=True)  # a symlink planted here is removed, never written through

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from clue_adv.errors import ClueAdvError
 from clue_adv.rundir import SWEEP_MANIFEST, atomic_write_json, identity, utc_now
-from clue_adv.sweep.local import MAX_JOBS, run_in_process, run_subprocesses
+from clue_adv.sweep.local import MAX_JOBS, run_in_process, run_subprocesses, worker_gpus
 from clue_adv.sweep.outcome import CellResult, SweepProgress, SweepResult
 from clue_adv.sweep.plan import Cell, SweepPlan
 from clue_adv.sweep.slurm import in_queue, run_submitit
@@ -106,6 +106,8 @@ def run_sweep(
             "a GPU (its memory and time); one run per device is --jobs equal to the number of devices",
             highlight=False,
         )
+    # Before anything runs: an index that is not a GPU here must not become a worker that trains on the CPU.
+    gpus = worker_gpus(devices, plan.cells) if devices and executor == "local" else None
     write_manifests(plan)
     todo, queued = submission(plan, force)
     skipped = [CellResult(c, "skipped") for c in plan.cells if c not in todo and c.directory not in queued]
@@ -128,6 +130,6 @@ def run_sweep(
         elif jobs == 1 and not devices:
             result = run_in_process(todo, force, progress, console)
         else:
-            result = run_subprocesses(todo, force, jobs, devices, progress)
+            result = run_subprocesses(todo, force, jobs, gpus, progress)
     result.results = skipped + result.results
     return result

@@ -16,7 +16,7 @@ from rich.console import Console
 from clue_adv.config import RunConfig, load_config
 from clue_adv.errors import ClueAdvError, handle_sigint, sigterm_as_interrupt
 from clue_adv.rundir import run_dir
-from clue_adv.sweep.local import available_cores
+from clue_adv.sweep.local import GIVEN_GPU_VAR, available_cores
 from clue_adv.sweep.outcome import INTERRUPTED_EXIT, attempt
 from clue_adv.sweep.plan import Cell
 
@@ -37,6 +37,20 @@ def _stop_with_the_sweep() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGINT)
     if os.getppid() != int(parent):  # the sweep died before prctl took effect
         raise KeyboardInterrupt
+
+
+def missing_gpu() -> str | None:
+    """Why this worker cannot use the GPU the sweep gave it (None: it can, or it was given none). A run given a GPU
+    fails instead of training on the CPU, which `device: auto` would quietly do."""
+    given = os.environ.get(GIVEN_GPU_VAR)
+    if not given:
+        return None
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return None
+    return (
+        f"this run was given GPU {given} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}) "
+        "but CUDA sees no device in its process; it was not trained on the CPU instead"
+    )
 
 
 def worker_main(argv: list[str]) -> int:
@@ -66,6 +80,9 @@ def worker_main(argv: list[str]) -> int:
     except ClueAdvError as e:
         console.print(f"error: {e}", highlight=False, markup=False)
         return e.exit_code
+    if (missing := missing_gpu()) is not None:  # the sweep records the failed run with this line
+        console.print(f"error: {missing}", highlight=False, markup=False)
+        return 1
     cell = Cell(cfg, run_dir(cfg).resolve(), "absent")
     # The sweep records a failed setup itself, with what this worker printed (it also sees a worker killed).
     with sigterm_as_interrupt():
