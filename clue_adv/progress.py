@@ -36,7 +36,7 @@ class RunProgress:
         self._progress: Progress | None = None
         self._task: Any = None
         self._epoch = 0
-        self._last: tuple[float, float, int] | None = None  # (loss, lr, step) of the latest step, for the bar
+        self._last: tuple[float | None, float, int] | None = None  # (loss, lr, step) of the latest step, for the bar
         self._started = time.perf_counter()
 
     def __enter__(self) -> RunProgress:
@@ -67,13 +67,16 @@ class RunProgress:
     def epoch(self, epoch: int) -> None:
         self._epoch = epoch
 
-    def _info(self, loss: float, lr: float, step: int) -> str:
+    def _info(self, loss: float | None, lr: float, step: int) -> str:
         rate = step / max(time.perf_counter() - self._started, 1e-9)
         dev = f" {self.eval_name} {100 * self.dev_acc:.2f}" if self.dev_acc is not None else ""
         epoch = f"ep {self._epoch}/{self.epochs} " if self.epochs is not None else ""
-        return f"{epoch}loss {loss:.4f} lr {lr:.2e} {rate:.1f} it/s{dev}"
+        shown = f"{loss:.4f}" if loss is not None else "–"
+        return f"{epoch}loss {shown} lr {lr:.2e} {rate:.1f} it/s{dev}"
 
-    def step(self, step: int, loss: float, lr: float) -> None:
+    def step(self, step: int, loss: float | None, lr: float) -> None:
+        """`loss`: the latest the loop has read (training reads its device values once per logging window), None
+        before the first read."""
         self._last = (loss, lr, step)
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=self._info(loss, lr, step))

@@ -78,9 +78,9 @@ def build_summary(run: Run, state: LoopState, ending: dict[str, Any]) -> dict[st
 def ending_of(e: BaseException, steps_done: int, directory: Path) -> tuple[dict[str, Any], BaseException | None]:
     """How exception `e` ends the run: the summary's status and details, and what to raise instead (None: `e`)."""
     step = steps_done + 1  # the step that was running
-    if isinstance(e, NonFiniteError):
-        error = f"non-finite {e.quantity} at step {step}"
-        fields = {"status": "failed", "error": error, "failed_step": step, "failed_quantity": e.quantity}
+    if isinstance(e, NonFiniteError):  # found when the loop read its steps: it names the step
+        error = f"non-finite {e.quantity} at step {e.step}"
+        fields = {"status": "failed", "error": error, "failed_step": e.step, "failed_quantity": e.quantity}
         return fields, RunFailed(f"run failed: {error} ({directory})")
     if isinstance(e, torch.OutOfMemoryError):
         fields = {"status": "failed", "error": "out of memory", "failed_step": step, "advice": OOM_ADVICE}

@@ -57,7 +57,18 @@ from clue_adv.rundir import (
     run_dir,
     start_run,
 )
-from clue_adv.runstate import Learner, LoopState, NonFiniteError, Run, RunOutcome, StepOutput
+from clue_adv.runstate import (
+    FINITE,
+    NONFINITE_GRADIENT,
+    NONFINITE_LOSS,
+    Learner,
+    LoopState,
+    NonFiniteError,  # noqa: F401 (imported from here by pretrain and the scripts)
+    Run,
+    RunOutcome,
+    StepOutput,
+    UnreadSteps,
+)
 from clue_adv.summary import (
     OOM_ADVICE,
     build_summary,
@@ -186,29 +197,36 @@ def setup(cfg: RunConfig, directory: Path) -> Run:
 
 def fit(run: Run, state: LoopState, metrics: JsonlWriter, progress: RunProgress) -> None:
     """Train from `state` to the last epoch: `train_step` per accumulation window, a log line every
-    `log_every_n_steps`, an evaluation every `eval.every_n_steps` and at each epoch's end."""
+    `log_every_n_steps`, an evaluation every `eval.every_n_steps` and at each epoch's end. The steps' losses, gradient
+    norms and metrics stay on the device until one of those (or the run's first step, timed alone) reads them."""
     cfg, learner = run.cfg, run.learner
     learner.model.train()
+    latest_loss: float | None = None  # the progress bar's: the last micro-batch's loss when the steps were last read
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         progress.epoch(epoch)
         state.epoch_loss_sum, state.epoch_examples = 0.0, 0
-        clock = step_start = time.perf_counter()
+        clock = time.perf_counter()
+        unread = UnreadSteps()
         for window in accumulation_windows(run.loader, cfg.optim.grad_accum_steps):
             out = train_step(learner, [Batch.from_mapping(raw, run.device) for raw in window])
-            if run.device.type == "cuda":
-                torch.cuda.synchronize(run.device)  # honest step times
-            now = time.perf_counter()
-            state.stepped(out, now - step_start, learner.optimizer.param_groups[0]["lr"])
-            step_start = now
-            progress.step(state.step, out.losses[-1], state.last_step["lr"])
-            if state.step % cfg.log_every_n_steps == 0:
+            unread.add(out)
+            state.stepped(out, learner.optimizer.param_groups[0]["lr"])
+            logging = state.step % cfg.log_every_n_steps == 0
+            evaluating = bool(cfg.eval.every_n_steps) and state.step % cfg.eval.every_n_steps == 0
+            if logging or evaluating or state.timed_steps == 0:
+                latest_loss = _read(state, unread)  # raises NonFiniteError naming the exact step
+            progress.step(state.step, latest_loss, state.last_step["lr"])
+            if logging:
                 _log(state, epoch, metrics, progress)
-            if cfg.eval.every_n_steps and state.step % cfg.eval.every_n_steps == 0:
+            if evaluating:
                 state.train_time_s += time.perf_counter() - clock
                 _evaluate(run, state, epoch, metrics, progress)
-                clock = step_start = time.perf_counter()
+                clock = time.perf_counter()
+                unread.restart_clock()
                 if state.stopped_early_at:
                     break
+        if unread:  # the epoch's last steps, before its evaluation and checkpoint
+            latest_loss = _read(state, unread)
         state.train_time_s += time.perf_counter() - clock
         if not state.history or state.history[-1]["step"] != state.step:  # unless this step was just evaluated
             _evaluate(run, state, epoch, metrics, progress)
@@ -231,10 +249,12 @@ def train_step(learner: Learner, window: list[Batch], on_gradients: Callable[[],
     weighted by its share of the window's examples, so the step follows the mean loss over the window's examples
     whatever the micro-batch sizes (an epoch's short last window, a short last micro-batch; gradient penalties rely
     on it, see StepContext.loss_scale); then clipping, the optimizer and scheduler steps. `on_gradients` is called
-    once the gradients are in, before clipping (the benchmark times the strategy's part there)."""
+    once the gradients are in, before clipping (the benchmark times the strategy's part there).
+
+    Nothing is read on the host: a non-finite loss or gradient norm skips the update on the device and is reported
+    in the StepOutput, which the loop reads later (UnreadSteps)."""
     examples = sum(batch.size for batch in window)
-    losses: list[float] = []
-    loss_sum = 0.0
+    losses: list[torch.Tensor] = []
     metrics: dict[str, list[torch.Tensor | float]] = {}
     for batch in window:
         ctx = StepContext(
@@ -247,24 +267,37 @@ def train_step(learner: Learner, window: list[Batch], on_gradients: Callable[[],
             special_token_ids=learner.special_token_ids,
         )
         result = learner.strategy.training_step(ctx)
-        loss = float(result.loss)  # a CPU-GPU sync point, once per micro-batch
-        if not math.isfinite(loss):
-            raise NonFiniteError("loss")
-        losses.append(loss)
-        loss_sum += loss * batch.size
+        losses.append(result.loss.detach())
         for key, value in result.metrics.items():
             metrics.setdefault(key, []).append(value)
     if on_gradients is not None:
         on_gradients()
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(learner.params, learner.max_grad_norm or math.inf))
-    if not math.isfinite(grad_norm):
-        raise NonFiniteError("gradient norm")
-    learner.optimizer.step()
+    device = losses[0].device
+    # on the device where there are gradients (a CPU zero where none are)
+    grad_norm = torch.nn.utils.clip_grad_norm_(learner.params, learner.max_grad_norm or math.inf).to(device)
+    # a non-finite loss leaves non-finite gradients too: the loss is named, as the cause
+    loss_finite = torch.stack([loss.float() for loss in losses]).isfinite().all()
+    nonfinite = torch.where(loss_finite, torch.where(grad_norm.isfinite(), FINITE, NONFINITE_GRADIENT), NONFINITE_LOSS)
+    _step_unless(learner.optimizer, nonfinite != FINITE)
     if learner.scheduler is not None:
         learner.scheduler.step()
     learner.optimizer.zero_grad(set_to_none=True)
     learner.strategy.after_optimizer_step(learner.model)
-    return StepOutput(losses, metrics, loss_sum / examples, grad_norm, examples)
+    return StepOutput(losses, metrics, grad_norm.detach(), nonfinite, [batch.size for batch in window])
+
+
+def _step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """The optimizer's step, skipped where the device flag `skip` is set. The fused optimizers (build_optimizer's)
+    take the flag as GradScaler hands them its `found_inf` and skip on the device, weights, moments and step count
+    alike; any other optimizer needs it on the host, a sync per step."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = skip.float()  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf  # type: ignore[attr-defined]
+    elif not skip.item():  # a CPU-GPU sync point
+        optimizer.step()
 
 
 T = TypeVar("T")
@@ -282,15 +315,22 @@ def accumulation_windows(micro_batches: Iterable[T], size: int) -> Iterator[list
         yield window
 
 
+def _read(state: LoopState, unread: UnreadSteps) -> float:
+    """Read the unread steps' device values (one host read) into `state`; the latest micro-batch loss, for the bar."""
+    steps, seconds = unread.read()
+    state.read(steps, seconds)
+    return steps[-1].losses[-1]
+
+
 def _log(state: LoopState, epoch: int, metrics: JsonlWriter, progress: RunProgress) -> None:
-    """A train line: the last step's lr, gradient norm and time, and the micro-batch means since the last line."""
+    """A train line: the last step's lr and gradient norm, the mean step time of the steps read with it, and the
+    micro-batch means since the last line."""
     record = {
         "type": "train",
         "epoch": epoch,
         "step": state.step,
         **state.last_step,
-        # strategies' metrics are device tensors (StepResult): read here, once per line, not per micro-batch
-        **{k: float(sum(v) / len(v)) for k, v in state.log_window.items() if v},
+        **{k: sum(v) / len(v) for k, v in state.log_window.items() if v},
     }
     _record(metrics, record)
     progress.log(record)

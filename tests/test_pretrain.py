@@ -235,6 +235,28 @@ def test_a_completed_pretrain_leaves_a_model_and_no_checkpoint(whole_run):
     assert s["texts"]["heldout"] == 20 and s["texts"]["train"] == 180  # 10% of 200 texts held out
 
 
+def test_a_non_finite_loss_fails_the_pretrain_with_its_step(tmp_path, monkeypatch):
+    """Pretraining raises NonFiniteError(step, quantity): it used to be built with the fine-tuning loop's one
+    argument, so a diverged pretrain died of a TypeError instead of a failed run naming its step."""
+    import clue_adv.pretrain.run as run_module
+    from clue_adv.errors import RunFailed
+
+    original, calls = run_module.mlm_loss, []
+
+    def nan_in_step_3(*args, **kwargs):
+        calls.append(1)
+        result = original(*args, **kwargs)
+        if len(calls) == 3:
+            result.loss = result.loss * float("nan")
+        return result
+
+    monkeypatch.setattr(run_module, "mlm_loss", nan_in_step_3)
+    with pytest.raises(RunFailed, match="non-finite loss at step 3"):
+        pretrain(config(), tmp_path, show_progress=False)
+    summary = json.loads((tmp_path / "pt" / "tnews" / "mlm-seed-1" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["failed_step"] == 3 and summary["failed_quantity"] == "loss"
+
+
 @pytest.mark.parametrize("how", ["ctrl-c", "crash", "kill-between-renames"])
 def test_an_interrupted_pretrain_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, whole_run, how):
     import clue_adv.pretrain.run as run_module
