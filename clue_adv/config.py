@@ -375,6 +375,12 @@ class RunConfig(StrictModel):
         "auto", description="`auto`: bf16 autocast on a GPU that supports it, fp32 otherwise."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when available.")
+    deterministic: bool = Field(
+        False,
+        description="PyTorch's deterministic algorithms, cuDNN's deterministic kernels and a fixed cuBLAS workspace "
+        "(CUBLAS_WORKSPACE_CONFIG): the same run gives the same numbers twice on one GPU, more slowly. An operation "
+        "without a deterministic implementation warns instead of failing the run. Off: the fastest kernels.",
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation on dev.")
     diagnostics: DiagnosticsConfig = Field(
         default_factory=DiagnosticsConfig,

@@ -1,9 +1,11 @@
-"""A run's peak memory, as its summary reports it: GPU allocations on CUDA; on the CPU the peak resident memory
-of the run's process, which a one-job sweep shares between its runs and so resets before each (where Linux
-lets it), or else leaves unrecorded."""
+"""A run's peak memory, as its summary reports it: GPU allocations on CUDA (and what the caching allocator held);
+on the CPU the peak resident memory of the run's process, which a one-job sweep shares between its runs and so
+resets before each (where Linux lets it), or else leaves unrecorded. And giving memory back between the runs of
+one process."""
 
 from __future__ import annotations
 
+import gc
 import resource
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,25 @@ def peak_memory_mb(device: torch.device) -> float:
     # /proc/self/clear_refs before each in-process run); ru_maxrss is the peak since the process started.
     peak = process_peak_rss_mb()
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """summary.json's peak memory fields: `peak_memory_mb`, and on CUDA `peak_memory_reserved_mb`, the peak the
+    caching allocator held from the driver (allocations plus its cache and fragmentation): what other processes on
+    the GPU could not have, and what an out-of-memory error compares against."""
+    fields = {"peak_memory_mb": peak_memory_mb(device)}
+    if device.type == "cuda":
+        fields["peak_memory_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
+    return fields
+
+
+def release_memory() -> None:
+    """Give a finished run's memory back before the next run in this process: collect what only reference cycles
+    still hold (a failed run's traceback holds its frames, and their model), then return the CUDA allocator's cached
+    blocks to the driver, so the next run starts with the whole GPU (after an out-of-memory failure especially)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def process_peak_rss_mb() -> float | None:

@@ -13,7 +13,7 @@ import torch
 import clue_adv
 from clue_adv.config import RunConfig
 from clue_adv.errors import RunFailed
-from clue_adv.memory import peak_memory_mb
+from clue_adv.memory import peak_memory
 from clue_adv.rundir import summary_header, utc_now
 from clue_adv.runstate import LoopState, NonFiniteError, Run
 
@@ -62,7 +62,7 @@ def build_summary(run: Run, state: LoopState, ending: dict[str, Any]) -> dict[st
         train_wall_time_s=state.train_time_s,
         mean_step_time_s=state.mean_step_time_s,
         samples_per_s=state.examples / state.train_time_s if state.train_time_s > 0 else None,
-        peak_memory_mb=peak_memory_mb(run.device),
+        **peak_memory(run.device),
         passes_per_micro_step={
             "forward": counter.forward / micro_steps,
             "backward": counter.backward / micro_steps,
@@ -99,7 +99,7 @@ def setup_out_of_memory_summary(cfg: RunConfig, directory: Path, device: torch.d
         "failed_during": "setup",
         "advice": OOM_ADVICE,
         "steps": 0,
-        "peak_memory_mb": peak_memory_mb(device),
+        **peak_memory(device),
         "finished_at": utc_now(),
     }
 

@@ -30,7 +30,7 @@ import torch
 from clue_adv import checkpoint
 from clue_adv.checks import check_paths
 from clue_adv.config import RunConfig, require_nameable
-from clue_adv.data import eval_loader, load_task_data, train_loader
+from clue_adv.data import eval_loader, load_task_data, loader_options, train_loader
 from clue_adv.errors import ClueAdvError, ConfigError, RunFailed
 from clue_adv.evaluate import evaluate
 from clue_adv.model import (
@@ -99,10 +99,12 @@ def train(
         return RunOutcome(directory, read_summary(directory) or {}, skipped=True)
 
     restore_environment = configure_environment(cfg)
+    restore_determinism = deterministic_mode(cfg.deterministic)
     note_hub_use(cfg, console)
     try:
         return _train(cfg, directory, show_progress, console, force)
     finally:
+        restore_determinism()
         restore_environment()
         release_run_lock(directory)  # the run is over (completed, failed or interrupted): the folder is free
 
@@ -164,9 +166,11 @@ def setup(cfg: RunConfig, directory: Path) -> Run:
             model.compile(backend=cfg.model.compile_backend)
     except torch.OutOfMemoryError:
         raise _setup_out_of_memory(cfg, directory, device) from None
-    pad_multiple = pad_multiple_for(device)
-    loader = train_loader(data.train, tokenizer, cfg, pad_multiple)
-    dev_loader = eval_loader(data.dev, tokenizer, cfg.eval.batch_size, pad_multiple)
+    pad_multiple, feeding = pad_multiple_for(device), loader_options(device)
+    if feeding.get("num_workers"):  # forked after tokenizing in parallel, each loader worker would warn of it
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # (put back by configure_environment's restore)
+    loader = train_loader(data.train, tokenizer, cfg, pad_multiple, **feeding)
+    dev_loader = eval_loader(data.dev, tokenizer, cfg.eval.batch_size, pad_multiple, **feeding)
     steps_per_epoch = math.ceil(len(loader) / cfg.optim.grad_accum_steps)  # as accumulation_windows cuts them
     diagnostics = RunDiagnostics.build(cfg.diagnostics, cfg.seed, data.dev, data.train, tokenizer, pad_multiple)
     learner = Learner(
@@ -395,6 +399,7 @@ def all_sources_local(cfg: RunConfig) -> bool:
 
 
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+_RUN_VARS = (*_OFFLINE_VARS, "TOKENIZERS_PARALLELISM")  # what a run may set, put back when it ends
 
 
 def configure_environment(cfg: RunConfig) -> Callable[[], None]:
@@ -402,7 +407,7 @@ def configure_environment(cfg: RunConfig) -> Callable[[], None]:
 
     Returns a function that puts the offline settings back as they were: a sweep runs cells in one process, and
     a local cell must not force a later hub cell offline."""
-    saved_env = {name: os.environ.get(name) for name in _OFFLINE_VARS}
+    saved_env = {name: os.environ.get(name) for name in _RUN_VARS}
     saved_constants: list[tuple[Any, str, Any]] = []
     if all_sources_local(cfg):
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -443,6 +448,41 @@ def configure_environment(cfg: RunConfig) -> Callable[[], None]:
                 os.environ[name] = value
         for module, name, value in reversed(saved_constants):
             setattr(module, name, value)
+
+    return restore
+
+
+CUBLAS_WORKSPACE = ":4096:8"  # what PyTorch's reproducibility notes ask of cuBLAS (CUDA >= 10.2) for determinism
+
+
+def deterministic_mode(enabled: bool) -> Callable[[], None]:
+    """`deterministic: true`: PyTorch's deterministic algorithms (an operation without one warns, once, rather than
+    failing the run), cuDNN's deterministic kernels without benchmarking, and cuBLAS's fixed workspace
+    (CUBLAS_WORKSPACE_CONFIG, unless the environment sets it; cuBLAS reads it once per process, when a run first
+    uses the GPU). Slower on a GPU; the same run then gives the same numbers twice on the same machine.
+
+    Returns a function that puts every setting back: a sweep runs cells in one process."""
+    if not enabled:
+        return lambda: None
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    )
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+    def restore() -> None:
+        algorithms, warn_only, cudnn_deterministic, cudnn_benchmark, workspace = saved
+        torch.use_deterministic_algorithms(algorithms, warn_only=warn_only)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_deterministic, cudnn_benchmark
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
 
     return restore
 

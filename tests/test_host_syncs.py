@@ -143,10 +143,11 @@ LOOP_FILES = {CLUE_ADV / "train.py", CLUE_ADV / "runstate.py", CLUE_ADV / "progr
 
 class LoopReads(TorchFunctionMode):
     """Counts reads of a tensor's value on the host, by the clue_adv file and line that made them (the first frame
-    outside torch), for the training loop's files."""
+    outside torch), for `files` (default: the training loop's)."""
 
-    def __init__(self) -> None:
+    def __init__(self, files: set[Path] = LOOP_FILES) -> None:
         super().__init__()
+        self.files = files
         self.reads: Counter[str] = Counter()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -157,7 +158,7 @@ class LoopReads(TorchFunctionMode):
                 frame = frame.f_back
             source = Path(frame.f_code.co_filename) if frame is not None else None
             # the DataLoader's sampler reads its CPU tensors: the host's own work, not a wait for the device
-            if not loading and source is not None and any(source == f or source.is_relative_to(f) for f in LOOP_FILES):
+            if not loading and source is not None and any(source == f or source.is_relative_to(f) for f in self.files):
                 self.reads[f"{source.name}:{frame.f_lineno} {func.__name__}"] += 1
         return func(*args, **(kwargs or {}))
 
@@ -331,3 +332,44 @@ def test_step_times_are_window_means_and_the_first_step_is_timed_alone():
     assert state.first_step_s == 9.0 and state.timed_steps == 8
     assert state.last_step["step_time_s"] == 1.0
     assert state.mean_step_time_s == pytest.approx(10.0 / 7)
+
+
+def test_an_evaluation_reads_the_device_once_and_gets_the_numbers_by_hand(tokenizer):
+    """Three batches: accuracy, macro-F1 and the mean loss equal a computation from each example's logits (F1 per
+    class from its own true/false positives, classes present only), and evaluate() read the device once at its end;
+    it used to read each batch's loss and copy its predictions and labels to the host."""
+    import torch.nn.functional as F
+    from conftest import SENTENCES, tiny_bert
+
+    from clue_adv.evaluate import evaluate
+
+    model = tiny_bert(6, dropout=0.0, seed=3)
+    labels = [[0, 1, 2, 0], [4, 4, 0, 1], [2, 0]]  # 3 and 5 never true: they count only where predicted
+    batches = []
+    for k, ys in enumerate(labels):
+        texts = [SENTENCES[(k + i) % 4] + "的" * i for i in range(len(ys))]
+        enc = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+        batches.append({**enc, "labels": torch.tensor(ys)})
+    counter = LoopReads({CLUE_ADV / "evaluate.py"})
+    with counter:
+        got = evaluate(model, batches, torch.device("cpu"), 6)
+    assert sum(counter.reads.values()) == 1, counter.reads
+
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(**{k: v for k, v in b.items() if k != "labels"}).logits for b in batches])
+    gold = [y for ys in labels for y in ys]
+    predicted = logits.argmax(-1).tolist()
+    f1 = []
+    for c in range(6):
+        tp = sum(p == c and g == c for p, g in zip(predicted, gold, strict=True))
+        fp = sum(p == c and g != c for p, g in zip(predicted, gold, strict=True))
+        fn = sum(p != c and g == c for p, g in zip(predicted, gold, strict=True))
+        if tp + fp + fn:
+            f1.append(2 * tp / (2 * tp + fp + fn))
+    losses = F.cross_entropy(logits.double(), torch.tensor(gold), reduction="none")
+    assert got["examples"] == 10
+    assert got["accuracy"] == sum(p == g for p, g in zip(predicted, gold, strict=True)) / 10
+    assert got["macro_f1"] == pytest.approx(sum(f1) / len(f1), abs=1e-12)
+    assert got["loss"] == pytest.approx(float(losses.mean()), rel=1e-6)
+    assert model.training is False  # it was in eval mode before: left as it was

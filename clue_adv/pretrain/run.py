@@ -29,7 +29,7 @@ import torch
 from clue_adv.checks import check_pretrain_paths
 from clue_adv.config import require_nameable
 from clue_adv.errors import ConfigError, RunFailed, interrupts_deferred
-from clue_adv.memory import peak_memory_mb
+from clue_adv.memory import peak_memory
 from clue_adv.model import build_tokenizer, check_vocab_size
 from clue_adv.pretrain.checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_state, save_checkpoint
 from clue_adv.pretrain.config import PretrainConfig, parse_pretrain_config, run_directory
@@ -350,7 +350,7 @@ class _Pretrain:
                 elapsed_s=self.elapsed(),
                 **self.counters,
                 session_tokens_per_s=(self.counters["tokens_seen"] - tokens_before) / session if session > 0 else None,
-                peak_memory_mb=peak_memory_mb(self.device),
+                **peak_memory(self.device),
                 finished_at=utc_now(),
             )
             atomic_write_json(directory / "summary.json", summary)

@@ -22,7 +22,7 @@ from rich.console import Console
 
 from clue_adv.config import dump_config
 from clue_adv.errors import ClueAdvError, sigterm_as_interrupt
-from clue_adv.memory import correct_cpu_peak_memory, reset_peak_rss
+from clue_adv.memory import correct_cpu_peak_memory, release_memory, reset_peak_rss
 from clue_adv.rundir import open_in_run_dir, read_summary
 from clue_adv.sweep.outcome import INTERRUPTED_EXIT, CellResult, SweepProgress, SweepResult, attempt, worker_result
 from clue_adv.sweep.plan import Cell
@@ -110,6 +110,7 @@ def run_in_process(cells: list[Cell], force: bool, progress: SweepProgress, cons
             # Any attempt counts, a failed one too: it may have raised the process's peak before failing.
             shared, _trained_in_this_process = _trained_in_this_process, True
             run = attempt(cell, force, contain_bugs=True, show_progress=progress.bar or None, console=console)
+            release_memory()  # the next run gets the whole GPU, not what this one's allocator still caches
             summary = run.summary
             if run.status == "skipped":
                 _trained_in_this_process = shared  # nothing was loaded: the process's peak is unchanged
