@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
-from rich import box
 from rich.console import Console
-from rich.table import Table
 
-from clue_adv.errors import ClueAdvError
+from clue_adv import cli_output
+from clue_adv.errors import ClueAdvError, sigterm_as_interrupt
 
 if TYPE_CHECKING:  # the sweep module is imported when a sweep command runs, not at start-up
     from clue_adv.sweep import SweepPlan
@@ -58,24 +58,27 @@ def _options(
     """Options before the command (`clue-adv --version`)."""
 
 
-def _print_whole(console: Console, table: Table, room: int = 10) -> None:
-    """Print `table` with its no_wrap columns whole: a value such as `fgm-epsilon=0.05` is never split over two lines
-    (`0.0` / `5` reads as ε = 0). When it does not fit the terminal (or a pipe's 80 columns) the table is drawn
-    wider than that, leaving the wrapping columns `room` characters."""
-    from rich.measure import Measurement
-
-    need = Measurement.get(console, console.options.update_width(100_000), table).minimum + room
-    width = console.width
-    console.width = max(width, need)
-    try:
-        console.print(table)
-    finally:
-        console.width = width
-
-
-def _fail(e: ClueAdvError) -> None:
+def _fail(e: ClueAdvError) -> NoReturn:
     err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(e.exit_code)
+
+
+Config = TypeVar("Config")
+Outcome = TypeVar("Outcome")
+
+
+def _run_to_the_end(load: Callable[[], Config], run: Callable[[Config], Outcome], interrupted: str) -> Outcome:
+    """`run(load())` with SIGTERM read as Ctrl-C (train and pretrain): a bad config or input exits with its message
+    and code, an interrupt with `interrupted` and 130 (what a shell reports for SIGINT)."""
+    try:
+        cfg = load()
+        with sigterm_as_interrupt():
+            return run(cfg)
+    except ClueAdvError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        err.print(interrupted)
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -95,44 +98,19 @@ def train(
     """Train one run from a YAML config and evaluate it on dev every epoch."""
     from clue_adv.config import as_variant, load_config
 
-    try:
-        cfg = as_variant(load_config(config, set_ or []), set_ or [])  # a --set variant has its own folder
-        from clue_adv.errors import sigterm_as_interrupt
-        from clue_adv.train import train as run_training
+    def run(cfg: Any) -> Any:
+        from clue_adv.train import train as run_training  # after the config is read: a bad one fails fast
 
-        with sigterm_as_interrupt():
-            outcome = run_training(cfg, output_dir, force=force, console=err)
-    except ClueAdvError as e:
-        _fail(e)
-    except KeyboardInterrupt:
-        err.print("interrupted: the run is marked 'interrupted'; rerun the same command to start it again")
-        raise typer.Exit(130) from None
-    s = outcome.summary
+        return run_training(cfg, output_dir, force=force, console=err)
+
+    outcome = _run_to_the_end(
+        lambda: as_variant(load_config(config, set_ or []), set_ or []),  # a --set variant has its own folder
+        run,
+        "interrupted: the run is marked 'interrupted'; rerun the same command to start it again",
+    )
     if outcome.skipped:
         err.print(f"already completed: {outcome.directory} (use --force to rerun)", highlight=False)
-    table = Table(title=f"{s.get('task')} · {s.get('strategy_tag')} · seed {s.get('seed')}")
-    # percentages, as in the report's tables (summary.json and runs.csv hold fractions)
-    for col in ("best dev acc %", "best epoch", "final dev acc %", "macro-F1 % (best)", "steps", "train time"):
-        table.add_column(col, justify="right")
-
-    def pct(key: str) -> str:  # an already-completed run's summary may be from another version or hand-edited
-        value = s.get(key)
-        return f"{100 * value:.2f}" if isinstance(value, int | float) else "?"
-
-    wall = s.get("train_wall_time_s")
-    table.add_row(
-        pct("best_dev_accuracy"),
-        str(s.get("best_epoch", "?")),
-        pct("final_dev_accuracy"),
-        pct("best_dev_macro_f1"),
-        str(s.get("steps", "?")),
-        f"{wall:.1f}s" if isinstance(wall, int | float) else "?",
-    )
-    out.print(table)
-    diagnostics = s.get("diagnostics_wall_time_s")
-    if isinstance(diagnostics, int | float):  # their cost, apart from the training time above
-        out.print(f"diagnostics: {diagnostics:.1f}s (summary.json: diagnostics)", highlight=False)
-    out.print(f"run directory: {outcome.directory}", highlight=False)
+    cli_output.print_train_result(out, outcome.summary, outcome.directory)
 
 
 @app.command()
@@ -229,61 +207,9 @@ def strategies(
         sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
         return
     if name is not None:
-        r = rows[0]
-        out.print(f"[bold]{r['name']}[/]: {r['summary']}", highlight=False)
-        cost = f"{r['forward']} forward, {r['backward']} backward" + (
-            " + double backward" if r["double_backward"] else ""
-        )
-        k = r["batch_factor"]
-        if k > 1:  # passes over a stacked batch: what they cost in passes at batch size B
-            cost += f" on {k}×B examples (= {r['forward'] * k} forward, {r['backward'] * k} backward at batch B)"
-        note = f" ({r['note']})" if r["note"] else ""
-        out.print(f"cost per step: {cost}{note}", highlight=False)
-        if r["accumulation"]:
-            out.print(f"gradient accumulation (optim.grad_accum_steps > 1): {r['accumulation']}", highlight=False)
-        changed = any(p["value"] != p["default"] for p in r["parameters"].values())
-        table = Table(show_lines=True)
-        for col in ("parameter", *(["value"] if changed else []), "default"):
-            table.add_column(col, no_wrap=True)  # a value never wraps: `1e-` / `05`
-        table.add_column("description")
-        for key, p in r["parameters"].items():
-            value = [_as_yaml(p["value"])] if changed else []
-            table.add_row(key, *value, _as_yaml(p["default"]), p["description"] or "")
-        _print_whole(out, table)
-        return
-    # Names never wrap (`clue-adv strategies | grep NAME` finds the row) and the list fits 80 columns, a pipe's
-    # width: only "what it does" wraps, at spaces; each strategy's parameters are in `clue-adv strategies NAME`.
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
-    table.add_column("name", no_wrap=True)
-    table.add_column("fwd / bwd", no_wrap=True)
-    table.add_column("what it does", overflow="fold", min_width=24)
-    for r in rows:
-        k = r["batch_factor"]
-        stacked = f" on {k}×B" if k > 1 else ""  # passes over a stacked batch cost k passes at batch B
-        double = " +double" if r["double_backward"] else ""
-        cost = f"{r['forward']} / {r['backward']}{stacked}{double}" + ("*" if r["note"] else "")
-        table.add_row(r["name"], cost, r["summary"])
-    out.print("Passes per training step. Parameters: `clue-adv strategies NAME`.", highlight=False)
-    out.print(table)
-    for r in rows:
-        if r["note"]:
-            out.print(f"* {r['name']}: {r['note']}", highlight=False)
-    out.print(
-        "Costs are for the defaults; they depend on settings (e.g. gradient_penalty's mode, PGD's steps): "
-        "`clue-adv strategies NAME --set FIELD=VALUE` costs a variant.",
-        highlight=False,
-    )
-
-
-def _as_yaml(value: Any) -> str:
-    """A value as a config file writes it (`null`, `embedding_output`, `true`), not as Python prints it."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list | tuple | dict):
-        return json.dumps(value, default=str)
-    return str(value)
+        cli_output.print_strategy(out, rows[0])
+    else:
+        cli_output.print_strategy_list(out, rows)
 
 
 def main() -> None:  # pragma: no cover - console-script shim
@@ -438,51 +364,20 @@ def sweep(
 
 
 def _print_status(plan: SweepPlan, config: Path) -> None:
-    from rich.markup import escape
-
     from clue_adv.sweep import STATUS_ORDER, sweep_status
 
-    statuses = sweep_status(plan)
-    table = Table(title=f"{config}: {len(plan.cells)} run(s)")
-    for col in ("#", "experiment", "task", "strategy", "seed", "status"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("detail", overflow="fold")
-    style = {"completed": "green", "failed": "red", "interrupted": "yellow", "running": "cyan"}
-    for i, st in enumerate(statuses, start=1):
-        c = st.cell.config
-        shown = f"[{style[st.status]}]{st.status}[/]" if st.status in style else st.status
-        tag = st.cell.directory.parent.name
-        table.add_row(str(i), c.experiment, c.task, escape(tag), str(c.seed), shown, escape(st.detail))
-    _print_whole(out, table)
-    counts = {s: sum(st.status == s for st in statuses) for s in STATUS_ORDER}
-    out.print(", ".join(f"{n} {s}" for s, n in counts.items()), highlight=False)
-    out.print(f"run directories under {plan.output_dir.resolve()}", highlight=False)
+    title = f"{config}: {len(plan.cells)} run(s)"
+    cli_output.print_sweep_status(out, plan, sweep_status(plan), STATUS_ORDER, title)
 
 
 def _print_dry_run(plan: SweepPlan, config: Path, force: bool, executor: str) -> None:
     from clue_adv.sweep import sbatch_script, submission
 
     todo, queued = submission(plan, force)
-    array = {cell.directory: i for i, cell in enumerate(todo)}
     slurm = executor == "slurm"
     done = sum(c.done for c in plan.cells)
-    table = Table(title=f"{config}: {len(plan.cells)} run(s), {done} already completed")
-    for col in ("#", "experiment", "task", "strategy", "seed", "state") + (("array task",) if slurm else ()):
-        table.add_column(col, no_wrap=True)
-    for i, cell in enumerate(plan.cells, start=1):
-        state = {"completed": "done (skip)", "absent": "to run"}.get(cell.state, f"rerun ({cell.state})")
-        if force:
-            state = "rerun (--force)" if cell.done else state
-        if cell.directory in queued:
-            state = f"in the queue: job {queued[cell.directory][1]['job_id']} (wait)"
-        c = cell.config
-        row = [str(i), c.experiment, c.task, cell.directory.parent.name, str(c.seed), state]
-        if slurm:
-            row.append(str(array[cell.directory]) if cell.directory in array else "-")
-        table.add_row(*row)
-    _print_whole(out, table, room=0)
-    out.print(f"{len(plan.cells)} planned, {done} completed, {len(todo)} to run", highlight=False)
-    out.print(f"run directories under {plan.output_dir.resolve()}", highlight=False)
+    title = f"{config}: {len(plan.cells)} run(s), {done} already completed"
+    cli_output.print_dry_run(out, plan, title, force, todo, queued, slurm)
     if slurm and todo:
         try:
             script = sbatch_script(plan, len(todo))
@@ -622,42 +517,16 @@ def pretrain(
     """Masked-LM pretraining on the task's training text; writes a model directory to fine-tune from. Resumable."""
     from clue_adv.pretrain.config import load_pretrain_config
 
-    try:
-        cfg = load_pretrain_config(config, set_ or [])
-        from clue_adv.errors import sigterm_as_interrupt
-        from clue_adv.pretrain.run import pretrain as run_pretraining
+    def run(cfg: Any) -> Any:
+        from clue_adv.pretrain.run import pretrain as run_pretraining  # after the config is read
 
-        with sigterm_as_interrupt():
-            outcome = run_pretraining(cfg, output_dir, force=force, console=err)
-    except ClueAdvError as e:
-        _fail(e)
-    except KeyboardInterrupt:
-        err.print("interrupted: the pretrain is checkpointed; rerun the same command to resume it")
-        raise typer.Exit(130) from None
-    s = outcome.summary
+        return run_pretraining(cfg, output_dir, force=force, console=err)
+
+    outcome = _run_to_the_end(
+        lambda: load_pretrain_config(config, set_ or []),
+        run,
+        "interrupted: the pretrain is checkpointed; rerun the same command to resume it",
+    )
     if outcome.skipped:
         err.print(f"already completed: {outcome.directory} (use --force to start over)", highlight=False)
-    table = Table(title=f"pretrain · {s.get('source')} · seed {s.get('seed')}")
-    for col in ("steps", "time", "held-out MLM loss", "masked-token acc", "at step 0 (loss / acc)"):
-        table.add_column(col, justify="right")
-
-    def shown(block: Any, key: str, scale: float = 1.0) -> str:  # an old or hand-edited summary may lack a field
-        value = block.get(key) if isinstance(block, dict) else None
-        return f"{scale * value:.{2 if scale != 1 else 3}f}" if isinstance(value, int | float) else "?"
-
-    final, initial = s.get("heldout_final"), s.get("heldout_initial")
-    elapsed = s.get("elapsed_s")
-    table.add_row(
-        str(s.get("steps", "?")),
-        f"{elapsed:.0f}s" if isinstance(elapsed, int | float) else "?",
-        shown(final, "loss"),
-        shown(final, "masked_accuracy", 100),
-        f"{shown(initial, 'loss')} / {shown(initial, 'masked_accuracy', 100)}",
-    )
-    out.print(table)
-    out.print(f"model: {outcome.model_dir}", highlight=False)
-    out.print(
-        f"fine-tune from it: --set model.init=pretrained --set model.name_or_path={outcome.model_dir} "
-        "(and no model.architecture overrides)",
-        highlight=False,
-    )
+    cli_output.print_pretrain_result(out, outcome.summary, outcome.model_dir)

@@ -70,7 +70,7 @@ def config_reference() -> str:
     parts = [
         "# Config reference",
         "",
-        "Generated from the schema in `clue_adv/config.py` and `clue_adv/regularizers/` by "
+        "Generated from the schema in `clue_adv/config/schema.py` and `clue_adv/regularizers/` by "
         "`python -m clue_adv.reference > docs/CONFIG.md` (a test fails when this file is stale). "
         "Unknown fields are errors. Any field can be set from the shell: `--set optim.lr=3e-5`.",
         "",

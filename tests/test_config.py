@@ -165,7 +165,7 @@ def test_every_run_config_field_has_a_description():
     """config.md is generated from the descriptions; the strategies' blocks are checked in test_strategies_common."""
     from pydantic import BaseModel
 
-    import clue_adv.config as config_module
+    import clue_adv.config.schema as config_module
 
     models = [m for m in vars(config_module).values() if isinstance(m, type) and issubclass(m, BaseModel)]
     models = [m for m in models if m.__module__ == config_module.__name__]

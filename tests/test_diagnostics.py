@@ -1,5 +1,5 @@
-"""Diagnostics (clue_adv/diagnostics.py) against independent computations: the exact Hessian trace, float64 finite
-differences, a by-hand FGM, clean evaluation; and the promise that measuring changes nothing."""
+"""Diagnostics (clue_adv/diagnostics.py, input_measures.py) against independent computations: the exact Hessian
+trace, float64 finite differences, a by-hand FGM, clean evaluation; and the promise that measuring changes nothing."""
 
 from __future__ import annotations
 
@@ -17,14 +17,13 @@ from clue_adv.diagnostics import (
     attack_metric,
     diagnose,
     diagnostic_batches,
-    measure_batch,
     metric,
     parse_attack_metric,
-    rademacher_probes,
     subset_indices,
 )
 from clue_adv.errors import ConfigError
 from clue_adv.evaluate import evaluate
+from clue_adv.input_measures import measure_batch, rademacher_probes
 from clue_adv.regularizers.base import Batch
 
 

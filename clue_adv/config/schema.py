@@ -7,84 +7,19 @@ AdamW lr 2e-5, 3 epochs, 10% warmup). The study's own protocol (Adam eps 1e-6, n
 
 from __future__ import annotations
 
-import copy
-import difflib
-import hashlib
-import json
-import os
-import re
-import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal, Union
 
-import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from clue_adv.config.paths import directory_name, expandable
 from clue_adv.diagnostics import DiagnosticsConfig
-from clue_adv.errors import ConfigError
-from clue_adv.regularizers import build_strategy, config_classes, registry
+from clue_adv.regularizers import build_strategy, config_classes
 from clue_adv.regularizers.none import NoneConfig
 from clue_adv.schema import StrictModel
 
-# The same pattern as StrategyConfig.tag: run directory names that are safe on every filesystem.
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*")
-
 TASKS: dict[str, int] = {"tnews": 15, "iflytek": 119}  # task -> number of labels
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeding accept 0 .. 2**32 - 1
-
-
-NAME_MAX = 255  # bytes per path component on Linux/macOS filesystems; a longer one makes every stat() raise
-
-
-def path_problem(value: str, expands: bool = True) -> str | None:
-    """Why `value` cannot name a file at all (a component over NAME_MAX bytes; with `expands`, a `~user` naming
-    no user), or None. Either would make every later exists()/is_dir() raise instead of answering."""
-    # surrogateescape: a name from argv may hold bytes that are not UTF-8 (a str of lone surrogates)
-    if "\0" in value:
-        return "contains a NUL byte"
-    if any(len(part.encode("utf-8", "surrogateescape")) > NAME_MAX for part in value.split("/")):
-        return f"a path component is longer than {NAME_MAX} bytes"
-    if expands and value.startswith("~"):
-        try:
-            Path(value).expanduser()
-        except RuntimeError:
-            return f"{value.split('/', 1)[0]!r}: no such user (home directory unknown)"
-    return None
-
-
-def expand_path(value: str | Path) -> Path | None:
-    """expanduser(), or None for a path no file can have (see path_problem): asking the filesystem about it
-    would raise."""
-    if path_problem(str(value)):
-        return None
-    return Path(value).expanduser()
-
-
-def require_nameable(path: str | Path, what: str, expands: bool = True) -> None:
-    """Raise a ConfigError naming `what` (e.g. `--output-dir`) when no file can have the name `path`."""
-    if problem := path_problem(str(path), expands):
-        shown = str(path) if len(str(path)) <= 80 else str(path)[:80] + "..."
-        raise ConfigError(f"{what} {shown}: {problem}")
-
-
-def directory_name(value: str) -> str:
-    """An experiment name, which becomes a directory. Raises ValueError unless it is a plain name: a whitelist (the
-    one strategy `tag` uses) keeps a run inside its output directory and rejects what a blacklist misses (NUL bytes,
-    control characters, ':' on Windows)."""
-    if len(value) > 80 or not _SAFE_NAME.fullmatch(value):
-        raise ValueError(
-            "must be a plain name of at most 80 characters: letters, digits and '_.=+-', "
-            "starting with a letter or digit"
-        )
-    return value
-
-
-def _expandable(value: str | None) -> str | None:
-    """A path field is refused here when no file could have its name (see path_problem)."""
-    if value is not None and (problem := path_problem(value)):
-        raise ValueError(problem)
-    return value
-
 
 # A discriminated union over every registered strategy: `strategy.name` selects the block's schema.
 StrategyBlock = Annotated[Union[config_classes()], Field(discriminator="name")]  # noqa: UP007 - dynamic members
@@ -133,7 +68,7 @@ class DataConfig(StrictModel):
         "(faster, like HF's group_by_length) at the price of slightly less random batches.",
     )
 
-    _path_expands = field_validator("path", "train_file", "dev_file")(_expandable)
+    _path_expands = field_validator("path", "train_file", "dev_file")(expandable)
 
     @model_validator(mode="after")
     def _holdout_to_evaluate(self) -> DataConfig:
@@ -216,7 +151,7 @@ class ModelConfig(StrictModel):
         "re-initialisation (Hugging Face's run_glue has the same switch).",
     )
 
-    _paths_expand = field_validator("name_or_path", "tokenizer")(_expandable)
+    _paths_expand = field_validator("name_or_path", "tokenizer")(expandable)
 
     @field_validator("compile_backend")
     @classmethod
@@ -403,7 +338,7 @@ class RunConfig(StrictModel):
     )
     output_dir: str = Field("results", description="Root of the run directories.")
 
-    _output_expands = field_validator("output_dir")(_expandable)
+    _output_expands = field_validator("output_dir")(expandable)
 
     _experiment_is_a_name = field_validator("experiment")(directory_name)
 
@@ -428,263 +363,3 @@ class RunConfig(StrictModel):
     def resolved(self) -> dict[str, Any]:
         """Every field with its value, as written to config.yaml (the identity of a run)."""
         return self.model_dump(mode="json")
-
-
-# --------------------------------------------------------------------------------------------------
-# Loading, overrides and error messages
-
-
-def load_yaml(path: Path) -> dict[str, Any]:
-    require_nameable(path, "config file", expands=False)  # a config path from the shell is already expanded
-    if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
-    if not path.is_file() or not os.access(path, os.R_OK):
-        raise ConfigError(f"config file is not a readable file: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not valid UTF-8 text (byte {e.start}); save the config as UTF-8") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: YAML syntax error: {e.problem}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: YAML error: {e}") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: nested too deeply to be a config") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of fields, got {type(data).__name__}")
-    return data
-
-
-def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one `--set a.b.c=value` (value parsed as YAML, so 3e-5, true, [1, 2] work)."""
-    key, sep, raw = assignment.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set optim.lr=3e-5")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    set_dotted(data, key.strip(), value, what=f"--set {key.strip()}")
-
-
-def set_dotted(data: dict[str, Any], key: str, value: Any, what: str | None = None) -> None:
-    """Set `data["a"]["b"]["c"] = value` for key "a.b.c", creating blocks; `what` names the source in errors."""
-    parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"{what or key}: '{part}' is not a block of fields")
-        node = child
-    # a copy: one sweep value is set into many run configs, which must not share (and later mutate) it
-    node[parts[-1]] = copy.deepcopy(value)
-
-
-def merge_dotted(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
-    """`data` with {"a": {"b": value}} for key "a.b" deep-merged into it, as a config file with that block would be
-    (`merge`): a sweep's `overrides: {data: {max_train_samples: 200}}` keeps the base's `data.path`. The value is
-    copied: one sweep value goes into many run configs, which must not share (and later mutate) it."""
-    nested: Any = copy.deepcopy(value)
-    for part in reversed(key.split(".")):
-        nested = {part: nested}
-    return merge(data, nested)
-
-
-# `--set` keys whose value the run directory shows already (experiment, task, seed; a strategy's parameters in its
-# directory name) or that do not change what a run computes (where it is written, checkpoints, trackers: not part of
-# its identity, see rundir._NOT_IDENTITY): every other `--set` names a variant of the experiment.
-_NOT_A_VARIANT = ("experiment", "task", "seed", "output_dir", "checkpoint", "logging", "strategy")
-# Where the task's data is read from (a local copy of CLUE, or the hub) is not what a run computes: the same run
-# read from another folder is the same run (rundir.identity leaves it out too).
-_WHERE_DATA_IS = ("data.path",)
-_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_.=+-]")
-
-
-def format_value(value: Any) -> str:
-    """A value as it appears in a directory name: `3e-05`, `true`, `[1,2]`; a character no directory name may hold
-    (`/`, `{`, a space) becomes `_`."""
-    if isinstance(value, bool):
-        text = str(value).lower()
-    elif isinstance(value, int | float | str):
-        text = str(value)
-    else:
-        text = json.dumps(value, separators=(",", ":"), default=str)
-    return _UNSAFE_CHARS.sub("_", text)
-
-
-def variant_name(experiment: str, fields: list[tuple[str, Any]]) -> str:
-    """The experiment folder of a variant: `experiment+key=value` per field, in order (`smoke+optim.lr=3e-05`).
-    When that is longer than an experiment name may be, `experiment+v` and a hash of the fields instead (the full
-    values are in each run's config.yaml)."""
-    suffix = "".join(f"+{key}={format_value(value)}" for key, value in fields)
-    if len(experiment + suffix) <= 80:
-        return experiment + suffix
-    digest = hashlib.sha1(json.dumps(fields, default=str).encode()).hexdigest()[:10]
-    return f"{experiment[: 80 - 12]}+v{digest}"
-
-
-def set_variant_fields(assignments: list[str], tagged: bool = False) -> list[tuple[str, Any]]:
-    """The `--set` fields that make a run a variant of its experiment (see _NOT_A_VARIANT), as (key, parsed value),
-    the last value of a key repeated. With `tagged` (the strategy names its directory by `strategy.tag`, which hides
-    its parameters) the strategy's parameters count too."""
-    fields: dict[str, Any] = {}
-    for assignment in assignments:
-        key, _, raw = assignment.partition("=")
-        key = key.strip()
-        head, _, rest = key.partition(".")
-        strategy_param = tagged and head == "strategy" and rest not in ("", "name", "tag")
-        if (head in _NOT_A_VARIANT and not strategy_param) or key in _WHERE_DATA_IS:
-            continue
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        fields.pop(key, None)
-        fields[key] = value
-    return list(fields.items())
-
-
-def as_variant(cfg: RunConfig, assignments: list[str]) -> RunConfig:
-    """`cfg` in the experiment folder its `--set` fields name (variant_name): a run with `--set optim.lr=3e-5` is
-    `<experiment>+optim.lr=3e-05/...`, never the folder of the run without it."""
-    fields = set_variant_fields(assignments, tagged=cfg.strategy.tag is not None)
-    if not fields:
-        return cfg
-    return cfg.model_copy(update={"experiment": variant_name(cfg.experiment, fields)})
-
-
-def did_you_mean(word: str, names: list[str]) -> str:
-    """A hint for a misspelt field or parameter: the closest of `names`, else all of them (nothing without names)."""
-    close = difflib.get_close_matches(word, names, n=1)
-    if close:
-        return f" (did you mean '{close[0]}'?)"
-    return f" (valid: {', '.join(names)})" if names else ""
-
-
-def _model_of(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in get_args(annotation):
-        found = _model_of(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def check_key(root: type[BaseModel], key: str) -> str | None:
-    """None if `key` (dotted, as in `--set`) names a field of `root`, else a message with a 'did you mean'."""
-    model: type[BaseModel] | None = root
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if model is None:
-            return f"'{'.'.join(parts[:i])}' is not a block of fields"
-        fields = model.model_fields
-        if part not in fields:
-            where = ".".join(parts[:i])
-            return f"unknown field '{part}'" + (f" in '{where}'" if where else "") + did_you_mean(part, list(fields))
-        model = _model_of(fields[part].annotation)
-    return None
-
-
-def _is_union_tag(loc: tuple[Any, ...], i: int) -> bool:
-    """Whether `loc[i]` is the tag pydantic puts into the path of a strategy block: `strategy.<tag>.epsilon` in a
-    run config, `strategies.<n>.<tag>.epsilon` in a sweep file. Users wrote no such level."""
-    if i == 0 or loc[i] not in registry():
-        return False
-    return loc[i - 1] == "strategy" or (i > 1 and isinstance(loc[i - 1], int) and loc[i - 2] == "strategies")
-
-
-def _field_names(root: type[StrictModel], loc: tuple[Any, ...]) -> list[str]:
-    """Names valid at `loc`'s parent, for 'did you mean' hints."""
-    model: type[StrictModel] | None = root
-    for i, part in enumerate(loc[:-1]):
-        if _is_union_tag(loc, i):
-            model = registry()[part].config_class
-            continue
-        field = model.model_fields.get(str(part)) if model is not None else None
-        ann = field.annotation if field is not None else None
-        # an optional block (`X | None`, e.g. eval.early_stopping) names X's fields
-        candidates = [ann, *typing.get_args(ann)]
-        model = next((a for a in candidates if isinstance(a, type) and issubclass(a, StrictModel)), None)
-    return list(model.model_fields) if model is not None else []
-
-
-def format_validation_errors(err: ValidationError, root: type[StrictModel] = RunConfig) -> list[str]:
-    """One readable line per problem: dotted field path, message, the offending value, a hint."""
-    problems = []
-    for e in err.errors():
-        loc = tuple(e["loc"])
-        bad_key = loc[-1:] == ("[key]",)  # a mapping's key failed (e.g. a sweep's `overrides` key): the path names it
-        # pydantic puts the union tag into the path; drop it so users see the YAML path they wrote.
-        shown = [str(p) for i, p in enumerate(loc[:-1] if bad_key else loc) if not _is_union_tag(loc, i)]
-        path = ".".join(shown) or "(top level)"
-        kind = e["type"]
-        if kind == "extra_forbidden":
-            problems.append(f"{path}: unknown field{did_you_mean(str(loc[-1]), _field_names(root, loc))}")
-        elif kind == "union_tag_invalid":
-            tag = e.get("ctx", {}).get("tag")
-            problems.append(f"{path}.name: unknown strategy {tag!r}; valid: {', '.join(registry())}")
-        elif kind == "union_tag_not_found":
-            problems.append(f"{path}.name: missing; valid: {', '.join(registry())}")
-        elif kind == "literal_error":
-            problems.append(f"{path}: {e['msg']} (got {e.get('input')!r})")
-        elif kind == "missing":
-            problems.append(f"{path}: required field is missing")
-        elif kind == "value_error" and not shown:
-            # A whole-config check (model_validator) names its fields at the start of its own message.
-            problems.append(str(e["msg"]).removeprefix("Value error, "))
-        else:
-            got = e.get("input")
-            shown_input = "" if bad_key or isinstance(got, dict) or repr(got) in str(e["msg"]) else f" (got {got!r})"
-            message = str(e["msg"]).removeprefix("Value error, ")  # pydantic's prefix for our own ValueErrors
-            problems.append(f"{path}: {message}{shown_input}")
-    return problems
-
-
-def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as e:
-        problems = format_validation_errors(e)
-        raise ConfigError(f"{source}: {len(problems)} problem(s)", problems) from None
-
-
-def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge `update` into `base` (later config files override earlier ones). A block whose `name`
-    changes (e.g. another strategy) is replaced, not merged: the old strategy's fields would not fit."""
-    out = dict(base)
-    for key, value in update.items():
-        old = out.get(key)
-        if (
-            isinstance(old, dict)
-            and isinstance(value, dict)
-            and old.get("name", value.get("name")) == value.get("name", old.get("name"))
-        ):
-            out[key] = merge(old, value)
-        else:
-            out[key] = value
-    return out
-
-
-def load_config(paths: str | Path | list[str | Path], overrides: list[str] | None = None) -> RunConfig:
-    """Read YAML config(s) (merged in order), apply `--set` overrides, validate.
-    Raises ConfigError naming every problem."""
-    files = [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
-    data: dict[str, Any] = {}
-    for path in files:
-        data = merge(data, load_yaml(path))
-    for assignment in overrides or []:
-        apply_override(data, assignment)
-    return parse_config(data, source=" + ".join(str(p) for p in files))
-
-
-def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.resolved(), sort_keys=False, allow_unicode=True)
