@@ -338,25 +338,11 @@ def sweep(
     for r in result.by_status("failed"):
         err.print(f"[red]failed[/] {r.cell.name}: {r.error or 'see its summary.json'}", highlight=False)
     if report and not result.interrupted:
-        from clue_adv.report import build_report, rich_table
+        from clue_adv.report.console import report_after_sweep
 
         single = len(plan.experiments) == 1
         root = plan.output_dir / plan.experiments[0] if single else plan.output_dir
-        try:
-            built = build_report(root, experiments=plan.experiments)
-        except ClueAdvError as e:
-            err.print(f"[yellow]report skipped:[/] {e}", highlight=False)
-        except Exception as e:  # the runs are done and saved; a report problem must not hide that
-            err.print(
-                f"[yellow]report failed:[/] {type(e).__name__}: {e} (the runs are saved; `clue-adv report` retries)",
-                highlight=False,
-            )
-        else:
-            for t in built.tables:
-                out.print(rich_table(t, metric))
-            for line in built.skipped:
-                err.print(f"[yellow]skipped[/] {line}", highlight=False, markup=False)
-            err.print(f"report: {root / 'report.md'}", highlight=False)
+        report_after_sweep(out, err, root, plan.experiments, metric)
     if result.interrupted:
         err.print("interrupted: rerun the same command to resume", highlight=False)
     if result.exit_code:
@@ -411,16 +397,8 @@ def report(
     ] = "accuracy",
 ) -> None:
     """Tables, CSVs and plots from run directories (works on partial sweeps)."""
-    from clue_adv.report import (
-        FORMATS,
-        TABLES,
-        build_report,
-        diagnostics_tables,
-        render,
-        render_diagnostics,
-        rich_diagnostics_table,
-        rich_table,
-    )
+    from clue_adv.report import FORMATS, TABLES, build_report
+    from clue_adv.report.console import print_report
 
     if fmt not in FORMATS:
         err.print(f"[bold red]error:[/] --format: {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -433,31 +411,7 @@ def report(
         built = build_report(results_dir, output, plots=plots)
     except ClueAdvError as e:
         _fail(e)
-    for line in built.skipped:
-        err.print(f"skipped {line}", highlight=False, markup=False)
-    if table == "diagnostics":
-        found = diagnostics_tables(built.tables, metric)
-        if not found:
-            err.print(
-                f"no completed run under {results_dir} recorded diagnostics of its {metric} model "
-                "(diagnostics.enabled: false, or runs from before them): no diagnostics table",
-                highlight=False,
-                markup=False,
-            )
-        if fmt == "rich":
-            for dt in found:
-                out.print(rich_diagnostics_table(dt))
-        else:
-            sys.stdout.write(render_diagnostics(found, fmt))
-    elif fmt == "rich":
-        for t in built.tables:
-            out.print(rich_table(t, metric))
-    else:
-        sys.stdout.write(render(built.tables, fmt, metric))
-    written = [str(p) for p in built.files if p.suffix != ".png"]
-    # every format writes the files too: say so, on stderr, so that `> table.tex` holds only the table
-    also = "wrote" if fmt == "rich" else "also wrote"
-    err.print(f"{also} {', '.join(written)} and {len(built.files) - len(written)} plot(s)", highlight=False)
+    print_report(out, err, built, results_dir, table, fmt, metric)
 
 
 @app.command()

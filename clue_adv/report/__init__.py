@@ -6,7 +6,7 @@ them (input-gradient norm, curvature, train/dev gap, accuracy under attack) with
 
 collect: run directories and sweep manifests -> RunRecord; study: the published figures and their setting;
 tables: RunRecords -> ExperimentTable and its text; diagnostics: ExperimentTable -> DiagnosticsTable and its text;
-render: formats, CSVs, report.md; plots: PNGs.
+render: formats, CSVs, report.md; plots: PNGs; console: what `clue-adv report` and `sweep` print.
 """
 
 from clue_adv.report.collect import MANIFEST, NOT_STARTED, RunRecord, collect_runs, planned_runs
