@@ -95,8 +95,8 @@ class Sources:
 
 
 def _where(expanded: Path) -> str:
-    """A relative path is resolved from the current directory, not the config's: say which, since shipped configs
-    name paths relative to the repository root. (`~` paths are absolute once expanded.)"""
+    """A relative path here is from the current directory (a config file's own paths have been resolved from its
+    folder already, a `--set` path is the user's as given): say which. (`~` paths are absolute once expanded.)"""
     return "" if expanded.is_absolute() else f" (relative to the current directory {Path.cwd()})"
 
 

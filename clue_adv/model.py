@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from clue_adv.config.paths import names_a_path
 from clue_adv.errors import ClueAdvError
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tokenizer"
 
 def looks_local(name_or_path: str) -> bool:
     """A path (or an existing directory) rather than a hub id like 'bert-base-chinese'."""
-    return os.path.isdir(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    return os.path.isdir(name_or_path) or names_a_path(name_or_path)
 
 
 def _offline_hint(what: str, name: str, error: Exception, field: str = "model.name_or_path") -> ClueAdvError:

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from clue_adv.config import RunConfig, dump_config, parse_config
+from clue_adv.config import INPUT_PATH_FIELDS, RunConfig, dump_config, parse_config, same_place
 from clue_adv.errors import ClueAdvError, ConfigError
 
 STATUSES = ("running", "completed", "failed", "interrupted")
@@ -38,6 +38,8 @@ LOCK_NAME = ".lock"
 SWEEP_MANIFEST = "sweep.json"
 # Fields that say where and how a run is written, not what it computes: not part of its identity.
 _NOT_IDENTITY = {"output_dir", "checkpoint", "logging"}
+# Paths that are part of a run's identity (data.path is not): compared by the place they name.
+_LOCAL_PATHS = [tuple(f.split(".")) for f in INPUT_PATH_FIELDS if f != "data.path"]
 # <run>/checkpoint/: a resumable state of an unfinished run (see clue_adv/checkpoint.py)
 CHECKPOINT_DIR = "checkpoint"
 
@@ -170,10 +172,17 @@ def utc_now() -> str:
 
 def identity(config: dict[str, Any]) -> dict[str, Any]:
     """What makes two configs the same run: all but where it is written, checkpoints, trackers and the folder the
-    data is read from (the same CLUE files elsewhere, as README's `--set data.path=...` runs them)."""
+    data is read from (the same CLUE files elsewhere, as README's `--set data.path=...` runs them). A local model
+    (or tokenizer, or text file) counts by the directory it names, not by its spelling: `clue_adv/assets/tokenizer`
+    from the repository root and its absolute path are the same (a relative one is read from the current
+    directory, as when the run was made from it)."""
     out = {k: v for k, v in config.items() if k not in _NOT_IDENTITY}
     if isinstance(out.get("data"), dict):
         out["data"] = {k: v for k, v in out["data"].items() if k != "path"}
+    for block, key in _LOCAL_PATHS:
+        fields = out.get(block)
+        if isinstance(fields, dict) and isinstance(fields.get(key), str):
+            out[block] = {**fields, key: same_place(fields[key])}
     return out
 
 

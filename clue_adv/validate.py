@@ -14,7 +14,7 @@ from clue_adv.checks import (
     offline_hub_warning,
     path_problems,
 )
-from clue_adv.config import TASKS, apply_override, expand_path, load_yaml, merge, parse_config
+from clue_adv.config import TASKS, apply_override, expand_path, load_yaml, merge, parse_config, paths_from_file
 from clue_adv.errors import ClueAdvError, DataError
 from clue_adv.pretrain.config import PretrainConfig, is_pretrain_config, parse_pretrain_config
 from clue_adv.pretrain.text import read_texts
@@ -112,7 +112,7 @@ def validate_file(
             loaded = load_yaml(f)
             if i == 0 and _is_sweep(loaded):
                 return _validate_sweep(f, files[1:], overrides or [], notes)
-            data = merge(data, loaded)
+            data = merge(data, paths_from_file(loaded, f.parent))  # as train reads it (config.read_config_file)
         for assignment in overrides or []:
             apply_override(data, assignment)
     except ClueAdvError as e:

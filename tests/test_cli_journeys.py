@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import yaml
@@ -151,6 +152,46 @@ def test_a_sweeps_set_names_a_variant_experiment(tmp_path):
     varied = load_plan(path, overrides=["epochs=2", "logging.trackers=[]"]).cells[0]
     assert plain.config.experiment == "sw+optim.lr=0.001"
     assert varied.config.experiment == "sw+optim.lr=0.001+epochs=2" and varied.directory != plain.directory
+
+
+def test_a_projects_paths_are_relative_to_its_files_from_any_directory(tmp_path, monkeypatch):
+    # The user's project: data and a model beside the configs, named relative to each file. Its paths used to be
+    # relative to wherever the command ran (a sweep's `base` alone to its file), so it ran only from one folder.
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    shutil.copytree(ASSETS / "tnews", project / "data" / "tnews")
+    shutil.copytree(ASSETS / "tokenizer", project / "models" / "tiny")
+    body = tiny_run_config(tmp_path)
+    del body["output_dir"]  # the default, `results`: relative to the current directory
+    body["data"]["path"] = "../data/tnews"
+    body["model"]["name_or_path"] = "../models/tiny"
+    (project / "configs").mkdir()
+    (project / "configs" / "run.yaml").write_text(yaml.safe_dump(body))
+    (project / "sweeps").mkdir()
+    sweep = {"base": "../configs/run.yaml", "experiment": "sw", "seeds": 1, "strategies": [{"name": "none"}]}
+    sweep["overrides"] = {"data": {"path": "../data/{task}"}}  # a sweep's paths: relative to the sweep file
+    (project / "sweeps" / "s.yaml").write_text(yaml.safe_dump(sweep))
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert runner.invoke(app, ["validate", "../project/configs/run.yaml"]).exit_code == 0
+    result = runner.invoke(app, ["train", "-c", "../project/configs/run.yaml"])
+    assert result.exit_code == 0, result.output
+    run = elsewhere / "results" / "j" / "tnews" / "none" / "seed-1"  # written where the command ran
+    assert read_summary(run)["status"] == "completed"
+    # recorded as the command saw them: outside the current directory, absolute
+    assert read_config(run)["model"]["name_or_path"] == str(project / "models" / "tiny")
+    assert read_config(run)["data"]["path"] == str(project / "data" / "tnews")
+    again = runner.invoke(app, ["train", "-c", "../project/configs/run.yaml"])
+    assert again.exit_code == 0 and "already completed" in again.output
+    # From the project's folder the model is `models/tiny`: the same directory, so the same run
+    monkeypatch.chdir(project)
+    again = runner.invoke(app, ["train", "-c", "configs/run.yaml", "-o", "../elsewhere/results"])
+    assert again.exit_code == 0 and "already completed" in again.output, again.output
+    monkeypatch.chdir(elsewhere)
+    result = runner.invoke(app, ["sweep", "-c", "../project/sweeps/s.yaml", "--no-report"])
+    assert result.exit_code == 0, result.output
+    assert read_config(elsewhere / "results" / "sw" / "tnews" / "none" / "seed-1")["data"]["path"] == str(
+        project / "data" / "tnews"
+    )
 
 
 def test_config_is_repeatable_and_merges_the_same_way_on_sweep_and_validate(tmp_path):

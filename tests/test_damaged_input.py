@@ -75,7 +75,9 @@ def test_train_and_dev_ids_of_any_type_do_not_matter(tmp_path):
     ],
 )
 def test_a_sweep_base_with_odd_values_plans_or_is_a_config_error(tmp_path, line, replacement, needle):
-    (tmp_path / "base.yaml").write_text(SMOKE.read_text().replace(line, replacement))
+    # the smoke config's paths are relative to configs/: absolute in the copy
+    text = SMOKE.read_text().replace("../clue_adv/", f"{REPO}/clue_adv/")
+    (tmp_path / "base.yaml").write_text(text.replace(line, replacement))
     sweep = tmp_path / "s.yaml"
     sweep.write_text(f"base: base.yaml\nseeds: 1\nstrategies: [{{name: none}}]\noutput_dir: {tmp_path / 'o'}\n")
     result = invoke("sweep", "-c", sweep, "--dry-run")

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from conftest import REPO, TINY_RUN
 
 from clue_adv.config import load_config
+from clue_adv.pretrain.config import load_pretrain_config, parse_pretrain_config
+from clue_adv.rundir import existing_state
+from clue_adv.sweep import load_plan
 from clue_adv.train import train
 
 # Every file in configs/ is a whole run config, but for configs/pretrain/ (pretrain configs: tests/test_pretrain.py)
@@ -59,3 +63,47 @@ def test_protocol_configs_train_every_epoch(path):
     assert cfg.eval.early_stopping is None
     if cfg.experiment == "study-protocol":
         assert cfg.checkpoint.every_epoch
+
+
+# What the runs made before paths became relative to their file recorded, from the repository root: a shipped
+# config must still resolve to exactly these there (they are part of a run's identity), and to the same
+# directories from anywhere else.
+RECORDED = {
+    "configs/smoke.yaml": ("clue_adv/assets/tnews", "clue_adv/assets/tokenizer"),
+    "configs/proxy/tnews.yaml": (None, "results/proxy-tnews-mlm/tnews/mlm-seed-1/model"),
+    "configs/tnews/fgm.yaml": (None, "bert-base-chinese"),
+    "configs/tnews/fgm.yaml + overrides/tiny.yaml": ("clue_adv/assets/{task}", "clue_adv/assets/tokenizer"),
+    "configs/pretrain/tnews-tiny.yaml": (None, "clue_adv/assets/tokenizer"),
+}
+
+
+def _paths(names: str, root: Path) -> tuple[str | None, str]:
+    files = [str(root / name) if root != Path() else name for name in names.split(" + ")]
+    cfg = load_pretrain_config(files) if "/pretrain/" in names else load_config(files)
+    return cfg.data.path, cfg.model.name_or_path
+
+
+def test_shipped_paths_are_relative_to_their_file_and_the_same_as_runs_recorded(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert {names: _paths(names, Path()) for names in RECORDED} == RECORDED
+    monkeypatch.chdir(tmp_path)  # elsewhere, naming the configs by absolute paths: the same directories
+    for names, (data, model) in RECORDED.items():
+        local = model if model.startswith(("clue_adv", "results")) else None
+        assert _paths(names, REPO) == (
+            data and str(REPO / data),
+            str(REPO / local) if local else model,  # a hub id stays one
+        ), names
+
+
+@pytest.mark.parametrize("named", ["relative", "absolute"])
+def test_the_committed_proxy_runs_are_still_the_same_runs(monkeypatch, named):
+    """The proxy study resumes with the same sweep command from the repository root (its runs record paths from
+    there), however the sweep file is named: its completed runs must still match the sweep's cells."""
+    monkeypatch.chdir(REPO)
+    root = REPO if named == "absolute" else Path()
+    plan = load_plan(root / "sweeps" / "proxy-tnews-select.yaml")
+    assert [c.state for c in plan.cells].count("completed") >= 9
+    pretrain = load_pretrain_config(root / "configs" / "pretrain" / "proxy-tnews.yaml")
+    assert existing_state(pretrain, REPO / "results/proxy-tnews-mlm/tnews/mlm-seed-1", parse_pretrain_config) == (
+        "completed"
+    )

@@ -204,9 +204,13 @@ def test_a_pretrained_local_model_without_safetensors_weights_is_reported(tmp_pa
     assert invoke(cfg, "--set", "model.init=random").exit_code == 0
 
 
-def test_a_relative_path_that_is_missing_names_the_directory_it_was_resolved_from(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the shipped configs name paths relative to the repository root
-    result = invoke(REPO / "configs" / "smoke.yaml")
+def test_paths_in_a_config_file_are_relative_to_it_and_paths_on_the_command_line_to_the_current_directory(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    # configs/smoke.yaml names ../clue_adv/assets/...: found from its own folder, whatever the current directory
+    assert invoke(REPO / "configs" / "smoke.yaml").exit_code == 0
+    result = invoke(REPO / "configs" / "smoke.yaml", "--set", "data.path=clue_adv/assets/tnews")
     assert result.exit_code == 2
     text = " ".join(result.output.split())
     assert (

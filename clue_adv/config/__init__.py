@@ -10,10 +10,21 @@ from clue_adv.config.load import (
     merge,
     merge_dotted,
     parse_config,
+    read_config_file,
     set_dotted,
 )
 from clue_adv.config.messages import check_key, did_you_mean, format_validation_errors
-from clue_adv.config.paths import NAME_MAX, directory_name, expand_path, path_problem, require_nameable
+from clue_adv.config.paths import (
+    INPUT_PATH_FIELDS,
+    NAME_MAX,
+    directory_name,
+    expand_path,
+    names_a_path,
+    path_problem,
+    paths_from_file,
+    require_nameable,
+    same_place,
+)
 from clue_adv.config.schema import (
     MAX_SEED,
     TASKS,
@@ -31,6 +42,7 @@ from clue_adv.config.schema import (
 from clue_adv.config.variants import as_variant, format_value, set_variant_fields, variant_name
 
 __all__ = [
+    "INPUT_PATH_FIELDS",
     "MAX_SEED",
     "NAME_MAX",
     "TASKS",
@@ -57,9 +69,13 @@ __all__ = [
     "load_yaml",
     "merge",
     "merge_dotted",
+    "names_a_path",
     "parse_config",
     "path_problem",
+    "paths_from_file",
+    "read_config_file",
     "require_nameable",
+    "same_place",
     "set_dotted",
     "set_variant_fields",
     "variant_name",

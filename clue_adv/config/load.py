@@ -12,7 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from clue_adv.config.messages import format_validation_errors
-from clue_adv.config.paths import require_nameable
+from clue_adv.config.paths import paths_from_file, require_nameable
 from clue_adv.config.schema import RunConfig
 from clue_adv.errors import ConfigError
 
@@ -42,6 +42,12 @@ def load_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of fields, got {type(data).__name__}")
     return data
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A config file's fields, the paths it names to read (data.path, a local model...) resolved from its folder:
+    `configs/smoke.yaml` says `../clue_adv/assets/tokenizer` and works from any directory."""
+    return paths_from_file(load_yaml(path), path.parent)
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
@@ -107,12 +113,12 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(paths: str | Path | list[str | Path], overrides: list[str] | None = None) -> RunConfig:
-    """Read YAML config(s) (merged in order), apply `--set` overrides, validate.
-    Raises ConfigError naming every problem."""
+    """Read YAML config(s) (merged in order; each one's paths relative to its own folder), apply `--set` overrides
+    (their paths relative to the current directory), validate. Raises ConfigError naming every problem."""
     files = [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
     data: dict[str, Any] = {}
     for path in files:
-        data = merge(data, load_yaml(path))
+        data = merge(data, read_config_file(path))
     for assignment in overrides or []:
         apply_override(data, assignment)
     return parse_config(data, source=" + ".join(str(p) for p in files))

@@ -31,7 +31,8 @@ class DataConfig(StrictModel):
     path: str | None = Field(
         None,
         description="Local directory with CLUE JSON-lines files (train.json, dev.json, labels.json). "
-        "When set, the hub is not used. `{task}` is replaced by the task name (e.g. clue_adv/assets/{task}).",
+        "When set, the hub is not used. `{task}` is replaced by the task name (e.g. clue_adv/assets/{task}). "
+        "Relative to the config file that names it (to the current directory in `--set`).",
     )
     hub_name: str = Field(
         "clue/clue", description="Hub dataset id (CLUE in parquet, formerly `clue`), used when `path` is not set."
@@ -112,7 +113,10 @@ class ArchitectureConfig(StrictModel):
 
 class ModelConfig(StrictModel):
     name_or_path: str = Field(
-        "bert-base-chinese", description="Hub model name or local directory (config.json, weights, tokenizer)."
+        "bert-base-chinese",
+        description="Hub model name or local directory (config.json, weights, tokenizer). A directory is relative to "
+        "the config file that names it (to the current directory in `--set`); write it as a path (`./model`, "
+        "`../models/x`) unless it exists there, or it is read as a hub id.",
     )
     init: Literal["pretrained", "random"] = Field(
         "pretrained",
@@ -122,7 +126,9 @@ class ModelConfig(StrictModel):
     architecture: ArchitectureConfig = Field(
         default_factory=ArchitectureConfig, description="Overrides for a smaller model; only with init=random."
     )
-    tokenizer: str | None = Field(None, description="Tokenizer name or directory; default: `name_or_path`.")
+    tokenizer: str | None = Field(
+        None, description="Tokenizer name or directory (relative as `name_or_path`); default: `name_or_path`."
+    )
     head: Literal["pooler", "cls"] = Field(
         "pooler",
         description="`pooler`: HF's BertForSequenceClassification (tanh pooler, dropout, dense). `cls`: one dense "
@@ -336,7 +342,11 @@ class RunConfig(StrictModel):
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="Resumable checkpoints (not part of the run's identity)."
     )
-    output_dir: str = Field("results", description="Root of the run directories.")
+    output_dir: str = Field(
+        "results",
+        description="Root of the run directories; relative to the current directory, in a config file too (runs are "
+        "written where the command runs).",
+    )
 
     _output_expands = field_validator("output_dir")(expandable)
 

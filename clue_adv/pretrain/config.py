@@ -16,9 +16,9 @@ from clue_adv.config import (
     apply_override,
     directory_name,
     format_validation_errors,
-    load_yaml,
     merge,
     path_problem,
+    read_config_file,
 )
 from clue_adv.errors import ConfigError
 from clue_adv.schema import StrictModel
@@ -43,7 +43,7 @@ class PretrainDataConfig(StrictModel):
         None,
         description="Local directory with the task's CLUE JSON-lines files; only `train_file` is read (TNEWS: "
         "sentence and keywords; IFLYTEK: sentence). `{task}` is replaced by the task name. When neither this nor "
-        "`text_file` is set, the hub's training split is used.",
+        "`text_file` is set, the hub's training split is used. Relative to the config file that names it.",
     )
     hub_name: str = Field("clue/clue", description="Hub dataset id, used when neither `path` nor `text_file` is set.")
     hub_config: str | None = Field(None, description="Hub dataset config; default: the task name.")
@@ -55,7 +55,7 @@ class PretrainDataConfig(StrictModel):
     text_file: str | None = Field(
         None,
         description="A local UTF-8 text file, one text per line (blank lines skipped), instead of the task's data. "
-        "Keep the task's dev and test text out of it.",
+        "Keep the task's dev and test text out of it. Relative to the config file that names it.",
     )
     max_texts: int | None = Field(None, gt=0, description="Keep only the first N texts.")
     heldout_fraction: float = Field(
@@ -181,7 +181,9 @@ class PretrainConfig(StrictModel):
     checkpoint_every_minutes: float = Field(
         5.0, gt=0, description="Also save one when this many minutes passed since the last (Ctrl-C saves one too)."
     )
-    output_dir: str = Field("results", description="Root of the run directories.")
+    output_dir: str = Field(
+        "results", description="Root of the run directories; relative to the current directory, in a config file too."
+    )
 
     _experiment_is_a_name = field_validator("experiment")(directory_name)
     _output_is_nameable = field_validator("output_dir")(_nameable)
@@ -222,11 +224,12 @@ def parse_pretrain_config(data: dict[str, Any], source: str = "pretrain config")
 
 
 def load_pretrain_config(paths: str | Path | list[str | Path], overrides: list[str] | None = None) -> PretrainConfig:
-    """Read YAML config(s) (merged in order), apply `--set` overrides, validate; a ConfigError names every problem."""
+    """Read YAML config(s) (merged in order; each one's paths relative to its own folder), apply `--set` overrides,
+    validate; a ConfigError names every problem."""
     files = [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
     data: dict[str, Any] = {}
     for path in files:
-        data = merge(data, load_yaml(path))
+        data = merge(data, read_config_file(path))
     for assignment in overrides or []:
         apply_override(data, assignment)
     return parse_pretrain_config(data, source=" + ".join(str(p) for p in files))

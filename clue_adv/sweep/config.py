@@ -1,6 +1,7 @@
 """A sweep file's schema: a base run config and what varies (tasks, strategy blocks, grid, seeds), and the Slurm
-resources of each run. `base` is resolved relative to the sweep file's directory, so a sweep file works from any
-working directory; paths inside run configs stay relative to the working directory, as in `clue-adv train`."""
+resources of each run. `base`, and the paths its `overrides`, `per_task` and `grid` name to read (data.path, a
+local model), are relative to the sweep file's directory, as the paths inside each run config are relative to
+that config's: a sweep file works from any working directory."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, ValidationError, field_validator
 
-from clue_adv.config import MAX_SEED, RunConfig, StrategyBlock, check_key, format_validation_errors, load_yaml
+from clue_adv.config import (
+    MAX_SEED,
+    RunConfig,
+    StrategyBlock,
+    check_key,
+    format_validation_errors,
+    load_yaml,
+    paths_from_file,
+)
 from clue_adv.errors import ConfigError
 from clue_adv.schema import StrictModel
 
@@ -156,7 +165,12 @@ def load_sweep(path: str | Path) -> SweepConfig:
     path = Path(path)
     data = load_yaml(path)
     try:
-        return SweepConfig.model_validate(data)
+        sweep = SweepConfig.model_validate(data)
     except ValidationError as e:
         problems = format_validation_errors(e, SweepConfig)
         raise ConfigError(f"{path}: {len(problems)} problem(s)", problems) from None
+    # the paths its run fields name to read, from the sweep file's folder (config.paths_from_file)
+    folder = path.parent
+    per_task = {task: paths_from_file(block, folder) for task, block in sweep.per_task.items()}
+    resolved = {"overrides": paths_from_file(sweep.overrides, folder), "grid": paths_from_file(sweep.grid, folder)}
+    return sweep.model_copy(update={**resolved, "per_task": per_task})

@@ -32,9 +32,9 @@ from clue_adv.config import (
     expand_path,
     format_validation_errors,
     format_value,
-    load_yaml,
     merge,
     merge_dotted,
+    read_config_file,
     set_dotted,
     set_variant_fields,
     variant_name,
@@ -108,7 +108,7 @@ def plan_sweep(
     base = _base(sweep, source)
     extra: dict[str, Any] = {}
     for name in configs or []:  # relative to the working directory, like every path on the command line
-        extra = merge(extra, load_yaml(Path(name)))
+        extra = merge(extra, read_config_file(Path(name)))
     problems = _set_key_problems(overrides or [])
     tasks = _tasks(sweep, base, problems)
     classes = {name: cls.config_class for name, cls in registry().items()}
@@ -146,7 +146,7 @@ def _base(sweep: SweepConfig, source: Path) -> dict[str, Any]:
                 f"{source}: base: run config not found: {base_path or source.parent / name} "
                 "(paths are relative to the sweep file's directory)"
             )
-        base = merge(base, load_yaml(base_path))
+        base = merge(base, read_config_file(base_path))
     return base
 
 

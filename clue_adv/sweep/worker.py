@@ -8,12 +8,13 @@ import ctypes
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 
-from clue_adv.config import RunConfig, load_config
+from clue_adv.config import RunConfig, load_yaml, parse_config
 from clue_adv.errors import ClueAdvError, handle_sigint, sigterm_as_interrupt
 from clue_adv.rundir import run_dir
 from clue_adv.sweep.local import GIVEN_GPU_VAR, available_cores
@@ -76,7 +77,9 @@ def worker_main(argv: list[str]) -> int:
             markup=False,
         )
     try:
-        cfg = load_config(argv[0])
+        # The sweep's resolved config, its paths already from the sweep's working directory (which this worker
+        # shares): read as is, not as a config file whose paths are relative to its own (temporary) folder.
+        cfg = parse_config(load_yaml(Path(argv[0])), source=argv[0])
     except ClueAdvError as e:
         console.print(f"error: {e}", highlight=False, markup=False)
         return e.exit_code
