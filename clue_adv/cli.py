@@ -6,7 +6,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -28,7 +28,12 @@ err = Console(stderr=True, soft_wrap=True)
 
 ConfigArg = Annotated[
     list[Path],
-    typer.Option("--config", "-c", help="Run config (YAML); repeat to merge, later files override earlier ones."),
+    typer.Option(
+        "--config",
+        "-c",
+        help="Run config (YAML); repeat to merge, later files override earlier ones (and name the variant folder "
+        "<experiment>+<file name> when they change the run).",
+    ),
 ]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="Override a field: --set optim.lr=3e-5 (repeatable).")
@@ -63,11 +68,7 @@ def _fail(e: ClueAdvError) -> NoReturn:
     raise typer.Exit(e.exit_code)
 
 
-Config = TypeVar("Config")
-Outcome = TypeVar("Outcome")
-
-
-def _run_to_the_end(load: Callable[[], Config], run: Callable[[Config], Outcome], interrupted: str) -> Outcome:
+def _run_to_the_end(load: Callable[[], Any], run: Callable[[Any], Any], interrupted: str) -> Any:
     """`run(load())` with SIGTERM read as Ctrl-C (train and pretrain): a bad config or input exits with its message
     and code, an interrupt with `interrupted` and 130 (what a shell reports for SIGINT)."""
     try:
@@ -104,7 +105,8 @@ def train(
         return run_training(cfg, output_dir, force=force, console=err)
 
     outcome = _run_to_the_end(
-        lambda: as_variant(load_config(config, set_ or []), set_ or []),  # a --set variant has its own folder
+        # an override file's or --set variant has its own folder
+        lambda: as_variant(load_config(config, set_ or []), set_ or [], config),
         run,
         "interrupted: the run is marked 'interrupted'; rerun the same command to start it again",
     )
@@ -245,7 +247,7 @@ def sweep(
             "--config",
             "-c",
             help="Sweep file (YAML), e.g. sweeps/smoke.yaml; repeat to merge run configs over every cell, later "
-            "files win (-c sweeps/smoke.yaml -c overrides/tiny.yaml), as on train.",
+            "files win (-c sweeps/smoke.yaml -c overrides/tiny.yaml), and name the variant, as on train.",
         ),
     ],
     set_: Annotated[

@@ -12,6 +12,7 @@ from test_sweep import quiet, write_sweep
 from typer.testing import CliRunner
 
 from clue_adv.cli import app
+from clue_adv.config import as_variant, load_config
 from clue_adv.data import ASSETS
 from clue_adv.rundir import read_config, read_summary, start_run
 from clue_adv.sweep import load_plan, record_setup_failure, run_sweep
@@ -133,9 +134,41 @@ def test_a_set_variant_of_train_gets_its_own_folder_and_never_collides(tmp_path)
     assert again.exit_code == 0 and "already completed" in again.output
 
 
-def test_set_on_a_tagged_strategy_names_a_variant(tmp_path):
-    from clue_adv.config import as_variant, load_config
+def test_an_override_file_names_a_variant_beside_the_full_run(tmp_path):
+    # The README's `train -c CONFIG -c overrides/tiny.yaml`: its run used to go into the full-size run's folder,
+    # where it was refused ("holds a run with a different config").
+    config, small = tmp_path / "run.yaml", tmp_path / "overrides" / "small.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_config(tmp_path)))
+    small.parent.mkdir()
+    small.write_text("max_length: 16\n")
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["train", "-c", str(config)]).exit_code == 0
+    result = runner.invoke(app, ["train", "-c", str(config), "-c", str(small)])
+    assert result.exit_code == 0, result.output
+    variant = out / "j+small" / "tnews" / "none" / "seed-1"
+    assert read_summary(variant)["status"] == "completed" and read_config(variant)["max_length"] == 16
+    assert read_config(out / "j" / "tnews" / "none" / "seed-1")["max_length"] == 32  # the full run, untouched
+    again = runner.invoke(app, ["train", "-c", str(config), "-c", str(small)])
+    assert again.exit_code == 0 and "already completed" in again.output and "j+small" in again.output
+    # A file of settings that are not the run's identity names no variant: the same run as without it
+    settings = tmp_path / "ckpt.yaml"
+    settings.write_text("checkpoint: {every_epoch: true}\nlogging: {trackers: []}\noutput_dir: elsewhere\n")
+    again = runner.invoke(app, ["train", "-c", str(config), "-c", str(settings), "-o", str(out)])
+    assert again.exit_code == 0 and "already completed" in again.output, again.output
+    # With --set: the file's name first, in the order they are applied; a file naming its experiment is that one
+    cfg = as_variant(load_config([config, small], ["optim.lr=3e-5"]), ["optim.lr=3e-5"], [config, small])
+    assert cfg.experiment == "j+small+optim.lr=3e-5"
+    named = tmp_path / "mine.yaml"
+    named.write_text("experiment: mine\nmax_length: 16\n")
+    assert as_variant(load_config([config, named]), [], [config, named]).experiment == "mine"
+    assert as_variant(load_config([config, named, small]), [], [config, named, small]).experiment == "mine+small"
+    # A sweep's further -c files, the same way
+    sweep = write_sweep(tmp_path, {"seeds": 1})
+    assert load_plan(sweep, configs=[small]).cells[0].config.experiment == "sw+small"
+    assert load_plan(sweep, configs=[settings]).cells[0].config.experiment == "sw"
 
+
+def test_set_on_a_tagged_strategy_names_a_variant(tmp_path):
     config = tmp_path / "run.yaml"
     body = tiny_run_config(tmp_path) | {"strategy": {"name": "fgm", "tag": "fgm-study"}}
     config.write_text(yaml.safe_dump(body))

@@ -39,7 +39,14 @@ from clue_adv.config.schema import (
     RunConfig,
     StrategyBlock,
 )
-from clue_adv.config.variants import as_variant, format_value, set_variant_fields, variant_name
+from clue_adv.config.variants import (
+    as_variant,
+    file_variant_names,
+    format_value,
+    override_files,
+    set_variant_fields,
+    variant_name,
+)
 
 __all__ = [
     "INPUT_PATH_FIELDS",
@@ -63,6 +70,7 @@ __all__ = [
     "directory_name",
     "dump_config",
     "expand_path",
+    "file_variant_names",
     "format_validation_errors",
     "format_value",
     "load_config",
@@ -70,6 +78,7 @@ __all__ = [
     "merge",
     "merge_dotted",
     "names_a_path",
+    "override_files",
     "parse_config",
     "path_problem",
     "paths_from_file",

@@ -30,6 +30,7 @@ from clue_adv.config import (
     check_key,
     did_you_mean,
     expand_path,
+    file_variant_names,
     format_validation_errors,
     format_value,
     merge,
@@ -125,7 +126,9 @@ def plan_sweep(
             f"{source}: the sweep plans {n_runs} runs (seeds x tasks x grid x strategies); at most {MAX_RUNS}: "
             "fewer seeds or grid values, or split it into several sweeps"
         )
-    cells, invalid = _expand(sweep, base, extra, tasks, blocks, grid, output_dir, overrides or [], problems)
+    # each further --config file that changes what the runs compute names their experiment, as on train
+    names = file_variant_names(configs or [])
+    cells, invalid = _expand(sweep, base, extra, names, tasks, blocks, grid, output_dir, overrides or [], problems)
     problems += _path_problems(cells, invalid)
     problems = list(dict.fromkeys(problems))
     problems += _read_states(cells, force)
@@ -274,6 +277,7 @@ def _expand(
     sweep: SweepConfig,
     base: dict[str, Any],
     extra: dict[str, Any],
+    extra_names: list[str],
     tasks: list[str],
     blocks: list[StrategyConfig],
     grid: _Grid,
@@ -295,7 +299,7 @@ def _expand(
             for run_values in itertools.product(*(sweep.grid[k] for k in grid.run)):
                 # the grid's run fields, then the command line's --set fields: the experiment folder of the variant
                 fields = [*zip(grid.run, run_values, strict=True), *set_fields]
-                experiment = variant_name(base_experiment, fields)
+                experiment = variant_name(base_experiment, fields, extra_names)
                 for block in blocks:
                     for variant in grid.variants(block):
                         data = copy.deepcopy(base)
