@@ -24,12 +24,14 @@ def print_whole(console: Console, table: Table, room: int = 10) -> None:
     (`0.0` / `5` reads as ε = 0). When it does not fit the terminal (or a pipe's 80 columns) the table is drawn
     wider than that, leaving the wrapping columns `room` characters."""
     need = Measurement.get(console, console.options.update_width(100_000), table).minimum + room
-    width = console.width
-    console.width = max(width, need)
+    # rich has no public way back to "the terminal's width" once a width is set: restore its own setting (None:
+    # follow the terminal and COLUMNS), or every later print of this console is held at today's width
+    own = console._width
+    console.width = max(console.width, need)
     try:
         console.print(table)
     finally:
-        console.width = width
+        console._width = own
 
 
 def as_yaml(value: Any) -> str:

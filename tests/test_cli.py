@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+from rich.console import Console
+from rich.table import Table
 from typer.testing import CliRunner
 
 from clue_adv.cli import app
+from clue_adv.cli_output import print_whole
 from clue_adv.data import ASSETS
 
 runner = CliRunner()
@@ -198,3 +202,18 @@ def test_data_read_from_another_folder_is_the_same_run(tmp_path):
     assert (tmp_path / "out" / "cli" / "tnews" / "none" / "seed-1" / "summary.json").is_file()
     again = invoke("train", "--config", cfg, "-o", tmp_path / "out")
     assert again.exit_code == 0 and "already completed" in again.output, again.output
+
+
+def test_a_table_printed_whole_leaves_the_console_following_the_terminal():
+    """print_whole draws a table wider than the terminal; the console then follows COLUMNS again (it used to keep
+    that width, so a later command's table in the same process, a test's, wrapped at it)."""
+    environ: dict[str, str] = {}
+    console = Console(file=io.StringIO(), _environ=environ)  # as cli's: its width read from COLUMNS at each print
+    environ["COLUMNS"] = "60"
+    table = Table()
+    table.add_column("value", no_wrap=True)
+    table.add_row("x" * 100)
+    print_whole(console, table)
+    assert "x" * 100 in console.file.getvalue()  # whole, on one line, wider than 60
+    environ["COLUMNS"] = "200"
+    assert console.width == 200
