@@ -16,7 +16,7 @@ from clue_adv.data import jsonl_records, read_split
 from clue_adv.errors import ClueAdvError
 from clue_adv.model import use_cls_vector
 from clue_adv.rundir import atomic_write_text, first_non_directory, read_config, read_summary
-from clue_adv.train import configure_environment
+from clue_adv.runenv import configure_environment
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TOKENIZER_DIR, sigint_as_in_a_terminal, sigint_ignored_as_in_a_background_job, smoke_config
 
+import clue_adv.runenv as runenv
 import clue_adv.train as train_module
 from clue_adv.errors import ClueAdvError, ConfigError, RunFailed
 from clue_adv.rundir import read_jsonl
@@ -230,7 +231,7 @@ def test_a_hub_run_says_once_how_to_run_offline_before_trying_the_hub(tmp_path, 
 
     monkeypatch.setattr(train_module, "_train", no_training)
     monkeypatch.setattr(train_module, "_check_paths", lambda cfg: None)
-    monkeypatch.setattr(train_module, "_hub_note_shown", False)
+    monkeypatch.setattr(runenv, "_hub_note_shown", False)
     hub = smoke_config(model={"name_or_path": "bert-base-chinese", "init": "pretrained"})
 
     def attempt(cfg, env: str | None) -> str:

@@ -51,17 +51,10 @@ from clue_adv.rundir import (
     start_run,
     utc_now,
 )
-from clue_adv.train import (
-    OOM_ADVICE,
-    NonFiniteError,
-    autocast_for,
-    build_optimizer,
-    configure_environment,
-    git_commit,
-    library_versions,
-    note_hub_use,
-    resolve_device,
-)
+from clue_adv.runenv import autocast_for, configure_environment, note_hub_use, resolve_device
+from clue_adv.runstate import NonFiniteError
+from clue_adv.summary import OOM_ADVICE, git_commit, library_versions
+from clue_adv.train import build_optimizer
 
 MODEL = "model"
 
