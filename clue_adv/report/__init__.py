@@ -6,25 +6,21 @@ them (input-gradient norm, curvature, train/dev gap, accuracy under attack) with
 
 collect: run directories and sweep manifests -> RunRecord; study: the published figures and their setting;
 tables: RunRecords -> ExperimentTable and its text; diagnostics: ExperimentTable -> DiagnosticsTable and its text;
-render: formats, CSVs, report.md; plots: PNGs; console: what `clue-adv report` and `sweep` print.
+render: the tables in each format; csvfiles: runs.csv, summary.csv, diagnostics.csv; build: `build_report`
+and report.md; plots: PNGs; console: what `clue-adv report` and `sweep` print.
 """
 
+from clue_adv.report.build import ReportResult, build_report, reference_section
 from clue_adv.report.collect import MANIFEST, NOT_STARTED, RunRecord, collect_runs, planned_runs
+from clue_adv.report.csvfiles import RUN_COLUMNS, diagnostics_csv, runs_csv, summary_csv
 from clue_adv.report.diagnostics import DiagnosticsTable, build_diagnostics, diagnostics_tables
 from clue_adv.report.render import (
     FORMATS,
-    RUN_COLUMNS,
     TABLES,
-    ReportResult,
-    build_report,
-    diagnostics_csv,
-    reference_section,
     render,
     render_diagnostics,
     rich_diagnostics_table,
     rich_table,
-    runs_csv,
-    summary_csv,
     table_json,
 )
 from clue_adv.report.study import (

@@ -10,15 +10,9 @@ from pathlib import Path
 from rich.console import Console
 
 from clue_adv.errors import ClueAdvError
+from clue_adv.report.build import ReportResult, build_report
 from clue_adv.report.diagnostics import diagnostics_tables
-from clue_adv.report.render import (
-    ReportResult,
-    build_report,
-    render,
-    render_diagnostics,
-    rich_diagnostics_table,
-    rich_table,
-)
+from clue_adv.report.render import render, render_diagnostics, rich_diagnostics_table, rich_table
 
 
 def print_report(
