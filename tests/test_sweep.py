@@ -512,6 +512,29 @@ def test_the_early_stopping_reproduction_is_the_reproduction_with_early_stopping
         assert dumped == f.config.model_dump()
 
 
+@pytest.mark.parametrize("sweep", ["proxy-tnews-select.yaml", "proxy-tnews.yaml", "proxy-tnews-tier2.yaml"])
+def test_the_proxy_protocol_for_bert_base_changes_the_model_and_nothing_else(sweep, tmp_path):
+    """README: `-c overrides/proxy-bert-base.yaml` runs the proxy study's protocol with BERT-base. Every cell must be
+    the proxy cell with bert-base-chinese's settings swapped in (model, 128 tokens, lr 2e-5) and nothing else, in a
+    folder of its own; the strategies keep their relative strengths."""
+    proxy = load_plan(REPO / "sweeps" / sweep, output_dir=tmp_path).cells
+    base = load_plan(REPO / "sweeps" / sweep, output_dir=tmp_path, configs=[REPO / "overrides" / "proxy-bert-base.yaml"])
+    assert len(base.cells) == len(proxy) > 0
+    for p, b in zip(proxy, base.cells, strict=True):
+        assert b.config.experiment == p.config.experiment + "+proxy-bert-base"
+        assert (b.config.model.name_or_path, b.config.model.init, b.config.model.head) == (
+            "bert-base-chinese",
+            "pretrained",
+            "cls",
+        )
+        assert (b.config.max_length, b.config.optim.lr) == (128, 2e-5)
+        dumped, expected = b.config.model_dump(), p.config.model_dump()
+        for key in ("experiment", "max_length"):
+            dumped[key] = expected[key]
+        dumped["model"], dumped["optim"]["lr"] = expected["model"], expected["optim"]["lr"]
+        assert dumped == expected
+
+
 # --------------------------------------------------------------------------------------------------
 # Slurm bookkeeping without a cluster (tests/test_slurm.py runs the real thing): dry run, status, the queue
 
