@@ -11,6 +11,7 @@ from clue_adv.config.load import (
     merge_dotted,
     parse_config,
     read_config_file,
+    read_merged,
     set_dotted,
 )
 from clue_adv.config.messages import check_key, did_you_mean, format_validation_errors
@@ -83,6 +84,7 @@ __all__ = [
     "path_problem",
     "paths_from_file",
     "read_config_file",
+    "read_merged",
     "require_nameable",
     "same_place",
     "set_dotted",

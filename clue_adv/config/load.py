@@ -112,16 +112,23 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(paths: str | Path | list[str | Path], overrides: list[str] | None = None) -> RunConfig:
-    """Read YAML config(s) (merged in order; each one's paths relative to its own folder), apply `--set` overrides
-    (their paths relative to the current directory), validate. Raises ConfigError naming every problem."""
+def read_merged(paths: str | Path | list[str | Path], overrides: list[str] | None = None) -> tuple[dict[str, Any], str]:
+    """YAML config file(s) merged in order (each one's paths relative to its own folder), then the `--set` overrides
+    (their paths relative to the current directory): the raw mapping, before validation, and its source text."""
     files = [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
     data: dict[str, Any] = {}
     for path in files:
         data = merge(data, read_config_file(path))
     for assignment in overrides or []:
         apply_override(data, assignment)
-    return parse_config(data, source=" + ".join(str(p) for p in files))
+    return data, " + ".join(str(p) for p in files)
+
+
+def load_config(paths: str | Path | list[str | Path], overrides: list[str] | None = None) -> RunConfig:
+    """Read and merge YAML config(s), apply `--set` overrides, validate (`read_merged`). Raises ConfigError naming
+    every problem."""
+    data, source = read_merged(paths, overrides)
+    return parse_config(data, source=source)
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -13,12 +13,10 @@ from clue_adv.config import (
     MAX_SEED,
     ModelConfig,
     OptimConfig,
-    apply_override,
     directory_name,
     format_validation_errors,
-    merge,
     path_problem,
-    read_config_file,
+    read_merged,
 )
 from clue_adv.errors import ConfigError
 from clue_adv.schema import StrictModel
@@ -224,15 +222,10 @@ def parse_pretrain_config(data: dict[str, Any], source: str = "pretrain config")
 
 
 def load_pretrain_config(paths: str | Path | list[str | Path], overrides: list[str] | None = None) -> PretrainConfig:
-    """Read YAML config(s) (merged in order; each one's paths relative to its own folder), apply `--set` overrides,
-    validate; a ConfigError names every problem."""
-    files = [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
-    data: dict[str, Any] = {}
-    for path in files:
-        data = merge(data, read_config_file(path))
-    for assignment in overrides or []:
-        apply_override(data, assignment)
-    return parse_pretrain_config(data, source=" + ".join(str(p) for p in files))
+    """Read and merge YAML config(s), apply `--set` overrides (as `load_config` does), validate; a ConfigError names
+    every problem."""
+    data, source = read_merged(paths, overrides)
+    return parse_pretrain_config(data, source=source)
 
 
 def run_directory(cfg: PretrainConfig, output_dir: str | Path | None = None) -> Path:

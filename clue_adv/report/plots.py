@@ -28,6 +28,15 @@ from clue_adv.report.tables import TASK_NAMES, ExperimentTable
 _SAFE = str.maketrans({c: "_" for c in '/\\:*?"<>| '})
 
 
+def _legend_or_note(ax: Any, empty: str, fontsize: int = 8) -> None:
+    """A grid and the legend, or, where nothing was drawn, a note saying why the panel is empty."""
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=fontsize)
+    else:
+        ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center")
+
+
 def _save(fig: Any, path: Path) -> Path:
     """Write through a temp file and rename, like every other report file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,11 +154,7 @@ def gain_vs_cost(table: ExperimentTable, path: Path, metric: str = "best") -> Pa
     ax.axvline(1, color="grey", lw=0.8, ls=":")
     ax.set_xlabel(f"step time × {table.baseline or 'baseline'}")
     ax.set_ylabel("Δ dev accuracy vs baseline (pp), 95% CI")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no paired comparisons yet", transform=ax.transAxes, ha="center", va="center")
+    _legend_or_note(ax, "no paired comparisons yet")
     ax.set_title(f"{table.experiment}: gain vs cost")
     return _save(fig, path)
 
@@ -174,11 +179,7 @@ def robust_accuracy(dt: DiagnosticsTable, path: Path) -> Path:
             ax.set_title(f"{_task_name(task)}: {method.upper()}")
             ax.set_xlabel("ε (relative to each example's ‖x‖)")
             ax.set_ylabel(f"dev-subset accuracy (%), {dt.model} model")
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
-            else:
-                ax.text(0.5, 0.5, "no attack recorded", transform=ax.transAxes, ha="center", va="center")
+            _legend_or_note(ax, "no attack recorded", fontsize=7)
     fig.suptitle(f"{dt.experiment}: accuracy under attack (mean over seeds)")
     return _save(fig, path)
 
@@ -204,11 +205,7 @@ def gain_vs_mechanism(table: ExperimentTable, dt: DiagnosticsTable, path: Path) 
         ax.axvline(0, color="grey", lw=0.8)
         ax.set_xlabel(f"{what} vs {dt.baseline or 'baseline'}, {dt.model} model")
         ax.set_ylabel("Δ dev accuracy vs baseline (pp), best epoch")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "not recorded in paired runs", transform=ax.transAxes, ha="center", va="center")
+        _legend_or_note(ax, "not recorded in paired runs")
     fig.suptitle(f"{table.experiment}: accuracy gain vs change in input sensitivity (paired means over seeds)")
     return _save(fig, path)
 
