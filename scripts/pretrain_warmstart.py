@@ -1,8 +1,10 @@
 """What a masked-LM warm start buys the tiny model: fine-tuned from random init vs from `clue-adv pretrain` runs.
 
 1. Pretrain the tiny model (configs/pretrain/tnews-tiny.yaml: 2 layers, hidden 128, bert-base-chinese vocabulary,
-   random init) on TNEWS's training text for each budget (minutes on this machine; one run per budget, each its own
-   warmup and decay).
+   random init) on TNEWS's training text for each budget (minutes of wall time, or optimizer steps with --steps;
+   one run per budget, each its own warmup and decay). A step budget does not depend on what else the machine
+   runs: use it when the measurement shares the machine (4,000 steps took 29.9 minutes on the 2-core development
+   machine alone, so 1,300 and 4,000 steps are its "10 and 30 minutes").
 2. Fine-tune with the same settings (configs/smoke.yaml's tiny model, optimizer and lengths, on the full data,
    `--epochs` epochs) from random init and from each pretrain's output, for every seed. A seed fixes the
    classifier head's init and the batch order, so runs pair up by seed across starting points.
@@ -13,6 +15,7 @@ Every run is an ordinary run directory under <output>/runs/, so the script resum
 are not rerun). It takes CPU-hours on the full data:
 
     python scripts/pretrain_warmstart.py --data /path/to/clue/tnews                 # budgets 10, 30 min; seeds 1-3
+    python scripts/pretrain_warmstart.py --data /path/to/clue/tnews --steps 1300,4000  # step budgets instead
     python scripts/pretrain_warmstart.py --smoke                                     # a minute: shows it works
 """
 
@@ -55,21 +58,28 @@ def _quiet() -> Any:
 def pretrain_runs(args: argparse.Namespace, runs: Path) -> dict[str, Path]:
     """One pretrain per budget; {start name: its model directory}."""
     models = {}
-    for minutes in args.budgets:
+    for budget in args.budgets:
+        name = f"pretrain {budget_label(budget, args.unit)}"
+        # the other budget is unset so the stated one alone ends the run
+        limits = [f"max_steps={int(budget)}", "max_minutes=null"] if args.unit == "steps" else [f"max_minutes={budget}"]
         overrides = [
             f"data.path={args.data}",
-            f"max_minutes={minutes}",
-            f"experiment=pretrain-{minutes:g}min",
+            *limits,
+            f"experiment={name.replace(' ', '-')}",
             f"seed={args.pretrain_seed}",
             *args.pretrain_set,
         ]
         cfg = load_pretrain_config(PRETRAIN_CONFIG, overrides)
-        print(f"pretrain: {minutes:g} minutes", flush=True)
+        print(f"{name}", flush=True)
         outcome = pretrain(cfg, runs / "pretrain", show_progress=False, console=_quiet())
         if outcome.summary.get("status") != "completed":
-            raise SystemExit(f"pretrain {minutes:g} min did not complete: {outcome.directory}")
-        models[f"pretrain {minutes:g} min"] = outcome.model_dir
+            raise SystemExit(f"{name} did not complete: {outcome.directory}")
+        models[name] = outcome.model_dir
     return models
+
+
+def budget_label(budget: float, unit: str) -> str:
+    return f"{int(budget)} steps" if unit == "steps" else f"{budget:g} min"
 
 
 def finetune_runs(args: argparse.Namespace, runs: Path, models: dict[str, Path]) -> dict[str, dict[int, dict]]:
@@ -144,10 +154,11 @@ def plot_curves(curves: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for name in dict.fromkeys(r["pretrain"] for r in curves):
         rows = [r for r in curves if r["pretrain"] == name]
-        axes[0].plot([r["minutes"] for r in rows], [r["heldout_mlm_loss"] for r in rows], label=name)
-        axes[1].plot([r["minutes"] for r in rows], [100 * r["masked_token_accuracy"] for r in rows], label=name)
-    axes[0].set(xlabel="minutes", ylabel="held-out MLM loss")
-    axes[1].set(xlabel="minutes", ylabel="held-out masked-token accuracy (%)")
+        # steps, not minutes: wall time depends on what else the machine ran
+        axes[0].plot([r["step"] for r in rows], [r["heldout_mlm_loss"] for r in rows], label=name)
+        axes[1].plot([r["step"] for r in rows], [100 * r["masked_token_accuracy"] for r in rows], label=name)
+    axes[0].set(xlabel="optimizer step", ylabel="held-out MLM loss")
+    axes[1].set(xlabel="optimizer step", ylabel="held-out masked-token accuracy (%)")
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -162,7 +173,7 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         *common.machine_markdown(payload["machine"]),
         "",
-        f"Pretraining: `{s['pretrain_config']}` on `{s['data']}`'s training text for {s['budgets']} minutes "
+        f"Pretraining: `{s['pretrain_config']}` on `{s['data']}`'s training text for {s['budgets']} {s['unit']} "
         f"(seed {s['pretrain_seed']}; overrides {s['pretrain_set'] or 'none'}). Fine-tuning: `{s['finetune_config']}` "
         f"on `{s['data']}`, {s['epochs']} epoch(s), seeds {s['seeds']} (overrides {s['finetune_set'] or 'none'}), "
         "the same settings from every start. Wall time "
@@ -206,6 +217,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="TNEWS directory (train.json, dev.json, labels.json); --smoke: the bundled sample")
     p.add_argument("--budgets", default="10,30", help="pretraining budgets in minutes, comma-separated")
+    p.add_argument(
+        "--steps",
+        help="pretraining budgets in optimizer steps, comma-separated, instead of --budgets (independent of load)",
+    )
     p.add_argument("--seeds", default="1,2,3", help="fine-tuning seeds, comma-separated")
     p.add_argument("--pretrain-seed", type=int, default=1)
     p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs, the same for every start")
@@ -231,7 +246,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.output = args.output or Path(tempfile.mkdtemp(prefix="warmstart-smoke-"))
     if not args.data:
         p.error("--data is required (a TNEWS directory), except with --smoke")
-    args.budgets = [float(b) for b in args.budgets.split(",")]
+    args.unit = "steps" if args.steps else "minutes"
+    try:
+        args.budgets = [float(b) for b in (args.steps or args.budgets).split(",")]
+    except ValueError:
+        p.error(f"budgets must be comma-separated numbers, got {args.steps or args.budgets!r}")
+    if any(b <= 0 or (args.steps and b != int(b)) for b in args.budgets):
+        p.error(f"budgets must be positive{' whole numbers of steps' if args.steps else ''}: {args.budgets}")
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.output = args.output or REPO / "results" / "pretrain-warmstart"
     return args
@@ -253,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "setup": {
             "data": args.data,
             "budgets": args.budgets,
+            "unit": args.unit,
             "seeds": args.seeds,
             "pretrain_seed": args.pretrain_seed,
             "epochs": args.epochs,

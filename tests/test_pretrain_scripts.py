@@ -45,3 +45,21 @@ def test_the_warm_start_experiment_runs_in_smoke_mode(tmp_path):
     warm = next((tmp_path / "runs" / "finetune" / "finetune-pretrain-0.02-min").rglob("config.yaml"))
     model = yaml.safe_load(warm.read_text())["model"]
     assert model["init"] == "pretrained" and model["name_or_path"].endswith("mlm-seed-1/model")
+
+
+def test_the_warm_start_experiment_takes_step_budgets(tmp_path):
+    """--steps ends each pretrain after exactly that many optimizer steps, whatever the wall clock says."""
+    warmstart = load_script("pretrain_warmstart")
+    args = warmstart.parse_args(["--smoke", "--steps", "3,5", "--output", str(tmp_path)])
+    models = warmstart.pretrain_runs(args, tmp_path / "runs")
+    assert list(models) == ["pretrain 3 steps", "pretrain 5 steps"]
+    steps = [json.loads((d.parent / "summary.json").read_text())["steps"] for d in models.values()]
+    assert steps == [3, 5]
+
+
+@pytest.mark.parametrize("flags", [["--steps", "10,x"], ["--steps", "2.5"], ["--budgets", "0"]])
+def test_the_warm_start_experiment_rejects_bad_budgets(flags, capsys):
+    warmstart = load_script("pretrain_warmstart")
+    with pytest.raises(SystemExit) as exc:
+        warmstart.parse_args(["--smoke", *flags])
+    assert exc.value.code == 2 and "budgets must be" in capsys.readouterr().err

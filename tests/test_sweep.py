@@ -518,7 +518,8 @@ def test_the_proxy_protocol_for_bert_base_changes_the_model_and_nothing_else(swe
     the proxy cell with bert-base-chinese's settings swapped in (model, 128 tokens, lr 2e-5) and nothing else, in a
     folder of its own; the strategies keep their relative strengths."""
     proxy = load_plan(REPO / "sweeps" / sweep, output_dir=tmp_path).cells
-    base = load_plan(REPO / "sweeps" / sweep, output_dir=tmp_path, configs=[REPO / "overrides" / "proxy-bert-base.yaml"])
+    override = REPO / "overrides" / "proxy-bert-base.yaml"
+    base = load_plan(REPO / "sweeps" / sweep, output_dir=tmp_path, configs=[override])
     assert len(base.cells) == len(proxy) > 0
     for p, b in zip(proxy, base.cells, strict=True):
         assert b.config.experiment == p.config.experiment + "+proxy-bert-base"
