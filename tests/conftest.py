@@ -187,3 +187,29 @@ def smoke_config(**overrides) -> RunConfig:
 
 def tnews_labels():
     return read_labels(ASSETS / "tnews" / "labels.json")
+
+
+@pytest.fixture
+def saved_figures(monkeypatch) -> dict:
+    """{file name: matplotlib figure} of every plot the report saves while the test runs, to check what is drawn:
+    an empty figure with titles and labels would pass any pixel-level check of the PNG."""
+    import clue_adv.report.plots as plots
+
+    figures = {}
+    save = plots._save
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return figures
+
+
+def drawn_lines(ax) -> dict[str, list[tuple[float, float]]]:
+    """Each labelled data line of an axes (in data coordinates, not axhline/axvline): its label -> its points."""
+    return {
+        line.get_label(): [(float(x), float(y)) for x, y in line.get_xydata()]
+        for line in ax.lines
+        if line.get_transform() is ax.transData and not line.get_label().startswith("_")
+    }

@@ -279,21 +279,10 @@ def _data_points(ax) -> list[tuple[float, float]]:
     return points
 
 
-def test_plots_are_written_and_draw_the_data(results, monkeypatch):
+def test_plots_are_written_and_draw_the_data(results, saved_figures):
     from matplotlib.image import imread
 
-    import clue_adv.report.plots as plots
-
-    # Keep each figure as it is saved, to check what is drawn on it: an empty figure with titles and
-    # labels would pass any pixel-level check of the PNG.
-    figures = {}
-    save = plots._save
-
-    def keep(fig, path):
-        figures[path.name] = fig
-        return save(fig, path)
-
-    monkeypatch.setattr(plots, "_save", keep)
+    figures = saved_figures
     report = build_report(results)
     pngs = [p for p in report.files if p.suffix == ".png"]
     assert {p.name for p in pngs} >= {"hand-accuracy.png", "hand-curves.png", "hand-gain-cost.png"}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import drawn_lines
 from test_report import write_run
 from typer.testing import CliRunner
 
@@ -270,26 +271,8 @@ def test_without_diagnostics_or_early_stopping_nothing_breaks(tmp_path):
     ]
 
 
-def _xy(ax) -> dict[str, list[tuple[float, float]]]:
-    """Each labelled data line of an axes: its label -> its (x, y) points."""
-    return {
-        line.get_label(): [(float(x), float(y)) for x, y in line.get_xydata()]
-        for line in ax.lines
-        if line.get_transform() is ax.transData and not line.get_label().startswith("_")
-    }
-
-
-def test_diagnostics_plots_draw_the_runs_data(results, monkeypatch):
-    import clue_adv.report.plots as plots
-
-    figures = {}
-    save = plots._save
-
-    def keep(fig, path):
-        figures[path.name] = fig
-        return save(fig, path)
-
-    monkeypatch.setattr(plots, "_save", keep)
+def test_diagnostics_plots_draw_the_runs_data(results, saved_figures):
+    figures = saved_figures
     report = build_report(results)
     md = (results / "report.md").read_text(encoding="utf-8")
     for name in ("diag-robustness.png", "diag-gain-mechanism.png"):
@@ -302,7 +285,7 @@ def test_diagnostics_plots_draw_the_runs_data(results, monkeypatch):
     for (task, name), diag in DIAG.items():
         seeds = range(1, len(diag[GRAD]) + 1)
         for method in ("fgm", "pgd"):
-            lines = _xy(by_title[f"{task.upper()}: {method.upper()}"])
+            lines = drawn_lines(by_title[f"{task.upper()}: {method.upper()}"])
             expected = [(0.0, 100 * np.mean([CLEAN[name] + 0.01 * s for s in seeds]))]
             expected += [(eps, 100 * np.mean([attack(name, s, method, eps) for s in seeds])) for eps in EPSILONS]
             [drawn] = [xy for label, xy in lines.items() if label.startswith(f"{name} (n=")]
@@ -324,7 +307,7 @@ def test_diagnostics_plots_draw_the_runs_data(results, monkeypatch):
 
     grad_ax, curv_ax = figures["diag-gain-mechanism.png"].axes
     for ax, key in ((grad_ax, GRAD), (curv_ax, CURV)):
-        drawn = _xy(ax)
+        drawn = drawn_lines(ax)
         assert set(drawn) == {"TNEWS", "IFLYTEK"}
         for task, label in (("tnews", "TNEWS"), ("iflytek", "IFLYTEK")):
             np.testing.assert_allclose(drawn[label], expected_points(key, task))

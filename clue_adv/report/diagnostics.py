@@ -11,7 +11,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clue_adv.diagnostics import parse_attack_metric
-from clue_adv.report.tables import TASK_NAMES, Comparison, ExperimentTable, compare_family, paired_text
+from clue_adv.report.tables import (
+    TASK_NAMES,
+    Comparison,
+    ExperimentTable,
+    compare_family,
+    delta_json,
+    paired_text,
+    seed_stats_json,
+)
 from clue_adv.stats import FEW_SEEDS, few_seeds_note, paired_by_key, summarize
 
 MODELS = {"best": "the best model (the best dev evaluation's weights)", "final": "the final model"}
@@ -238,10 +246,6 @@ def diagnostics_note(dt: DiagnosticsTable) -> str:
 # Numbers
 
 
-def _finite(x: float | None) -> float | None:
-    return x if isinstance(x, int | float) and math.isfinite(x) else None
-
-
 def diagnostics_json(dt: DiagnosticsTable) -> dict[str, Any]:
     rows = []
     for q in dt.quantities:
@@ -250,7 +254,6 @@ def diagnostics_json(dt: DiagnosticsTable) -> dict[str, Any]:
                 cell = dt.cell(task, tag)
                 if cell is None:
                     continue
-                s = summarize(list(cell.values[q.key].values()))
                 row: dict[str, Any] = {
                     "quantity": q.key,
                     "label": q.label,
@@ -258,23 +261,12 @@ def diagnostics_json(dt: DiagnosticsTable) -> dict[str, Any]:
                     "strategy": tag,
                     "strategy_name": cell.strategy,
                     "task": task,
-                    "n": s.n,
-                    "mean": _finite(s.mean),
-                    "std": _finite(s.std),
-                    "seeds": cell.values[q.key],
+                    **seed_stats_json(cell.values[q.key]),
                     "without_diagnostics": cell.without,
                 }
                 comparison = cell.comparisons.get(q.key)
                 if comparison is not None:
-                    test = comparison.test
-                    row["delta"] = {
-                        "mean": _finite(test.mean_difference),
-                        "ci95": [_finite(test.ci_low), _finite(test.ci_high)],
-                        "t": _finite(test.t),
-                        "p": _finite(test.p),
-                        "p_holm": _finite(comparison.p_holm),
-                        "n_pairs": test.n,
-                    }
+                    row["delta"] = delta_json(comparison.test, comparison.p_holm)
                 rows.append(row)
     return {"experiment": dt.experiment, "model": dt.model, "baseline": dt.baseline, "rows": rows}
 

@@ -32,13 +32,14 @@ from clue_adv.report.tables import (
     TASK_NAMES,
     ExperimentTable,
     accuracy_text,
+    delta_json,
     delta_text,
     early_stopping_line,
     evaluation_text,
     method_note,
+    seed_stats_json,
     table_rows,
 )
-from clue_adv.stats import summarize
 
 FORMATS = ("rich", "md", "csv", "json", "latex")
 TABLES = ("accuracy", "diagnostics")  # what `clue-adv report --table` prints
@@ -115,10 +116,6 @@ def csv_text(header: list[str], rows: list[list[str]]) -> str:
     return buf.getvalue()
 
 
-def _finite(x: float | None) -> float | None:
-    return x if isinstance(x, int | float) and math.isfinite(x) else None
-
-
 def table_json(table: ExperimentTable, metric: str) -> dict[str, Any]:
     rows = []
     for tag in table.tags:
@@ -127,16 +124,12 @@ def table_json(table: ExperimentTable, metric: str) -> dict[str, Any]:
             if cell is None:
                 rows.append({"strategy": tag, "task": task, "n": 0, "missing": True})
                 continue
-            s = summarize(list(cell.values[metric].values()))
             test = cell.delta.get(metric)
             row: dict[str, Any] = {
                 "strategy": tag,
                 "strategy_name": cell.strategy,
                 "task": task,
-                "n": s.n,
-                "mean": _finite(s.mean),
-                "std": _finite(s.std),
-                "seeds": cell.values[metric],
+                **seed_stats_json(cell.values[metric]),
                 "failed": cell.failed,
                 "interrupted": cell.interrupted,
                 "running": cell.running,
@@ -144,14 +137,7 @@ def table_json(table: ExperimentTable, metric: str) -> dict[str, Any]:
                 "not_started": cell.not_started,
             }
             if test is not None:
-                row["delta"] = {
-                    "mean": _finite(test.mean_difference),
-                    "ci95": [_finite(test.ci_low), _finite(test.ci_high)],
-                    "t": _finite(test.t),
-                    "p": _finite(test.p),
-                    "p_holm": _finite(cell.p_holm.get(metric, math.nan)),
-                    "n_pairs": test.n,
-                }
+                row["delta"] = delta_json(test, cell.p_holm.get(metric, math.nan))
             if cell.reference is not None and metric == "best":
                 row["study_reference"] = cell.reference
             rows.append(row)

@@ -365,3 +365,26 @@ def early_stopping_rows(table: ExperimentTable) -> tuple[list[str], list[list[st
             row += [", ".join(map(str, sorted(stopped))) or "–", ", ".join(map(str, sorted(best))) or "–"]
             rows.append(row)
     return header, rows
+
+
+def finite(x: float | None) -> float | None:
+    """A number JSON can hold: NaN and ±inf (no seeds, one seed's std) become null."""
+    return x if isinstance(x, int | float) and math.isfinite(x) else None
+
+
+def seed_stats_json(values: Mapping[int, float]) -> dict[str, Any]:
+    """n, mean, std and the per-seed values of one cell, as the report's JSON rows carry them."""
+    s = summarize(list(values.values()))
+    return {"n": s.n, "mean": finite(s.mean), "std": finite(s.std), "seeds": dict(values)}
+
+
+def delta_json(test: PairedTest, p_holm: float) -> dict[str, Any]:
+    """A paired comparison against the baseline, as the report's JSON rows carry it."""
+    return {
+        "mean": finite(test.mean_difference),
+        "ci95": [finite(test.ci_low), finite(test.ci_high)],
+        "t": finite(test.t),
+        "p": finite(test.p),
+        "p_holm": finite(p_holm),
+        "n_pairs": test.n,
+    }
