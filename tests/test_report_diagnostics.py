@@ -83,7 +83,7 @@ def diagnostics_of(task: str, name: str, seed: int, shift: float = 0.0) -> dict:
         "diag/dev/loss": 1.0,
         "diag/dev/accuracy": CLEAN[name] + 0.01 * seed,
         GRAD: grad + shift,
-        "diag/dev/embedding_norm_mean": 1.0,
+        "diag/dev/embedding_norm_mean": 1.0 + 0.1 * seed,
         CURV: curv,
         "diag/dev/input_curvature_se": 5.0,
         "diag/gap/loss": 0.1 * seed,
@@ -224,6 +224,22 @@ def test_diagnostics_formats_and_the_final_model(results):
     assert "input-gradient" not in render(tables, "md")
     bad = runner.invoke(app, ["report", str(results), "--no-plots", "--table", "gradients"])
     assert bad.exit_code == 2 and "--table: 'gradients' is not one of accuracy, diagnostics" in bad.output
+
+
+def test_the_scale_free_gradient_norm_is_the_product_of_the_run_means(results):
+    """‖x‖·‖∇ₓℓ‖ per run from its two recorded means (the fixture's ‖x‖ is 1 + 0.1·seed), compared like any other."""
+    out = runner.invoke(app, ["report", str(results), "--no-plots", "--table", "diagnostics", "-f", "json"])
+    assert out.exit_code == 0, out.output
+    [data] = json.loads(out.stdout)
+    rows = {(r["task"], r["strategy"]): r for r in data["rows"] if r["quantity"] == "report/dev/scale_free_grad_norm"}
+    # TNEWS none: 0.5·1.1, 0.6·1.2, 0.7·1.3 = 0.55, 0.72, 0.91; fgm: 0.3·1.1, 0.35·1.2, 0.5·1.3 = 0.33, 0.42, 0.65
+    assert rows[("tnews", "none")]["seeds"] == pytest.approx({"1": 0.55, "2": 0.72, "3": 0.91})
+    assert rows[("tnews", "none")]["mean"] == pytest.approx((0.55 + 0.72 + 0.91) / 3)
+    fgm = rows[("tnews", "fgm")]
+    assert fgm["delta"]["mean"] == pytest.approx(((0.33 - 0.55) + (0.42 - 0.72) + (0.65 - 0.91)) / 3)
+    assert fgm["delta"]["n_pairs"] == 3
+    # gaussian_noise seed 3 recorded no diagnostics: no product for it either
+    assert rows[("tnews", "gaussian_noise")]["n"] == 2
 
 
 def test_early_stopping_line(results):

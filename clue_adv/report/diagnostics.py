@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clue_adv.diagnostics import parse_attack_metric
+from clue_adv.report.collect import RunRecord
 from clue_adv.report.tables import (
     TASK_NAMES,
     Comparison,
@@ -26,6 +27,7 @@ MODELS = {"best": "the best model (the best dev evaluation's weights)", "final":
 GRAD_NORM = "diag/dev/input_grad_norm_mean"
 CURVATURE = "diag/dev/input_curvature_mean"
 CLEAN_ACCURACY = "diag/dev/accuracy"
+EMBEDDING_NORM = "diag/dev/embedding_norm_mean"
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class Quantity:
     scale: float = 1.0
     method: str | None = None  # fgm | pgd for an attack's accuracy
     epsilon: float | None = None
+    # A quantity the report derives: the product of these recorded quantities of the same run (key: its own name)
+    factors: tuple[str, ...] = ()
 
     @property
     def is_accuracy(self) -> bool:
@@ -49,7 +53,17 @@ class Quantity:
 # one per method and radius found in the runs.
 FIXED_QUANTITIES = (
     Quantity(GRAD_NORM, "input-gradient norm ‖∇ₓℓ‖ (dev)", "nats per embedding unit"),
-    Quantity("diag/dev/embedding_norm_mean", "embedding norm ‖x‖ (dev)", "embedding units"),
+    Quantity(EMBEDDING_NORM, "embedding norm ‖x‖ (dev)", "embedding units"),
+    # Training can shrink ‖∇ₓℓ‖ by growing the embeddings (the LayerNorm after them undoes the scale, so the loss
+    # changes as fast per *relative* move), which a penalty on ‖∇ₓℓ‖ rewards: this product, the loss's
+    # first-order change per unit of relative perturbation, is what a relative ε acts on and cannot be lowered by
+    # rescaling. A product of the run's two means (runs record no per-example product), so every run has it.
+    Quantity(
+        "report/dev/scale_free_grad_norm",
+        "scale-free gradient norm ‖x‖·‖∇ₓℓ‖ (dev)",
+        "nats per unit relative perturbation",
+        factors=(EMBEDDING_NORM, GRAD_NORM),
+    ),
     Quantity(CURVATURE, "input curvature tr ∇ₓ²ℓ (dev)", "nats per embedding unit²"),
     Quantity("diag/gap/loss", "gap: dev − train loss", "nats"),
     Quantity("diag/gap/accuracy", "gap: train − dev accuracy (pp)", "percentage points", 100.0),
@@ -108,6 +122,7 @@ def build_diagnostics(table: ExperimentTable, model: str = "best") -> Diagnostic
     names = {name for r in done for name in r.diagnostic_names(model)}
     if not names:
         return None
+    names |= {q.key for q in FIXED_QUANTITIES if q.factors and set(q.factors) <= names}
     attacks = [q for q in map(attack_quantity, names) if q is not None]
     quantities = [q for q in FIXED_QUANTITIES if q.key in names]
     quantities += sorted(attacks, key=lambda q: (q.method != "fgm", q.epsilon))
@@ -118,7 +133,7 @@ def build_diagnostics(table: ExperimentTable, model: str = "best") -> Diagnostic
             if not r.diagnostic_names(model):
                 cell.without.append(r.seed)
             for q in quantities:
-                value = r.diagnostic(model, q.key)
+                value = _value(r, model, q)
                 if value is not None:
                     cell.values[q.key][r.seed] = q.scale * value
         cells[(task, tag)] = cell
@@ -135,6 +150,14 @@ def build_diagnostics(table: ExperimentTable, model: str = "best") -> Diagnostic
     )
     _compare(out)
     return out
+
+
+def _value(run: RunRecord, model: str, quantity: Quantity) -> float | None:
+    """The run's recorded value of `quantity`, or the product of its factors (None if any is missing)."""
+    if not quantity.factors:
+        return run.diagnostic(model, quantity.key)
+    factors = [run.diagnostic(model, key) for key in quantity.factors]
+    return math.prod(factors) if all(f is not None for f in factors) else None
 
 
 def _settings(table: ExperimentTable) -> dict[str, str]:
