@@ -54,8 +54,8 @@ class Quantity:
 FIXED_QUANTITIES = (
     Quantity(GRAD_NORM, "input-gradient norm ‖∇ₓℓ‖ (dev)", "nats per embedding unit"),
     Quantity(EMBEDDING_NORM, "embedding norm ‖x‖ (dev)", "embedding units"),
-    # Training can shrink ‖∇ₓℓ‖ by growing the embeddings (the LayerNorm after them undoes the scale, so the loss
-    # changes as fast per *relative* move), which a penalty on ‖∇ₓℓ‖ rewards: this product, the loss's
+    # Training can shrink ‖∇ₓℓ‖ by growing the embeddings (the LayerNorm after them undoes most of the scale, so the
+    # loss changes about as fast per *relative* move), which a penalty on ‖∇ₓℓ‖ rewards: this product, the loss's
     # first-order change per unit of relative perturbation, is what a relative ε acts on and cannot be lowered by
     # rescaling. A product of the run's two means (runs record no per-example product), so every run has it.
     Quantity(
