@@ -15,6 +15,9 @@ Measured inputs (nothing assumed but the arithmetic):
   128-token batch): flagged `ratio` in the table. The proxy's titles are short (64-token cap), where the fixed
   per-step costs weigh more, so these may overstate.
 - **Epochs**: each cell's `epochs` from the sweep's plan (no early stopping in the final sweeps).
+- **Spent so far** (measured, not estimated): over a sweep's completed runs, the sum of their training time
+  (`train_wall_time_s`, which adds up across resumes) and diagnostics time, plus the per-epoch overhead above for
+  their evaluations. Each `--jobs 2` run has one core to itself, so run-hours are CPU-hours.
 
     python scripts/proxy_cost.py --results results/proxy-tnews-select results/proxy-tnews \\
         --sweep sweeps/proxy-tnews.yaml --sweep sweeps/proxy-tnews-tier2.yaml --out results/proxy-tnews/cost-estimate
@@ -76,6 +79,16 @@ def measured(folders: list[Path]) -> tuple[dict[str, list[float]], list[float], 
     return per_epoch, overheads, diag_per_example
 
 
+def spent(directory: Path, overhead_s_per_epoch: float) -> float:
+    """A completed run's measured compute: training (summed over resumes) + diagnostics + evaluation overhead."""
+    summary = json.loads((directory / "summary.json").read_text(encoding="utf-8"))
+    return (
+        summary.get("train_wall_time_s", 0.0)
+        + (summary.get("diagnostics_wall_time_s") or 0.0)
+        + _epochs(summary) * overhead_s_per_epoch
+    )
+
+
 def estimate(args: argparse.Namespace) -> dict[str, Any]:
     per_epoch, overheads, diag_per_example = measured(args.results)
     if "none" not in per_epoch:
@@ -117,7 +130,9 @@ def estimate(args: argparse.Namespace) -> dict[str, Any]:
             row["runs"] += 1
             row["total_s"] += run_s
             row["done"] += int(cell.done)
+            row["spent_s"] = row.get("spent_s", 0.0) + (spent(cell.directory, overhead) if cell.done else 0.0)
         total = sum(r["total_s"] for r in rows.values())
+        spent_s = sum(r["spent_s"] for r in rows.values())
         left = sum(r["total_s"] * (r["runs"] - r["done"]) / r["runs"] for r in rows.values())
         sweeps.append(
             {
@@ -126,6 +141,8 @@ def estimate(args: argparse.Namespace) -> dict[str, Any]:
                 "cpu_s": total,
                 "wall_s_at_jobs_2": total / JOBS,
                 "left_wall_s_at_jobs_2": left / JOBS,
+                "spent_cpu_s": spent_s,
+                "done": sum(r["done"] for r in rows.values()),
             }
         )
     return {"overhead_s_per_epoch": overhead, "diagnostics_s_per_example": diag_rate, "sweeps": sweeps}
@@ -158,6 +175,9 @@ def render(payload: dict[str, Any]) -> str:
             "",
             f"Total: {sweep['cpu_s'] / 3600:.1f} run-hours = **{sweep['wall_s_at_jobs_2'] / 3600:.1f} h of wall time "
             f"at `--jobs {JOBS}`** on this machine; left to run: {sweep['left_wall_s_at_jobs_2'] / 3600:.1f} h.",
+            "",
+            f"Spent so far (measured): {sweep['done']} completed run(s), **{sweep['spent_cpu_s'] / 3600:.2f} "
+            f"CPU-hours** (training + diagnostics + evaluation).",
         ]
     return "\n".join(lines) + "\n"
 

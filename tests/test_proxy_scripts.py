@@ -67,3 +67,13 @@ def test_proxy_cost_medians_per_strategy_and_overhead(tmp_path):
     assert diagnostics == []
     assert cost.strategy_key({"strategy": {"name": "gradient_penalty", "mode": "exact"}}) == "gradient_penalty[exact]"
     assert cost.strategy_key({"strategy": {"name": "fgm", "target": "embedding_matrix"}}) == "fgm[embedding_matrix]"
+
+
+def test_proxy_cost_spent_adds_training_diagnostics_and_evaluation(tmp_path):
+    cost = load_script("proxy_cost")
+    _run(tmp_path / "r", [0.4] * 5, train_s=500.0)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    summary["diagnostics_wall_time_s"] = 30.0
+    (tmp_path / "r" / "summary.json").write_text(json.dumps(summary))
+    # 500 s training + 30 s diagnostics + 5 epochs × 20 s overhead
+    assert cost.spent(tmp_path / "r", 20.0) == 630.0
