@@ -512,6 +512,20 @@ def test_the_early_stopping_reproduction_is_the_reproduction_with_early_stopping
         assert dumped == f.config.model_dump()
 
 
+def test_the_proxy_study_tier_2_runs_tier_1s_protocol(tmp_path):
+    """Tier 2 shares tier 1's experiment folder and baseline, so every tier-2 run must be tier 1's run of the same
+    seed with only the strategy changed: the same data carve, epochs, early stopping (none), diagnostics."""
+    tier1 = {
+        c.config.seed: c.config for c in load_plan(REPO / "sweeps" / "proxy-tnews.yaml", output_dir=tmp_path).cells
+    }
+    tier2 = load_plan(REPO / "sweeps" / "proxy-tnews-tier2.yaml", output_dir=tmp_path).cells
+    assert len(tier2) == 30
+    for cell in tier2:
+        dumped, expected = cell.config.model_dump(), tier1[cell.config.seed].model_dump()
+        dumped["strategy"] = expected["strategy"]
+        assert dumped == expected, cell.directory
+
+
 @pytest.mark.parametrize("sweep", ["proxy-tnews-select.yaml", "proxy-tnews.yaml", "proxy-tnews-tier2.yaml"])
 def test_the_proxy_protocol_for_bert_base_changes_the_model_and_nothing_else(sweep, tmp_path):
     """README: `-c overrides/proxy-bert-base.yaml` runs the proxy study's protocol with BERT-base. Every cell must be
