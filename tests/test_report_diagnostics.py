@@ -328,3 +328,26 @@ def test_diagnostics_plots_draw_the_runs_data(results, saved_figures):
         for task, label in (("tnews", "TNEWS"), ("iflytek", "IFLYTEK")):
             np.testing.assert_allclose(drawn[label], expected_points(key, task))
     assert expected_points(GRAD, "tnews")[1] == pytest.approx((-0.025, 0.5))
+
+    # One look per strategy across the plots: a strategy's attack curves have its dev-curve colour and line style.
+    def looks(ax) -> dict[str, tuple]:
+        return {
+            line.get_label().split(" (n=")[0]: (line.get_color(), line.get_linestyle(), line.get_marker())
+            for line in ax.lines
+            if not line.get_label().startswith("_")
+        }
+
+    curves = looks(next(ax for ax in figures["diag-curves.png"].axes if ax.get_title() == "TNEWS"))
+    for ax in figures["diag-robustness.png"].axes:
+        drawn = looks(ax)
+        assert drawn and all(drawn[tag] == curves[tag] for tag in drawn), ax.get_title()
+
+
+def test_a_dozen_strategies_look_different():
+    """Both tiers of a study in one plot: no two of 12 strategies share colour, line style and marker."""
+    from clue_adv.report.plots import strategy_styles
+
+    tags = [f"s{i}" for i in range(12)]
+    styles = strategy_styles(tags)
+    assert len({(s["color"], s["linestyle"], s["marker"]) for s in styles.values()}) == 12
+    assert strategy_styles(tags[:3]) == {t: styles[t] for t in tags[:3]}  # the same tag order, the same look

@@ -28,11 +28,49 @@ from clue_adv.report.tables import TASK_NAMES, ExperimentTable
 _SAFE = str.maketrans({c: "_" for c in '/\\:*?"<>| '})
 
 
+# Beyond this many entries a legend goes beside the axes, not over the lines.
+_LEGEND_INSIDE = 6
+# A band of ±1 std per strategy only up to this many strategies: a dozen overlapping bands hide the means.
+_BANDS_UP_TO = 4
+_LINESTYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D")
+
+
+def strategy_styles(tags: list[str]) -> dict[str, dict[str, Any]]:
+    """One look per strategy, the same in every plot of an experiment: matplotlib's 10 default colours with round
+    markers, then the same colours dashed with square markers, ... so that no two of a dozen strategies (both tiers
+    of a study) look alike."""
+    from matplotlib import rcParams
+
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = {}
+    for i, tag in enumerate(tags):
+        cycle = i // len(colors)
+        styles[tag] = {
+            "color": colors[i % len(colors)],
+            "linestyle": _LINESTYLES[cycle % len(_LINESTYLES)],
+            "marker": _MARKERS[cycle % len(_MARKERS)],
+        }
+    return styles
+
+
+def _width(base: float, entries: int) -> float:
+    """Room for a legend beside the axes (_legend) when it has many entries."""
+    return base + (2.2 if entries > _LEGEND_INSIDE else 0.0)
+
+
+def _legend(ax: Any, fontsize: int = 8) -> None:
+    if len(ax.get_legend_handles_labels()[0]) > _LEGEND_INSIDE:
+        ax.legend(fontsize=fontsize, loc="center left", bbox_to_anchor=(1.01, 0.5), handlelength=3)
+    else:
+        ax.legend(fontsize=fontsize, handlelength=3)
+
+
 def _legend_or_note(ax: Any, empty: str, fontsize: int = 8) -> None:
     """A grid and the legend, or, where nothing was drawn, a note saying why the panel is empty."""
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=fontsize)
+        _legend(ax, fontsize)
     else:
         ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center")
 
@@ -68,6 +106,7 @@ def accuracy_by_seed(table: ExperimentTable, path: Path, metric: str = "best") -
     """Per task: a box per strategy with every seed's accuracy as a point."""
     fig, axes = _figure(len(table.tasks), width=max(4.0, 1.0 + 0.9 * len(table.tags)))
     rng = np.random.default_rng(0)  # jitter only; fixed so reruns give identical files
+    styles = strategy_styles(table.tags)
     for ax, task in zip(axes, table.tasks, strict=True):
         data, labels = [], []
         for tag in table.tags:
@@ -78,9 +117,11 @@ def accuracy_by_seed(table: ExperimentTable, path: Path, metric: str = "best") -
         filled = [i for i, d in enumerate(data) if d]
         if filled:
             ax.boxplot([data[i] for i in filled], positions=positions[filled], widths=0.5, showfliers=False)
-        for pos, values in zip(positions, data, strict=True):
+        for pos, values, tag in zip(positions, data, labels, strict=True):
             if values:
-                ax.scatter(pos + rng.uniform(-0.12, 0.12, len(values)), values, s=18, alpha=0.8, zorder=3)
+                jitter = rng.uniform(-0.12, 0.12, len(values))
+                look = {k: styles[tag][k] for k in ("color", "marker")}
+                ax.scatter(pos + jitter, values, s=18, alpha=0.8, zorder=3, **look)
         ax.set_xticks(positions, labels, rotation=30, ha="right", fontsize=8)
         ax.set_xlim(0.4, len(data) + 0.6)
         ax.set_title(_task_name(task))
@@ -94,7 +135,9 @@ def dev_curves(table: ExperimentTable, path: Path) -> Path:
     """Per task: mean dev accuracy over seeds per evaluation, with a band of ±1 std."""
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = _figure(len(table.tasks))
+    fig, axes = _figure(len(table.tasks), width=_width(5.0, len(table.tags)))
+    styles = strategy_styles(table.tags)
+    bands = len(table.tags) <= _BANDS_UP_TO
     for ax, task in zip(axes, table.tasks, strict=True):
         by_epoch = True
         for tag in table.tags:
@@ -112,18 +155,19 @@ def dev_curves(table: ExperimentTable, path: Path) -> Path:
             by_epoch = len(set(epochs)) == length  # else several evaluations per epoch: use steps
             x = np.array(epochs if by_epoch else [e["step"] for e in histories[0][:length]])
             mean = acc.mean(axis=0)
-            (line,) = ax.plot(x, mean, marker="o", ms=3, label=f"{tag} (n={len(histories)})")
-            if len(histories) > 1:
+            ax.plot(x, mean, ms=3, label=f"{tag} (n={len(histories)})", **styles[tag])
+            if bands and len(histories) > 1:
                 std = acc.std(axis=0, ddof=1)
-                ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+                ax.fill_between(x, mean - std, mean + std, color=styles[tag]["color"], alpha=0.2, linewidth=0)
         ax.set_title(_task_name(task))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch" if by_epoch else "optimizer step")
         ax.set_ylabel("dev accuracy (%)")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.suptitle(f"{table.experiment}: dev accuracy over training (mean ± std over seeds)")
+            _legend(ax, fontsize=7)
+    spread = "mean ± std over seeds" if bands else "mean over seeds; the spread is in the accuracy-per-seed plot"
+    fig.suptitle(f"{table.experiment}: dev accuracy over training ({spread})")
     return _save(fig, path)
 
 
@@ -165,15 +209,16 @@ def robust_accuracy(dt: DiagnosticsTable, path: Path) -> Path:
     from matplotlib.figure import Figure
 
     methods = [m for m in ("fgm", "pgd") if any(q.method == m for q in dt.quantities)] or ["fgm", "pgd"]
-    fig = Figure(figsize=(5.0 * len(methods), 3.8 * len(dt.tasks)), layout="constrained")
+    fig = Figure(figsize=(_width(5.0, len(dt.tags)) * len(methods), 3.8 * len(dt.tasks)), layout="constrained")
     grid = fig.subplots(len(dt.tasks), len(methods), squeeze=False)
     radii = [q.epsilon for q in dt.quantities if q.epsilon is not None]
+    styles = strategy_styles(dt.tags)
     for row, task in zip(grid, dt.tasks, strict=True):
         for ax, method in zip(row, methods, strict=True):
             for tag in dt.tags:
                 xs, ys, n = robust_curve(dt, task, tag, method)
                 if len(xs) > 1:  # a clean point alone is no curve
-                    ax.plot(xs, ys, marker="o", ms=3, label=f"{tag} (n={n})")
+                    ax.plot(xs, ys, ms=3, label=f"{tag} (n={n})", **styles[tag])
             if radii:  # the radii span decades (0.01 to 0.1) and start at 0: linear up to the smallest one
                 ax.set_xscale("symlog", linthresh=min(radii))
             ax.set_title(f"{_task_name(task)}: {method.upper()}")
