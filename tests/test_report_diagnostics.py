@@ -351,3 +351,27 @@ def test_a_dozen_strategies_look_different():
     styles = strategy_styles(tags)
     assert len({(s["color"], s["linestyle"], s["marker"]) for s in styles.values()}) == 12
     assert strategy_styles(tags[:3]) == {t: styles[t] for t in tags[:3]}  # the same tag order, the same look
+
+
+def test_the_dev_peak_section(tmp_path):
+    """Best epoch median (range) and best − final per strategy, by hand from the runs' summaries."""
+    root = tmp_path / "results"
+    # (seed, best %, final %, best epoch)
+    runs = {
+        "none": [(1, 50.0, 48.0, 2), (2, 51.0, 50.0, 3), (3, 52.0, 49.0, 2)],
+        "fgm": [(1, 51.0, 51.0, 3), (2, 53.0, 52.5, 9)],
+    }
+    for name, rows in runs.items():
+        for seed, best, final, epoch in rows:
+            directory = write_run(root, "peak", "tnews", {"name": name}, seed, best)
+            fix_run(directory, final_dev_accuracy=final / 100, best_epoch=epoch)
+    build_report(root, plots=False)
+    text = (root / "report.md").read_text(encoding="utf-8")
+    section = text.split("### The dev peak\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    # none: drops 2, 1, 3 → mean 2, sd 1; epochs 2, 3, 2 → median 2. fgm: drops 0, 0.5 → mean 0.25, sd 0.3536;
+    # epochs 3, 9 → median 6. write_run's dev_history has 3 evaluations.
+    assert section[2:] == [
+        "| TNEWS | none | 3 | 3 | 2 (2–3) | 2.00 ± 1.00 |",
+        "| TNEWS | fgm | 2 | 3 | 6 (3–9) | 0.25 ± 0.35 |",
+    ]
+    assert "A later peak with a smaller loss after it" in text

@@ -14,6 +14,7 @@ from clue_adv.errors import ClueAdvError
 from clue_adv.report.collect import NOT_STARTED, RunRecord, collect_runs
 from clue_adv.report.csvfiles import diagnostics_csv, runs_csv, summary_csv
 from clue_adv.report.diagnostics import DiagnosticsTable, diagnostics_note, diagnostics_rows, diagnostics_tables
+from clue_adv.report.peak import peak_note, peak_rows
 from clue_adv.report.plots import experiment_plots
 from clue_adv.report.render import markdown_table
 from clue_adv.report.study import CLUE_DEV_BERT_BASE, REFERENCE_NOTE, STUDY
@@ -51,6 +52,13 @@ def _early_stopping_section(table: ExperimentTable) -> str | None:
         return None
     header, rows = early_stopping_rows(table)
     return "### Early stopping\n\n" + line[0].upper() + line[1:] + "\n\n" + markdown_table(header, rows)
+
+
+def _peak_section(table: ExperimentTable) -> str | None:
+    header, rows = peak_rows(table)
+    if not rows:
+        return None
+    return "### The dev peak\n\n" + markdown_table(header, rows) + "\n" + peak_note(table)
 
 
 def _setting(table: ExperimentTable) -> str:
@@ -154,9 +162,12 @@ def build_report(
             parts.append(
                 f"### {METRICS[metric][1]}\n\n" + markdown_table(header, rows) + "\n" + method_note(table, metric)
             )
-        for section in (_early_stopping_section(table), _diagnostics_section(table, diagnostics.get(table.experiment))):
-            if section is not None:
-                parts.append(section)
+        sections = (
+            _peak_section(table),
+            _early_stopping_section(table),
+            _diagnostics_section(table, diagnostics.get(table.experiment)),
+        )
+        parts += [section for section in sections if section is not None]
         header, rows = cost_rows(table)
         parts.append(
             "### Cost\n\n" + markdown_table(header, rows) + "\nStep time: mean wall time per optimizer step (the "
