@@ -526,6 +526,33 @@ def test_the_proxy_study_tier_2_runs_tier_1s_protocol(tmp_path):
         assert dumped == expected, cell.directory
 
 
+@pytest.mark.parametrize("sweep", ["proxy-tnews.yaml", "proxy-tnews-tier2.yaml"])
+def test_the_clue_protocol_override_changes_the_schedule_and_nothing_else(sweep, tmp_path):
+    """`-c overrides/clue-protocol.yaml`: every run is the proxy run with CLUE's schedule (3 epochs, AdamW weight
+    decay 0.01, 10% linear warmup then decay, clipping 1.0) and the same lr, in a folder of its own."""
+    proxy = load_plan(REPO / "sweeps" / sweep, output_dir=tmp_path).cells
+    clue = load_plan(REPO / "sweeps" / sweep, output_dir=tmp_path, configs=[REPO / "overrides" / "clue-protocol.yaml"])
+    assert len(clue.cells) == len(proxy) == 30
+    for p, c in zip(proxy, clue.cells, strict=True):
+        assert c.config.experiment == "proxy-tnews+clue-protocol" and c.directory != p.directory
+        o = c.config.optim
+        assert (c.config.epochs, o.weight_decay, o.schedule, o.warmup_ratio, o.max_grad_norm) == (
+            3,
+            0.01,
+            "linear",
+            0.1,
+            1.0,
+        )
+        assert o.lr == p.config.optim.lr
+        dumped, expected = c.config.model_dump(), p.config.model_dump()
+        dumped["experiment"], dumped["epochs"], dumped["optim"] = (
+            expected["experiment"],
+            expected["epochs"],
+            expected["optim"],
+        )
+        assert dumped == expected
+
+
 @pytest.mark.parametrize("sweep", ["proxy-tnews-select.yaml", "proxy-tnews.yaml", "proxy-tnews-tier2.yaml"])
 def test_the_proxy_protocol_for_bert_base_changes_the_model_and_nothing_else(sweep, tmp_path):
     """README: `-c overrides/proxy-bert-base.yaml` runs the proxy study's protocol with BERT-base. Every cell must be
