@@ -125,12 +125,13 @@ def estimate(args: argparse.Namespace) -> dict[str, Any]:
                     "run_s": run_s,
                     "total_s": 0.0,
                     "done": 0,
+                    "spent_s": 0.0,
                 },
             )
             row["runs"] += 1
             row["total_s"] += run_s
             row["done"] += int(cell.done)
-            row["spent_s"] = row.get("spent_s", 0.0) + (spent(cell.directory, overhead) if cell.done else 0.0)
+            row["spent_s"] += spent(cell.directory, overhead) if cell.done else 0.0
         total = sum(r["total_s"] for r in rows.values())
         spent_s = sum(r["spent_s"] for r in rows.values())
         left = sum(r["total_s"] * (r["runs"] - r["done"]) / r["runs"] for r in rows.values())

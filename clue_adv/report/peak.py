@@ -28,20 +28,17 @@ def peak_rows(table: ExperimentTable) -> tuple[list[str], list[list[str]]]:
     rows = []
     for task in table.tasks:
         for tag in table.tags:
-            done = [r for r in table.runs if r.task == task and r.tag == tag and r.status == "completed"]
-            best = [int(e) for r in done if (e := r.metric("best_epoch")) is not None]
-            pairs = [(r.metric("best_dev_accuracy"), r.metric("final_dev_accuracy")) for r in done]
-            drops = [100 * (b - f) for b, f in pairs if b is not None and f is not None]
-            if not best and not drops:
+            cell = table.cell(task, tag)
+            if cell is None or not (cell.best_epochs or cell.best_minus_final):
                 continue
-            trained = sorted({len(r.summary.get("dev_history") or []) for r in done} - {0})
+            best, drops, trained = cell.best_epochs, cell.best_minus_final, cell.epochs_trained
             s = summarize(drops)
             std = f"{s.std:.2f}" if math.isfinite(s.std) else "–"
             rows.append(
                 [
                     TASK_NAMES.get(task, task),
                     tag,
-                    str(len(done)),
+                    str(cell.completed),
                     "–" if not trained else f"{trained[0]}" if len(trained) == 1 else f"{trained[0]}–{trained[-1]}",
                     f"{statistics.median(best):g} ({min(best)}–{max(best)})" if best else "–",
                     f"{s.mean:.2f} ± {std}" if drops else "–",

@@ -45,6 +45,11 @@ class CellStats:
     wall_time_s: float = math.nan
     peak_memory_mb: float = math.nan
     reference: float | None = None
+    # The dev peak of each completed run (report/peak.py): epoch of the best dev accuracy, best − final dev
+    # accuracy in points, and the number of epochs evaluated.
+    best_epochs: list[int] = field(default_factory=list)
+    best_minus_final: list[float] = field(default_factory=list)
+    epochs_trained: list[int] = field(default_factory=list)
 
     @property
     def completed(self) -> int:
@@ -112,6 +117,10 @@ def build_tables(runs: list[RunRecord]) -> list[ExperimentTable]:
                 cell.wall_time_s = _mean(r.summary.get("train_wall_time_s") for r in done)
                 memory = [r.summary.get("peak_memory_mb") for r in done if r.summary.get("peak_memory_mb") is not None]
                 cell.peak_memory_mb = max(memory) if memory else math.nan
+                cell.best_epochs = [int(e) for r in done if (e := r.metric("best_epoch")) is not None]
+                ends = [(r.metric("best_dev_accuracy"), r.metric("final_dev_accuracy")) for r in done]
+                cell.best_minus_final = [100 * (b - f) for b, f in ends if b is not None and f is not None]
+                cell.epochs_trained = sorted({len(r.summary.get("dev_history") or []) for r in done} - {0})
                 row = study_row(cell.strategy, here) if study_setting else None
                 if row is not None and task in STUDY[row]:
                     cell.reference = STUDY[row][task]
