@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -332,7 +333,15 @@ def sweep(
     device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices is not None else None
     err.print(f"sweep {config}: {len(plan.cells)} run(s), {done} already completed", highlight=False)
     try:
-        result = run_sweep(plan, force=force, jobs=jobs, devices=device_list, executor=executor, console=err)
+        result = run_sweep(
+            plan,
+            force=force,
+            jobs=jobs,
+            devices=device_list,
+            executor=executor,
+            console=err,
+            command=shlex.join(["clue-adv", *sys.argv[1:]]),
+        )
     except ClueAdvError as e:
         _fail(e)
     counts = {s: len(result.by_status(s)) for s in ("completed", "skipped", "failed", "interrupted")}

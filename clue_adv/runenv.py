@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +18,27 @@ import torch
 from clue_adv.config import RunConfig
 from clue_adv.errors import ClueAdvError
 from clue_adv.model import looks_local
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host_facts() -> dict[str, Any]:
+    """The machine a run or a sweep ran on, for its record: a CPU time needs the CPU and the threads behind it."""
+    return {
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(terse=True),
+    }
 
 
 def all_sources_local(cfg: RunConfig) -> bool:

@@ -186,6 +186,7 @@ class LoopState:
     evals_without_improvement: int = 0
     stopped_early_at: tuple[int, int] | None = None  # (epoch, step)
     train_time_s: float = 0.0  # training only: evaluation, diagnostics and checkpoints excluded
+    eval_time_s: float = 0.0  # dev evaluations and saving the best model (a run's cost beside its training)
     timed_steps: int = 0
     first_step_s: float = 0.0
     later_steps_s: float = 0.0

@@ -60,6 +60,7 @@ def build_summary(run: Run, state: LoopState, ending: dict[str, Any]) -> dict[st
     summary.update(
         steps=state.step,
         train_wall_time_s=state.train_time_s,
+        eval_wall_time_s=state.eval_time_s,  # not in train_wall_time_s either
         mean_step_time_s=state.mean_step_time_s,
         samples_per_s=state.examples / state.train_time_s if state.train_time_s > 0 else None,
         **peak_memory(run.device),

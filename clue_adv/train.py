@@ -62,6 +62,7 @@ from clue_adv.runenv import (
     autocast_for,
     configure_environment,
     deterministic_mode,
+    host_facts,
     note_hub_use,
     pad_multiple_for,
     resolve_device,
@@ -201,6 +202,7 @@ def setup(cfg: RunConfig, directory: Path) -> Run:
         "steps_per_epoch": steps_per_epoch,
         "versions": library_versions(),
         "git_commit": git_commit(),
+        "host": host_facts(),
     }
     return Run(
         cfg, directory, device, data, tokenizer, learner, loader, dev_loader, steps_per_epoch, facts, diagnostics
@@ -351,6 +353,7 @@ def _log(state: LoopState, epoch: int, metrics: JsonlWriter, progress: RunProgre
 
 def _evaluate(run: Run, state: LoopState, epoch: int, metrics: JsonlWriter, progress: RunProgress) -> None:
     learner = run.learner
+    clock = time.perf_counter()
     result = evaluate(learner.model, run.dev_loader, run.device, len(run.data.labels.ids), learner.autocast)
     record = {"type": "eval", "epoch": epoch, "step": state.step, **result}
     _record(metrics, record)
@@ -360,6 +363,7 @@ def _evaluate(run: Run, state: LoopState, epoch: int, metrics: JsonlWriter, prog
         state.best = record
         if run.cfg.save_model:
             _save_model(learner.model, run.tokenizer, run.directory)
+    state.eval_time_s += time.perf_counter() - clock  # the diagnostics below keep their own time
     if run.diagnostics is not None:  # `when: every_eval` measures now; `when: end` keeps the best weights
         _record(metrics, *run.diagnostics.evaluated(learner.model, record, is_best))
     progress.evaluated(result["accuracy"])

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 import clue_adv  # noqa: E402
 from clue_adv.config import RunConfig, parse_config  # noqa: E402
 from clue_adv.data import ASSETS, read_labels, read_split  # noqa: E402
+from clue_adv.runenv import cpu_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = ASSETS / "tokenizer"
@@ -125,16 +126,6 @@ def fixed_batches(
     return batches
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
@@ -157,7 +148,7 @@ def machine_info(device: torch.device, command: str) -> dict[str, Any]:
     info: dict[str, Any] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],

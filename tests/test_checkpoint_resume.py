@@ -18,7 +18,8 @@ from clue_adv.train import train
 
 # Timing and process facts: the only fields a resumed run may differ in from an uninterrupted one.
 NOT_COMPARED = {
-    "started_at", "finished_at", "train_wall_time_s", "mean_step_time_s", "samples_per_s", "peak_memory_mb",
+    "started_at", "finished_at", "train_wall_time_s", "eval_wall_time_s", "mean_step_time_s", "samples_per_s",
+    "peak_memory_mb",
     "resumed_after_epochs",
 }  # fmt: skip
 STEPS_PER_EPOCH = 6  # 96 examples, batch 16

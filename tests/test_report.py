@@ -426,3 +426,42 @@ def test_a_holdout_evaluated_experiment_says_so_in_the_report_and_on_the_console
     result = CliRunner().invoke(app, ["report", str(root), "--no-plots"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert result.output.count("Evaluated on a holdout of 5000 training examples") == 1  # the select table only
+
+
+def test_how_the_runs_were_made_adds_up_their_measured_time(tmp_path):
+    """The report's provenance section sums each completed run's training, evaluation and diagnostics time, and
+    weights it by the run's torch threads for CPU core-hours; a run without host facts makes that sum unknowable."""
+    root = tmp_path / "results"
+    host = {"cpu": "Test CPU 9000", "cpu_cores": 8, "platform": "Linux"}
+    times = {"train_wall_time_s": 3600.0, "eval_wall_time_s": 360.0, "diagnostics_wall_time_s": 36.0}
+    for seed, threads in ((1, 2), (2, 1)):
+        directory = write_run(root, "prov", "tnews", {"name": "none"}, seed, 50)
+        summary = json.loads((directory / "summary.json").read_text())
+        summary |= times | {
+            "host": host | {"torch_threads": threads},
+            "device": "cpu (8 cores)",
+            "git_commit": "abcdef1234567",
+            "started_at": f"2026-03-0{seed}T10:00:00+00:00",
+            "finished_at": f"2026-03-0{seed}T11:07:00+00:00",
+        }
+        atomic_write_json(directory / "summary.json", summary)
+    build_report(root, plots=False)
+    text = (root / "report.md").read_text(encoding="utf-8")
+    section = text[text.index("### How these runs were made") :].split("\n\n## ")[0]
+    # by hand: 2 runs × (3600 + 360 + 36) s = 7992 s = 2.22 h; × threads: (2 + 1) × 3996 s = 3.33 h
+    assert "- compute, 2 completed run(s), summed: 2.22 h (training 2.00 h; evaluation 0.20 h; diagnostics 0.02 h)" in (
+        section
+    )
+    assert "× each run's torch threads: 3.33 h of CPU cores" in section
+    assert (
+        "- clue_adv commit: abcdef123 (2 runs)" in section and "- machine: Test CPU 9000, 8 cores (2 runs)" in section
+    )
+    assert "- period: 2026-03-01 10:00 → 2026-03-02 11:07 UTC" in section
+
+    # a third run from before host facts were recorded: no core-hours claimed
+    directory = write_run(root, "prov", "tnews", {"name": "none"}, 3, 50)
+    summary = json.loads((directory / "summary.json").read_text()) | times | {"started_at": "2026-03-03T00:00:00"}
+    atomic_write_json(directory / "summary.json", summary)
+    build_report(root, plots=False)
+    text = (root / "report.md").read_text(encoding="utf-8")
+    assert "summed: 3.33 h" in text and "threads not recorded by all runs" in text and "of CPU cores" not in text

@@ -806,3 +806,51 @@ def test_status_names_a_holdout_accuracy_as_such(tmp_path):
     _fake_run(cell, "completed", best_dev_accuracy=0.4321)
     (status,) = sweep_module.sweep_status(load_plan(path))
     assert status.detail == "best holdout 43.21"
+
+
+def test_the_manifest_keeps_every_sweep_command_with_its_machine_and_the_report_lists_them(tmp_path, monkeypatch):
+    """Each `clue-adv sweep` appends its command line, date, machine and --jobs to the experiment's manifest; a
+    manifest from before commands were recorded leaves its sweep file in the history; the report shows them."""
+    import shlex
+    import sys
+
+    from clue_adv.report import build_report
+
+    path = write_sweep(tmp_path, {"seeds": 1, "strategies": [{"name": "none"}]})
+    root = tmp_path / "out" / "sw"
+    root.mkdir(parents=True)
+    old = {"experiment": "sw", "sweep": "sweeps/old.yaml", "written_at": "2026-01-02T03:04:05+00:00", "cells": []}
+    (root / "sweep.json").write_text(json.dumps(old), encoding="utf-8")
+    argvs = (["sweep", "-c", str(path)], ["sweep", "-c", str(path), "--jobs", "1"])
+    for argv in argvs:
+        monkeypatch.setattr(sys, "argv", ["/opt/venv/bin/clue-adv", *argv])  # as a shell starts it
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 0, result.output
+    history = json.loads((root / "sweep.json").read_text(encoding="utf-8"))["invocations"]
+    assert [h["sweep"] for h in history] == ["sweeps/old.yaml", str(path), str(path)]
+    assert history[0]["command"] is None and history[0]["at"] == old["written_at"]
+    assert [h["command"] for h in history[1:]] == [shlex.join(["clue-adv", *argv]) for argv in argvs]
+    assert [h["jobs"] for h in history[1:]] == [1, 1] and all(h["executor"] == "local" for h in history[1:])
+    host = history[1]["host"]
+    assert host["cpu_cores"] == os.cpu_count() and host["torch_threads"] >= 1 and host["cpu"]
+
+    # another experiment's manifest in the same place does not pass its history on
+    other = {"experiment": "elsewhere", "invocations": [{"command": "clue-adv sweep -c x.yaml"}], "cells": []}
+    (root / "sweep.json").write_text(json.dumps(other), encoding="utf-8")
+    monkeypatch.setattr(sys, "argv", ["clue-adv", *argvs[0]])
+    assert runner.invoke(app, argvs[0]).exit_code == 0
+    assert [h["command"] for h in json.loads((root / "sweep.json").read_text())["invocations"]] == [
+        shlex.join(["clue-adv", *argvs[0]])
+    ]
+
+    # the report lists the commands and the run's machine and measured time
+    (root / "sweep.json").write_text(json.dumps(old | {"invocations": history}), encoding="utf-8")
+    report = build_report(tmp_path / "out", plots=False)
+    text = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    section = text[text.index("### How these runs were made") :]
+    assert "`sweeps/old.yaml`: its command line and machine were not recorded" in section
+    assert f"`{history[1]['command']}` — started " in section and f"`{history[2]['command']}` — started " in section
+    summary = report.runs[0].summary
+    assert summary["eval_wall_time_s"] > 0 and summary["host"]["cpu"] == host["cpu"]
+    assert f"- machine: {host['cpu']}, {os.cpu_count()} cores (1 run)" in section
+    assert f"training {summary['train_wall_time_s'] / 3600:.2f} h" in section and "of CPU cores" in section

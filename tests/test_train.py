@@ -20,7 +20,7 @@ SUMMARY_KEYS = {
     "status", "task", "strategy", "seed", "best_dev_accuracy", "best_dev_macro_f1", "best_epoch",
     "final_dev_accuracy", "final_dev_macro_f1", "epochs", "steps", "train_wall_time_s", "mean_step_time_s",
     "samples_per_s", "peak_memory_mb", "device", "versions", "git_commit", "dev_history", "passes_per_micro_step",
-    "final_train_loss",
+    "final_train_loss", "eval_wall_time_s", "host",
 }  # fmt: skip
 
 

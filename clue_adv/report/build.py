@@ -1,6 +1,6 @@
 """`build_report`: the run directories read, then report.md, runs.csv, summary.csv, diagnostics.csv and plots/
 written; report.md's sections (setting, tables, early stopping, diagnostics, cost, plots, runs that did not
-complete, the published reference) are put together here."""
+complete, how the runs were made, the published reference) are put together here."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from typing import Any
 
 from clue_adv.config import require_nameable
 from clue_adv.errors import ClueAdvError
-from clue_adv.report.collect import NOT_STARTED, RunRecord, collect_runs
+from clue_adv.report.collect import NOT_STARTED, RunRecord, collect_runs, sweep_invocations
 from clue_adv.report.csvfiles import diagnostics_csv, runs_csv, summary_csv
 from clue_adv.report.diagnostics import DiagnosticsTable, diagnostics_note, diagnostics_rows, diagnostics_tables
 from clue_adv.report.peak import peak_note, peak_rows
 from clue_adv.report.plots import experiment_plots
+from clue_adv.report.provenance import provenance_section
 from clue_adv.report.render import markdown_table
 from clue_adv.report.study import CLUE_DEV_BERT_BASE, REFERENCE_NOTE, STUDY
 from clue_adv.report.tables import (
@@ -147,6 +148,7 @@ def build_report(
     atomic_write_text(files[1], summary_csv(tables))
     atomic_write_text(files[2], diagnostics_csv(tables))
     diagnostics = {dt.experiment: dt for dt in diagnostics_tables(tables, "best")}
+    invocations = sweep_invocations(root)
 
     figures: dict[str, list[tuple[str, Path]]] = {}
     if plots:
@@ -188,6 +190,9 @@ def build_report(
                 for r in sorted(problems, key=lambda r: (r.task, r.tag, r.seed))
             ]
             parts.append("### Runs that did not complete\n\n" + "\n".join(lines))
+        provenance = provenance_section(table, invocations.get(table.experiment, []))
+        if provenance is not None:
+            parts.append(provenance)
     parts.append(reference_section(tables))
     atomic_write_text(files[3], "\n\n".join(p.rstrip("\n") for p in parts) + "\n")
     return ReportResult(tables, runs, files, skipped)

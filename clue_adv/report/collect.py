@@ -135,6 +135,26 @@ def _manifests(root: Path) -> list[Path]:
     return sorted(set(found))
 
 
+def sweep_invocations(root: Path) -> dict[str, list[dict[str, Any]]]:
+    """Per experiment, the sweep commands its manifest recorded (`clue-adv sweep` appends one per start, with its
+    date, machine and --jobs), oldest first; a manifest from before they were recorded gives its sweep file alone.
+    Unreadable manifests are skipped."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for manifest in _manifests(Path(root).resolve()):
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+            experiment = str(data["experiment"])
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            continue
+        recorded = data.get("invocations")
+        if isinstance(recorded, list):
+            entries = [i for i in recorded if isinstance(i, dict)]
+        else:
+            entries = [{"sweep": data.get("sweep"), "command": None, "at": data.get("written_at")}]
+        found.setdefault(experiment, []).extend(entries)
+    return found
+
+
 def planned_runs(root: Path, existing: set[Path]) -> list[RunRecord]:
     """Cells a sweep manifest lists under `root` that have no run directory yet: status 'not started'.
     An unreadable manifest or entry is skipped: the report is built from what can be read."""

@@ -4,6 +4,7 @@ since completed runs with the same config are skipped and failed or interrupted 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from rich.console import Console
 
 from clue_adv.errors import ClueAdvError
 from clue_adv.rundir import SWEEP_MANIFEST, atomic_write_json, identity, utc_now
+from clue_adv.runenv import host_facts
 from clue_adv.sweep.local import MAX_JOBS, run_in_process, run_subprocesses, worker_gpus
 from clue_adv.sweep.outcome import CellResult, SweepProgress, SweepResult
 from clue_adv.sweep.plan import Cell, SweepPlan
@@ -36,13 +38,30 @@ def submission(plan: SweepPlan, force: bool = False) -> tuple[list[Cell], dict[P
     return [c for c in plan.to_run(force) if c.directory not in queued], queued
 
 
-MANIFEST = SWEEP_MANIFEST
+MAX_INVOCATIONS = 200  # a manifest keeps the latest ones: a sweep resumed daily for years stays a small file
 
 
-def write_manifests(plan: SweepPlan) -> list[Path]:
+def _earlier_invocations(path: Path, experiment: str) -> list[dict[str, Any]]:
+    """The invocations an experiment's previous manifest recorded (none when it is missing or unreadable)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return []
+    if not isinstance(data, dict) or data.get("experiment") != experiment:
+        return []
+    found = data.get("invocations")
+    if isinstance(found, list):
+        return [i for i in found if isinstance(i, dict)]
+    # a manifest from before commands were recorded: its sweep file, so that the history keeps it
+    return [{"sweep": data.get("sweep"), "command": None, "at": data.get("written_at")}] if data.get("sweep") else []
+
+
+def write_manifests(plan: SweepPlan, invocation: dict[str, Any] | None = None) -> list[Path]:
     """Write `<output>/<experiment>/sweep.json` for each experiment of the plan: every planned cell (its run
     directory relative to the experiment's, and its identity), so that the report can tell a cell that never
-    started from one that was never planned. Replaced by each sweep: the latest plan is the plan."""
+    started from one that was never planned. Replaced by each sweep: the latest plan is the plan. `invocation`
+    (the command line, the machine, the date) is appended to those the previous manifest of the experiment
+    recorded: a study's runs come from several sweeps and sessions, and its report says which."""
     written = []
     for experiment in plan.experiments:
         cells = [c for c in plan.cells if c.config.experiment == experiment]
@@ -65,7 +84,13 @@ def write_manifests(plan: SweepPlan) -> list[Path]:
                     "identity": identity(cell.config.resolved()),
                 }
             )
-        manifest = {"experiment": experiment, "sweep": plan.source, "written_at": utc_now(), "cells": entries}
+        manifest: dict[str, Any] = {"experiment": experiment, "sweep": plan.source, "written_at": utc_now()}
+        invocations = _earlier_invocations(root / MANIFEST, experiment)
+        if invocation is not None:
+            invocations = [*invocations, {"sweep": plan.source, **invocation}][-MAX_INVOCATIONS:]
+        if invocations:
+            manifest["invocations"] = invocations
+        manifest["cells"] = entries
         try:
             atomic_write_json(root / MANIFEST, manifest)
         except OSError as e:
@@ -83,8 +108,10 @@ def run_sweep(
     executor: str = "local",
     console: Console | None = None,
     show_progress: bool | None = None,
+    command: str | None = None,
 ) -> SweepResult:
-    """Run the cells that are not completed yet (all with `force`). Failures do not stop the sweep."""
+    """Run the cells that are not completed yet (all with `force`). Failures do not stop the sweep. `command`: the
+    command line that started it, recorded in the manifest with the machine and the date."""
     console = console or Console(stderr=True)
     check_executor(executor)
     if devices is not None and not devices:
@@ -108,7 +135,8 @@ def run_sweep(
         )
     # Before anything runs: an index that is not a GPU here must not become a worker that trains on the CPU.
     gpus = worker_gpus(devices, plan.cells) if devices and executor == "local" else None
-    write_manifests(plan)
+    invocation = {"command": command, "at": utc_now(), "executor": executor, "jobs": jobs, "devices": devices}
+    write_manifests(plan, invocation | {"host": host_facts()})
     todo, queued = submission(plan, force)
     skipped = [CellResult(c, "skipped") for c in plan.cells if c not in todo and c.directory not in queued]
     if queued and executor != "slurm":
