@@ -321,13 +321,27 @@ def test_diagnostics_plots_draw_the_runs_data(results, saved_figures):
             out.append((float(change), float(gain)))
         return out
 
-    grad_ax, curv_ax = figures["diag-gain-mechanism.png"].axes
+    grad_ax, scale_free_ax, curv_ax = figures["diag-gain-mechanism.png"].axes
     for ax, key in ((grad_ax, GRAD), (curv_ax, CURV)):
         drawn = drawn_lines(ax)
         assert set(drawn) == {"TNEWS", "IFLYTEK"}
         for task, label in (("tnews", "TNEWS"), ("iflytek", "IFLYTEK")):
             np.testing.assert_allclose(drawn[label], expected_points(key, task))
     assert expected_points(GRAD, "tnews")[1] == pytest.approx((-0.025, 0.5))
+    # The scale-free panel: Δ of ‖x‖·‖∇ₓℓ‖ with ‖x‖ = 1 + 0.1·seed in every run (diagnostics_of), so the change per
+    # seed is (1 + 0.1·seed)·(grad − grad of none), by hand here.
+    assert "‖x‖·‖∇ₓℓ‖" in scale_free_ax.get_xlabel()
+    for task, label in (("tnews", "TNEWS"), ("iflytek", "IFLYTEK")):
+        expected = []
+        for name in ("fgm", "gaussian_noise"):
+            if (task, name) not in DIAG:
+                continue
+            seeds = range(1, len(DIAG[(task, name)][GRAD]) + 1)
+            grads, base = DIAG[(task, name)][GRAD], DIAG[(task, "none")][GRAD]
+            change = np.mean([(1 + 0.1 * s) * (grads[s - 1] - base[s - 1]) for s in seeds])
+            gain = np.mean([ACCURACY[(task, name)][s] - ACCURACY[(task, "none")][s] for s in seeds])
+            expected.append((change, gain))
+        np.testing.assert_allclose(drawn_lines(scale_free_ax)[label], expected)
 
     # One look per strategy across the plots: a strategy's attack curves have its dev-curve colour and line style.
     def looks(ax) -> dict[str, tuple]:

@@ -28,6 +28,7 @@ GRAD_NORM = "diag/dev/input_grad_norm_mean"
 CURVATURE = "diag/dev/input_curvature_mean"
 CLEAN_ACCURACY = "diag/dev/accuracy"
 EMBEDDING_NORM = "diag/dev/embedding_norm_mean"
+SCALE_FREE_GRAD_NORM = "report/dev/scale_free_grad_norm"  # derived by the report: ‖x‖·‖∇ₓℓ‖ (see FIXED_QUANTITIES)
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ FIXED_QUANTITIES = (
     # first-order change per unit of relative perturbation, is what a relative ε acts on and cannot be lowered by
     # rescaling. A product of the run's two means (runs record no per-example product), so every run has it.
     Quantity(
-        "report/dev/scale_free_grad_norm",
+        SCALE_FREE_GRAD_NORM,
         "scale-free gradient norm ‖x‖·‖∇ₓℓ‖ (dev)",
         "nats per unit relative perturbation",
         factors=(EMBEDDING_NORM, GRAD_NORM),
