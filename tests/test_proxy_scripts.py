@@ -77,3 +77,35 @@ def test_proxy_cost_spent_adds_training_diagnostics_and_evaluation(tmp_path):
     (tmp_path / "r" / "summary.json").write_text(json.dumps(summary))
     # 500 s training + 30 s diagnostics + 5 epochs × 20 s overhead
     assert cost.spent(tmp_path / "r", 20.0) == 630.0
+
+
+def test_study_findings_table_by_hand(tmp_path):
+    """scripts/study_findings.py: the README's findings row of a strategy, from hand-made runs checked by hand."""
+    import numpy as np
+    import pytest
+    from scipy import stats
+    from test_report import write_run
+
+    script = load_script("study_findings")
+    root = tmp_path / "results"
+    base, fgm = {1: 50.0, 2: 52.0, 3: 51.0}, {1: 52.0, 2: 53.0, 3: 50.5}
+    for seed in (1, 2, 3):
+        write_run(root, "exp", "tnews", {"name": "none"}, seed, base[seed])
+        write_run(root, "exp", "tnews", {"name": "fgm"}, seed, fgm[seed])
+    payload = script.findings(root / "exp", None)
+    none, row = payload["rows"]
+    assert none["strategy"] == "none" and none["best_delta"] is None
+    assert none["best"]["mean"] == pytest.approx(51.0) and none["best"]["std"] == pytest.approx(1.0)
+    # paired differences 2, 1, −0.5: mean 5/6, two of three seeds above, t-interval with 2 degrees of freedom
+    diffs = np.array([2.0, 1.0, -0.5])
+    half = stats.t.ppf(0.975, 2) * diffs.std(ddof=1) / np.sqrt(3)
+    delta = row["best_delta"]
+    assert delta["mean"] == pytest.approx(5 / 6) and delta["seeds_positive"] == 2 and delta["n"] == 3
+    assert delta["ci"] == pytest.approx([5 / 6 - half, 5 / 6 + half])
+    assert delta["p_holm"] == pytest.approx(stats.ttest_1samp(diffs, 0.0).pvalue)  # one comparison: Holm = p
+    # write_run: best epoch 2 of 3, final accuracy 1 point under the best
+    assert row["best_epoch"] == {"median": 2, "range": [2, 2]} and row["best_minus_final"] == pytest.approx(1.0)
+    payload["machine"] = {"command": "x", "date": "d", "cpu": "c", "cpu_cores": 2, "torch_threads": 1,
+                          "load_average_at_start": [0, 0, 0], "versions": {}, "git_commit": "abc"}  # fmt: skip
+    text = script.render(payload)
+    assert f"| fgm | 3 | 51.83 ± {np.std([52.0, 53.0, 50.5], ddof=1):.2f} | +0.83 [{5 / 6 - half:+.2f}, " in text
