@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 
@@ -56,24 +55,30 @@ def test_a_symlink_in_a_run_directory_is_not_written_through(tmp_path):
     assert victim.read_text() == "precious\n" and not (run / "summary.json").is_symlink()
 
 
-def test_a_sweep_worker_log_planted_as_a_symlink_is_replaced(tmp_path):
-    """The parallel sweep opens each cell's train.log itself: a link there is removed, its target untouched."""
+def test_a_sweep_worker_log_planted_as_a_symlink_is_replaced_and_an_earlier_log_is_kept(tmp_path):
+    """The parallel sweep opens each cell's train.log itself: a link there is removed, its target untouched; a
+    log an earlier session left (a resumed run's) is appended to, after a session mark."""
     from test_sweep import write_sweep
 
     from clue_adv.sweep import load_plan, run_sweep
+    from clue_adv.sweep.outcome import SESSION_MARK
 
     path = write_sweep(tmp_path, {"strategies": [{"name": "none"}], "seeds": 2})
     plan = load_plan(path)
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
+    linked, earlier = plan.cells
     for cell in plan.cells:
         cell.directory.mkdir(parents=True)
-        (cell.directory / "train.log").symlink_to(victim)
+    (linked.directory / "train.log").symlink_to(victim)
+    (earlier.directory / "train.log").write_text("error: the first session's failure\n")
     result = run_sweep(plan, jobs=2, show_progress=False)
     assert result.exit_code == 0, [r.error for r in result.results]
     assert victim.read_text() == "precious\n"
-    assert all(not (c.directory / "train.log").is_symlink() for c in plan.cells)
-    assert all(Path(c.directory / "train.log").read_text() for c in plan.cells)
+    assert not (linked.directory / "train.log").is_symlink()
+    assert (linked.directory / "train.log").read_text().startswith(SESSION_MARK)
+    kept = (earlier.directory / "train.log").read_text().splitlines()
+    assert kept[0] == "error: the first session's failure" and kept[1].startswith(SESSION_MARK) and len(kept) > 3
 
 
 def test_output_dir_under_home_is_expanded(tmp_path, monkeypatch):

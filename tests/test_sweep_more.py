@@ -382,3 +382,18 @@ def test_jobs_beyond_devices_and_local_placement_options_with_a_scheduler_get_a_
     assert "up to 2 runs share a GPU" in notes(devices=["0"], jobs=2)
     assert "the scheduler places them" in notes(executor="submitit-local", jobs=2)
     assert "note:" not in notes(devices=["0", "1"], jobs=2)
+
+
+def test_log_tail_reads_the_latest_session_only(tmp_path):
+    """A resumed run's train.log holds every session: the error it reports is the latest session's, not an old one."""
+    from clue_adv.sweep.outcome import SESSION_MARK, log_tail
+
+    log = tmp_path / "train.log"
+    log.write_text("worker: cpus 0\nerror: out of memory\n")
+    assert log_tail(log) == "out of memory"  # a log from before session marks: all of it
+    log.write_text(f"{SESSION_MARK} t1\nerror: out of memory\n{SESSION_MARK} t2\nworker: cpus 0\nepoch 3 of 10\n")
+    assert log_tail(log) == "epoch 3 of 10"
+    log.write_text(f"{SESSION_MARK} t1\nstep 5\n{SESSION_MARK} t2\nerror: disk full\nlast words\n")
+    assert log_tail(log) == "disk full"
+    log.write_text(f"{SESSION_MARK} t1\nerror: old\n{SESSION_MARK} t2\n")
+    assert log_tail(log) == ""

@@ -23,8 +23,16 @@ from rich.console import Console
 from clue_adv.config import dump_config
 from clue_adv.errors import ClueAdvError, sigterm_as_interrupt
 from clue_adv.memory import correct_cpu_peak_memory, release_memory, reset_peak_rss
-from clue_adv.rundir import open_in_run_dir, read_summary
-from clue_adv.sweep.outcome import INTERRUPTED_EXIT, CellResult, SweepProgress, SweepResult, attempt, worker_result
+from clue_adv.rundir import open_in_run_dir, read_summary, utc_now
+from clue_adv.sweep.outcome import (
+    INTERRUPTED_EXIT,
+    SESSION_MARK,
+    CellResult,
+    SweepProgress,
+    SweepResult,
+    attempt,
+    worker_result,
+)
 from clue_adv.sweep.plan import Cell
 
 MAX_JOBS = 256  # parallel local workers; more is a typo (each gets a process and a share of the cores)
@@ -159,8 +167,13 @@ def run_subprocesses(
                         where = f" on GPU {env['CUDA_VISIBLE_DEVICES']}"
                     cell.directory.mkdir(parents=True, exist_ok=True)
                     log = cell.directory / "train.log"
-                    log.unlink(missing_ok=True)  # a symlink planted here is removed, never written through
-                    log_file = open_in_run_dir(log, "w")  # closed when the worker ends
+                    if log.is_symlink():  # a link planted here is removed, never written through
+                        log.unlink()
+                    # Appended: a resumed run keeps its earlier sessions' output (a forced rerun starts afresh);
+                    # each session opens with a mark, and log_tail reads the latest session only.
+                    log_file = open_in_run_dir(log, "w" if force else "a")  # closed when the worker ends
+                    log_file.write(f"{SESSION_MARK} {utc_now()}\n")
+                    log_file.flush()
                     command = [sys.executable, "-m", WORKER_MODULE, str(config_file)]
                     command += ["--force"] if force else []
                     # Own session: Ctrl-C reaches the sweep only, which forwards it once to each worker.

@@ -129,6 +129,9 @@ def record_setup_failure(cell: Cell, error: str, before: int | None = None) -> d
     return summary
 
 
+SESSION_MARK = "=== clue-adv sweep worker session started"  # train.log: one per worker start, then its output
+
+
 def worker_result(
     cell: Cell, returncode: int | None, seconds: float, log: Path | None = None, fallback: str | None = None
 ) -> CellResult:
@@ -155,10 +158,13 @@ def worker_result(
 
 
 def log_tail(log: Path | None) -> str:
-    """The worker's error line (it prints `error: ...`), else its last line; cut to one readable line."""
+    """The worker's error line (it prints `error: ...`), else its last line, of the log's latest session (a
+    resumed run's log holds its earlier ones too); cut to one readable line."""
     if log is None or not log.is_file():
         return ""
     lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    marks = [i for i, ln in enumerate(lines) if ln.startswith(SESSION_MARK)]
+    lines = lines[marks[-1] + 1 :] if marks else lines
     errors = [ln.removeprefix("error: ") for ln in lines if ln.startswith("error: ")]
     line = errors[-1] if errors else (lines[-1] if lines else "")
     return line if len(line) <= 300 else line[:300] + "…"
