@@ -205,6 +205,17 @@ def write_outputs(stem: str, payload: dict[str, Any], markdown: str, output_dir:
     return json_path, md_path
 
 
+def publish(payload: dict[str, Any], render: Any, script: str, argv: list[str] | None, out: Path | None) -> None:
+    """The proxy scripts' ending: the CPU machine facts and command into `payload`, its markdown printed, and
+    OUT.md / OUT.json written when `out` is given."""
+    payload["machine"] = machine_info(torch.device("cpu"), command_line(script, argv))
+    finish_info(payload["machine"])
+    text = render(payload)
+    print(text)
+    if out:
+        write_outputs(out.name, payload, text, out.parent)
+
+
 def quantiles(values: list[float]) -> tuple[float, float, float]:
     """(25th percentile, median, 75th percentile), linear interpolation."""
     xs = sorted(values)

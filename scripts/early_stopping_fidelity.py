@@ -25,8 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from _bench_common import command_line, finish_info, machine_info, machine_markdown, write_outputs  # noqa: E402
+from _bench_common import machine_markdown, publish  # noqa: E402
 
 
 def replay(accuracies: list[float], patience: int, min_delta: float = 0.0) -> int:
@@ -143,12 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             + ", ".join(map(str, args.folders))
         )
     payload = analyse(runs, args.patience, args.min_delta)
-    payload["machine"] = machine_info(torch.device("cpu"), command_line("scripts/early_stopping_fidelity.py", argv))
-    finish_info(payload["machine"])
-    text = render(payload)
-    print(text)
-    if args.out:
-        write_outputs(args.out.name, payload, text, args.out.parent)
+    publish(payload, render, "scripts/early_stopping_fidelity.py", argv, args.out)
 
 
 if __name__ == "__main__":

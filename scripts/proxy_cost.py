@@ -36,9 +36,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
 import yaml  # noqa: E402
-from _bench_common import REPO, command_line, finish_info, machine_info, machine_markdown, write_outputs  # noqa: E402
+from _bench_common import REPO, machine_markdown, publish  # noqa: E402
 
 from clue_adv.sweep import load_plan  # noqa: E402
 
@@ -192,12 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, help="write OUT.md and OUT.json (default: print only)")
     args = p.parse_args(argv)
     payload = estimate(args)
-    payload["machine"] = machine_info(torch.device("cpu"), command_line("scripts/proxy_cost.py", argv))
-    finish_info(payload["machine"])
-    text = render(payload)
-    print(text)
-    if args.out:
-        write_outputs(args.out.name, payload, text, args.out.parent)
+    publish(payload, render, "scripts/proxy_cost.py", argv, args.out)
 
 
 if __name__ == "__main__":

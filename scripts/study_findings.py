@@ -20,8 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from _bench_common import command_line, finish_info, machine_info, machine_markdown, write_outputs  # noqa: E402
+from _bench_common import machine_markdown, publish  # noqa: E402
 
 from clue_adv.report import build_diagnostics, collect_runs  # noqa: E402
 from clue_adv.report.diagnostics import EMBEDDING_NORM, GRAD_NORM, SCALE_FREE_GRAD_NORM  # noqa: E402
@@ -174,12 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, help="write OUT.md and OUT.json (default: print only)")
     args = p.parse_args(argv)
     payload = findings(args.results, args.experiment)
-    payload["machine"] = machine_info(torch.device("cpu"), command_line("scripts/study_findings.py", argv))
-    finish_info(payload["machine"])
-    text = render(payload)
-    print(text)
-    if args.out:
-        write_outputs(args.out.name, payload, text, args.out.parent)
+    publish(payload, render, "scripts/study_findings.py", argv, args.out)
 
 
 if __name__ == "__main__":
