@@ -36,6 +36,19 @@ STATUSES = ("running", "completed", "failed", "interrupted")
 LOCK_NAME = ".lock"
 # In <output>/<experiment>/: every cell the last sweep planned there (written by sweep, read by report).
 SWEEP_MANIFEST = "sweep.json"
+
+
+def manifest_invocations(data: Any) -> list[dict[str, Any]]:
+    """The sweep commands a parsed sweep manifest recorded (`invocations`), oldest first; a manifest from before
+    they were recorded gives its sweep file alone (command None), so that a history carried forward keeps it."""
+    if not isinstance(data, dict):
+        return []
+    found = data.get("invocations")
+    if isinstance(found, list):
+        return [i for i in found if isinstance(i, dict)]
+    return [{"sweep": data.get("sweep"), "command": None, "at": data.get("written_at")}] if data.get("sweep") else []
+
+
 # Fields that say where and how a run is written, not what it computes: not part of its identity.
 _NOT_IDENTITY = {"output_dir", "checkpoint", "logging"}
 # Paths that are part of a run's identity (data.path is not): compared by the place they name.

@@ -11,7 +11,14 @@ from typing import Any
 
 from clue_adv.config import parse_config
 from clue_adv.errors import ClueAdvError
-from clue_adv.rundir import SWEEP_MANIFEST, find_run_dirs, read_config, read_summary, stale_running
+from clue_adv.rundir import (
+    SWEEP_MANIFEST,
+    find_run_dirs,
+    manifest_invocations,
+    read_config,
+    read_summary,
+    stale_running,
+)
 
 NOT_STARTED = "not started"
 MANIFEST = SWEEP_MANIFEST  # written by `clue-adv sweep` (see sweep.write_manifests)
@@ -146,12 +153,7 @@ def sweep_invocations(root: Path) -> dict[str, list[dict[str, Any]]]:
             experiment = str(data["experiment"])
         except (OSError, ValueError, KeyError, TypeError, RecursionError):
             continue
-        recorded = data.get("invocations")
-        if isinstance(recorded, list):
-            entries = [i for i in recorded if isinstance(i, dict)]
-        else:
-            entries = [{"sweep": data.get("sweep"), "command": None, "at": data.get("written_at")}]
-        found.setdefault(experiment, []).extend(entries)
+        found.setdefault(experiment, []).extend(manifest_invocations(data))
     return found
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 
 from clue_adv.errors import ClueAdvError
-from clue_adv.rundir import SWEEP_MANIFEST, atomic_write_json, identity, utc_now
+from clue_adv.rundir import SWEEP_MANIFEST, atomic_write_json, identity, manifest_invocations, utc_now
 from clue_adv.runenv import host_facts
 from clue_adv.sweep.local import MAX_JOBS, run_in_process, run_subprocesses, worker_gpus
 from clue_adv.sweep.outcome import CellResult, SweepProgress, SweepResult
@@ -49,11 +49,7 @@ def _earlier_invocations(path: Path, experiment: str) -> list[dict[str, Any]]:
         return []
     if not isinstance(data, dict) or data.get("experiment") != experiment:
         return []
-    found = data.get("invocations")
-    if isinstance(found, list):
-        return [i for i in found if isinstance(i, dict)]
-    # a manifest from before commands were recorded: its sweep file, so that the history keeps it
-    return [{"sweep": data.get("sweep"), "command": None, "at": data.get("written_at")}] if data.get("sweep") else []
+    return manifest_invocations(data)
 
 
 def write_manifests(plan: SweepPlan, invocation: dict[str, Any] | None = None) -> list[Path]:
