@@ -54,7 +54,9 @@ def _interval(test: Any, p_holm: float | None) -> dict[str, Any] | None:
 def findings(root: Path, experiment: str | None) -> dict[str, Any]:
     runs = collect_runs(root)
     tables = [t for t in build_tables(runs) if experiment is None or t.experiment == experiment]
-    if len(tables) != 1:
+    if not tables:
+        sys.exit(f"{root}: no run directories" + (f" of experiment {experiment!r}" if experiment else ""))
+    if len(tables) > 1:
         sys.exit(f"{root}: {len(tables)} experiments; name one with --experiment")
     table = tables[0]
     dt = build_diagnostics(table, "best")
