@@ -29,6 +29,7 @@ from clue_adv.stats import summarize  # noqa: E402
 
 ATTACK = "diag/dev/fgm_accuracy/eps=0.1"
 GAP = "diag/gap/accuracy"
+READINGS = ("best", "final")  # the report's metrics (clue_adv.report.tables.METRICS) this table shows
 # (summary key, column) of the diagnostics shown: mean over seeds, and the paired Δ vs the baseline
 DIAGNOSTICS = {
     GRAD_NORM: "‖∇ₓℓ‖",
@@ -67,15 +68,19 @@ def findings(root: Path, experiment: str | None) -> dict[str, Any]:
             cell = table.cell(task, tag)
             if cell is None or not cell.completed:
                 continue
-            best = cell.values["best"]
-            accuracy = summarize(list(best.values()))
-            row: dict[str, Any] = {
-                "task": task,
-                "strategy": tag,
-                "seeds": sorted(best),
-                "best": {"mean": finite(accuracy.mean), "std": finite(accuracy.std)},
-                "best_delta": _interval(cell.delta.get("best"), cell.p_holm.get("best")),
-                "final_delta": _interval(cell.delta.get("final"), cell.p_holm.get("final")),
+            row: dict[str, Any] = {"task": task, "strategy": tag, "seeds": sorted(cell.values["best"])}
+            # Both readings of every run: the study's (best dev epoch) and CLUE's (final epoch), each with its own
+            # paired Δ and count of seeds above the baseline, so a CLUE-protocol folder's table is this one too.
+            for metric in READINGS:
+                values = cell.values.get(metric, {})
+                accuracy = summarize(list(values.values()))
+                row[metric] = {"mean": finite(accuracy.mean), "std": finite(accuracy.std)}
+                delta = _interval(cell.delta.get(metric), cell.p_holm.get(metric))
+                if base is not None and tag != table.baseline and delta is not None:
+                    base_values = base.values.get(metric, {})
+                    delta["seeds_positive"] = sum(values[s] > base_values[s] for s in set(values) & set(base_values))
+                row[f"{metric}_delta"] = delta
+            row |= {
                 "best_epoch": {
                     "median": statistics.median(cell.best_epochs) if cell.best_epochs else None,
                     "range": [min(cell.best_epochs), max(cell.best_epochs)] if cell.best_epochs else None,
@@ -84,9 +89,6 @@ def findings(root: Path, experiment: str | None) -> dict[str, Any]:
                 "step_time_ratio": finite(cell.step_time_ratio),
                 "diagnostics": {},
             }
-            if base is not None and tag != table.baseline and row["best_delta"] is not None:
-                shared = sorted(set(best) & set(base.values["best"]))
-                row["best_delta"]["seeds_positive"] = sum(best[s] > base.values["best"][s] for s in shared)
             diag = dt.cell(task, tag) if dt is not None else None
             for key in DIAGNOSTICS:
                 values = diag.values.get(key, {}) if diag is not None else {}
@@ -119,13 +121,14 @@ def _delta(d: dict[str, Any] | None, digits: int = 2) -> str:
 def render(payload: dict[str, Any]) -> str:
     lines = [f"# What the proxy study found: `{payload['results']}`", ""]
     lines += machine_markdown(payload["machine"])
-    header = [
-        "strategy",
-        "seeds",
-        "best-epoch dev acc. (%)",
-        f"Δ vs {payload['baseline']} (pp) [95% CI] Holm p",
-        "seeds above",
-        "final-epoch Δ (pp)",
+    header = ["strategy", "seeds"]
+    for metric in READINGS:
+        header += [
+            f"{metric}-epoch dev acc. (%)",
+            f"{metric}-epoch Δ vs {payload['baseline']} (pp) [95% CI] Holm p",
+            "seeds above",
+        ]
+    header += [
         "best epoch: median (range)",
         "best − final (pp)",
         *DIAGNOSTICS.values(),
@@ -134,14 +137,16 @@ def render(payload: dict[str, Any]) -> str:
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in payload["rows"]:
         epoch = r["best_epoch"]
-        above = r["best_delta"]["seeds_positive"] if r["best_delta"] else None
-        cells = [
-            r["strategy"],
-            str(len(r["seeds"])),
-            f"{_num(r['best']['mean'])} ± {_num(r['best']['std'])}",
-            _delta(r["best_delta"]),
-            "–" if above is None else f"{above}/{r['best_delta']['n']}",
-            _delta(r["final_delta"]),
+        cells = [r["strategy"], str(len(r["seeds"]))]
+        for metric in READINGS:
+            delta = r[f"{metric}_delta"]
+            above = delta["seeds_positive"] if delta else None
+            cells += [
+                f"{_num(r[metric]['mean'])} ± {_num(r[metric]['std'])}",
+                _delta(delta),
+                "–" if above is None else f"{above}/{delta['n']}",
+            ]
+        cells += [
             "–" if epoch["median"] is None else f"{epoch['median']:g} ({epoch['range'][0]}–{epoch['range'][1]})",
             _num(r["best_minus_final"]),
         ]
@@ -158,7 +163,8 @@ def render(payload: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Accuracies: the official dev set (10,000 examples); mean ± sample std over seeds. Δ: mean paired difference "
+        "Accuracies: the official dev set (10,000 examples), at each run's best dev epoch (the study's reading) and at "
+        "its final epoch (CLUE's); mean ± sample std over seeds. Δ: mean paired difference "
         "vs the baseline over shared seeds, 95% t-interval, paired t-test p Holm-adjusted across the strategies "
         "(the report's, `report.md`); seeds above: seeds where the strategy beat the baseline's run of the same "
         "seed. Diagnostics of each run's best model on a fixed 1,000-example dev subset (train subset for the "

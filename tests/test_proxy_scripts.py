@@ -89,9 +89,13 @@ def test_study_findings_table_by_hand(tmp_path):
     script = load_script("study_findings")
     root = tmp_path / "results"
     base, fgm = {1: 50.0, 2: 52.0, 3: 51.0}, {1: 52.0, 2: 53.0, 3: 50.5}
+    fgm_final = {1: 50.5, 2: 51.5, 3: 50.2}  # against the baseline's finals 49, 51, 50 (write_run: best − 1)
     for seed in (1, 2, 3):
         write_run(root, "exp", "tnews", {"name": "none"}, seed, base[seed])
-        write_run(root, "exp", "tnews", {"name": "fgm"}, seed, fgm[seed])
+        run = write_run(root, "exp", "tnews", {"name": "fgm"}, seed, fgm[seed])
+        summary = json.loads((run / "summary.json").read_text())
+        summary["final_dev_accuracy"] = fgm_final[seed] / 100
+        (run / "summary.json").write_text(json.dumps(summary))
     payload = script.findings(root / "exp", None)
     none, row = payload["rows"]
     assert none["strategy"] == "none" and none["best_delta"] is None
@@ -103,9 +107,26 @@ def test_study_findings_table_by_hand(tmp_path):
     assert delta["mean"] == pytest.approx(5 / 6) and delta["seeds_positive"] == 2 and delta["n"] == 3
     assert delta["ci"] == pytest.approx([5 / 6 - half, 5 / 6 + half])
     assert delta["p_holm"] == pytest.approx(stats.ttest_1samp(diffs, 0.0).pvalue)  # one comparison: Holm = p
-    # write_run: best epoch 2 of 3, final accuracy 1 point under the best
-    assert row["best_epoch"] == {"median": 2, "range": [2, 2]} and row["best_minus_final"] == pytest.approx(1.0)
+    # CLUE's reading, the final epoch: paired differences 1.5, 0.5, 0.2, all three seeds above (two at the best)
+    final_diffs = np.array([1.5, 0.5, 0.2])
+    final = row["final_delta"]
+    assert row["final"]["mean"] == pytest.approx(np.mean([50.5, 51.5, 50.2]))
+    assert row["final"]["std"] == pytest.approx(np.std([50.5, 51.5, 50.2], ddof=1))
+    assert final["mean"] == pytest.approx(2.2 / 3) and final["seeds_positive"] == 3 and final["n"] == 3
+    assert final["p_holm"] == pytest.approx(stats.ttest_1samp(final_diffs, 0.0).pvalue)
+    assert none["final"]["mean"] == pytest.approx(50.0) and none["final_delta"] is None
+    # write_run: best epoch 2 of 3 (the baseline's final accuracy 1 point under its best)
+    assert row["best_epoch"] == {"median": 2, "range": [2, 2]}
+    assert none["best_minus_final"] == pytest.approx(1.0)
+    assert row["best_minus_final"] == pytest.approx(np.mean([52 - 50.5, 53 - 51.5, 50.5 - 50.2]))
     payload["machine"] = {"command": "x", "date": "d", "cpu": "c", "cpu_cores": 2, "torch_threads": 1,
                           "load_average_at_start": [0, 0, 0], "versions": {}, "git_commit": "abc"}  # fmt: skip
     text = script.render(payload)
-    assert f"| fgm | 3 | 51.83 ± {np.std([52.0, 53.0, 50.5], ddof=1):.2f} | +0.83 [{5 / 6 - half:+.2f}, " in text
+    p_best, p_final = (stats.ttest_1samp(d, 0.0).pvalue for d in (diffs, final_diffs))
+    half_final = stats.t.ppf(0.975, 2) * final_diffs.std(ddof=1) / np.sqrt(3)
+    assert (
+        f"| fgm | 3 | 51.83 ± {np.std([52.0, 53.0, 50.5], ddof=1):.2f} "
+        f"| +0.83 [{5 / 6 - half:+.2f}, {5 / 6 + half:+.2f}] p={p_best:.3f} | 2/3 "
+        f"| 50.73 ± {np.std([50.5, 51.5, 50.2], ddof=1):.2f} "
+        f"| +0.73 [{2.2 / 3 - half_final:+.2f}, {2.2 / 3 + half_final:+.2f}] p={p_final:.3f} | 3/3 | 2 (2–2) |"
+    ) in text
