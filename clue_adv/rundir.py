@@ -34,7 +34,8 @@ from clue_adv.errors import ClueAdvError, ConfigError
 
 STATUSES = ("running", "completed", "failed", "interrupted")
 LOCK_NAME = ".lock"
-# In <output>/<experiment>/: every cell the last sweep planned there (written by sweep, read by report).
+# In <output>/<experiment>/: every cell the sweeps planned there, each sweep file's latest plan (sweep writes it,
+# report reads it).
 SWEEP_MANIFEST = "sweep.json"
 
 

@@ -808,6 +808,39 @@ def test_status_names_a_holdout_accuracy_as_such(tmp_path):
     assert status.detail == "best holdout 43.21"
 
 
+def test_two_sweep_files_into_one_experiment_keep_both_plans_in_the_manifest(tmp_path):
+    """The proxy study's tier 1 and tier 2 are two sweep files writing one experiment: planning tier 2 must not drop
+    tier 1's unstarted cells from the report, while rerunning a sweep file replaces its own cells (a seed removed
+    from it is no longer planned)."""
+    from clue_adv.report import build_report
+    from clue_adv.sweep import write_manifests
+
+    tier1 = write_sweep(tmp_path, {"seeds": 3, "strategies": [{"name": "none"}]}, name="tier1.yaml")
+    tier2 = write_sweep(tmp_path, {"seeds": 2, "strategies": [{"name": "gaussian_noise", "sigma": 0.1}]}, "t2.yaml")
+    root = tmp_path / "out" / "sw"
+    write_manifests(load_plan(tier1))
+    # a manifest from before cells recorded their sweep file: its cells belong to the manifest's `sweep`
+    old = json.loads((root / "sweep.json").read_text(encoding="utf-8"))
+    for cell in old["cells"]:
+        del cell["sweep"]
+    (root / "sweep.json").write_text(json.dumps(old), encoding="utf-8")
+    write_manifests(load_plan(tier2))
+
+    def not_started() -> set[tuple[str, int]]:
+        report = build_report(tmp_path / "out", plots=False)
+        return {(r.strategy, r.seed) for r in report.runs if r.status == "not started"}
+
+    noise = {("gaussian_noise", 1), ("gaussian_noise", 2)}
+    assert not_started() == {("none", 1), ("none", 2), ("none", 3)} | noise
+    cells = json.loads((root / "sweep.json").read_text(encoding="utf-8"))["cells"]
+    assert [(c["sweep"], c["run_dir"]) for c in cells][:3] == [(str(tier1), f"tnews/none/seed-{k}") for k in (1, 2, 3)]
+
+    # tier 1 edited to two seeds and rerun: its seed 3 is no longer planned; tier 2's cells stay
+    write_sweep(tmp_path, {"seeds": 2, "strategies": [{"name": "none"}]}, name="tier1.yaml")
+    write_manifests(load_plan(tier1))
+    assert not_started() == {("none", 1), ("none", 2)} | noise
+
+
 def test_the_manifest_keeps_every_sweep_command_with_its_machine_and_the_report_lists_them(tmp_path, monkeypatch):
     """Each `clue-adv sweep` appends its command line, date, machine and --jobs to the experiment's manifest; a
     manifest from before commands were recorded leaves its sweep file in the history; the report shows them."""

@@ -41,21 +41,35 @@ def submission(plan: SweepPlan, force: bool = False) -> tuple[list[Cell], dict[P
 MAX_INVOCATIONS = 200  # a manifest keeps the latest ones: a sweep resumed daily for years stays a small file
 
 
-def _earlier_invocations(path: Path, experiment: str) -> list[dict[str, Any]]:
-    """The invocations an experiment's previous manifest recorded (none when it is missing or unreadable)."""
+def _earlier_manifest(path: Path, experiment: str) -> dict[str, Any]:
+    """The experiment's previous manifest (empty when it is missing, unreadable or another experiment's)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
-        return []
-    if not isinstance(data, dict) or data.get("experiment") != experiment:
-        return []
-    return manifest_invocations(data)
+        return {}
+    return data if isinstance(data, dict) and data.get("experiment") == experiment else {}
+
+
+def _other_sweeps_cells(earlier: dict[str, Any], source: str, planned: set[str]) -> list[dict[str, Any]]:
+    """The cells another sweep file planned into the same experiment (the proxy study's tier 1 and tier 2 share
+    one), kept so the report still tells their unstarted cells; a cell this plan also names is this plan's. A
+    cell from before cells recorded their sweep file belongs to the manifest's `sweep`."""
+    cells = earlier.get("cells")
+    kept = []
+    for cell in cells if isinstance(cells, list) else []:
+        if not isinstance(cell, dict) or not isinstance(cell.get("run_dir"), str):
+            continue
+        owner = cell.get("sweep", earlier.get("sweep"))
+        if owner != source and cell["run_dir"] not in planned:
+            kept.append({"sweep": owner, **cell})
+    return kept
 
 
 def write_manifests(plan: SweepPlan, invocation: dict[str, Any] | None = None) -> list[Path]:
     """Write `<output>/<experiment>/sweep.json` for each experiment of the plan: every planned cell (its run
-    directory relative to the experiment's, and its identity), so that the report can tell a cell that never
-    started from one that was never planned. Replaced by each sweep: the latest plan is the plan. `invocation`
+    directory relative to the experiment's, its identity and its sweep file), so that the report can tell a cell
+    that never started from one that was never planned. Each sweep file's latest plan is its plan (a rerun replaces
+    its own cells); an experiment's plan is the union over the sweep files that planned into it. `invocation`
     (the command line, the machine, the date) is appended to those the previous manifest of the experiment
     recorded: a study's runs come from several sweeps and sessions, and its report says which."""
     written = []
@@ -72,6 +86,7 @@ def write_manifests(plan: SweepPlan, invocation: dict[str, Any] | None = None) -
                 continue
             entries.append(
                 {
+                    "sweep": plan.source,
                     "run_dir": relative,
                     "task": cell.config.task,
                     "strategy": cell.config.strategy.name,
@@ -81,12 +96,14 @@ def write_manifests(plan: SweepPlan, invocation: dict[str, Any] | None = None) -
                 }
             )
         manifest: dict[str, Any] = {"experiment": experiment, "sweep": plan.source, "written_at": utc_now()}
-        invocations = _earlier_invocations(root / MANIFEST, experiment)
+        earlier = _earlier_manifest(root / MANIFEST, experiment)
+        invocations = manifest_invocations(earlier)
         if invocation is not None:
             invocations = [*invocations, {"sweep": plan.source, **invocation}][-MAX_INVOCATIONS:]
         if invocations:
             manifest["invocations"] = invocations
-        manifest["cells"] = entries
+        planned = {e["run_dir"] for e in entries}
+        manifest["cells"] = _other_sweeps_cells(earlier, plan.source, planned) + entries
         try:
             atomic_write_json(root / MANIFEST, manifest)
         except OSError as e:
