@@ -365,6 +365,32 @@ def test_cells_a_sweep_planned_but_never_started_are_reported(results):
     }
 
 
+def test_rows_follow_the_order_the_sweep_files_plan(results):
+    """Rows are the baseline, then strategies in the order the manifest plans them (here not the registry's,
+    which puts fgm before gaussian_noise), then strategies no sweep planned."""
+    tiny = {"model": {"name_or_path": str(ASSETS / "tokenizer"), "init": "random"}}
+    write_run(results, "tiny", "tnews", {"name": "gradient_penalty"}, 1, 39, **tiny)  # run by hand, unplanned
+
+    def entry(block: dict) -> dict:
+        cfg = parse_config({"experiment": "tiny", "task": "tnews", "seed": 1, "strategy": block, **tiny})
+        directory = run_dir(cfg, results).relative_to(results / "tiny").as_posix()
+        identity = {k: v for k, v in cfg.resolved().items() if k != "output_dir"}
+        names = {"task": "tnews", "strategy": block["name"], "strategy_tag": cfg.strategy.directory_tag(), "seed": 1}
+        return {"run_dir": directory, **names, "identity": identity}
+
+    blocks = [{"name": "gaussian_noise"}, {"name": "fgm", "epsilon": 0.05}, {"name": "none"}]
+    atomic_write_json(
+        results / "tiny" / "sweep.json", {"experiment": "tiny", "sweep": "x.yaml", "cells": [entry(b) for b in blocks]}
+    )
+    report = build_report(results, plots=False)
+    tiny_table = next(t for t in report.tables if t.experiment == "tiny")
+    order = ["none", "gaussian_noise", "fgm-epsilon=0.05", "gradient_penalty"]
+    assert tiny_table.tags == order
+    text = render([tiny_table], "md")
+    first_rows = [next(i for i, line in enumerate(text.splitlines()) if line.startswith(f"| {t} |")) for t in order]
+    assert first_rows == sorted(first_rows)
+
+
 def test_cli_report_metric_chooses_the_printed_table(results):
     best = runner.invoke(app, ["report", str(results / "hand"), "--no-plots"])
     assert "Dev accuracy at the best epoch" in best.output and "54.00 ± 3.00 (n=3)" in best.output

@@ -35,6 +35,9 @@ class RunRecord:
     status: str  # completed | failed | interrupted | running | not started (planned by a sweep, no run directory)
     config: dict[str, Any]
     summary: dict[str, Any]
+    # Position of the run's cell in its experiment's sweep manifest (None: no sweep planned it). The report lists
+    # strategies in the order the sweep files name them, which is the order their authors chose to read them in.
+    plan_index: int | None = None
 
     def metric(self, key: str) -> float | None:
         value = self.summary.get(key)
@@ -131,7 +134,12 @@ def collect_runs(root: Path, skipped: list[str] | None = None) -> list[RunRecord
                 summary=summary,
             )
         )
-    return runs + planned_runs(root, {r.directory.resolve() for r in runs})
+    planned = planned_runs(root, set())
+    position = {r.directory: r.plan_index for r in planned}
+    for r in runs:
+        r.plan_index = position.get(r.directory.resolve())
+    existing = {r.directory.resolve() for r in runs}
+    return runs + [r for r in planned if r.directory not in existing]
 
 
 def _manifests(root: Path) -> list[Path]:
@@ -158,10 +166,11 @@ def sweep_invocations(root: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def planned_runs(root: Path, existing: set[Path]) -> list[RunRecord]:
-    """Cells a sweep manifest lists under `root` that have no run directory yet: status 'not started'.
+    """Cells a sweep manifest lists under `root` whose directory is not in `existing` (pass the run directories
+    found, to get the cells not started yet), as status 'not started', each with its position in the plan.
     An unreadable manifest or entry is skipped: the report is built from what can be read."""
     root = Path(root).resolve()
-    out = []
+    out: list[RunRecord] = []
     for manifest in _manifests(root):
         try:
             data = json.loads(manifest.read_text(encoding="utf-8"))
@@ -183,6 +192,7 @@ def planned_runs(root: Path, existing: set[Path]) -> list[RunRecord]:
                     status=NOT_STARTED,
                     config=config,
                     summary={},
+                    plan_index=len(out),
                 )
             except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: int(Infinity)
                 continue

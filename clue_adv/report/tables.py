@@ -92,7 +92,15 @@ def build_tables(runs: list[RunRecord]) -> list[ExperimentTable]:
         exp_runs = [r for r in runs if r.experiment == experiment]
         tasks = sorted({r.task for r in exp_runs}, key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else 99, t))
         strategies = {r.tag: r.strategy for r in exp_runs}
-        tags = sorted(strategies, key=lambda t: (t != BASELINE, order.get(strategies[t], len(order)), t))
+        # Baseline first, then the sweep files' order; strategies no sweep planned follow in registry order.
+        planned_at: dict[str, int] = {}
+        for r in exp_runs:
+            if r.plan_index is not None:
+                planned_at[r.tag] = min(planned_at.get(r.tag, r.plan_index), r.plan_index)
+        tags = sorted(
+            strategies,
+            key=lambda t: (t != BASELINE, planned_at.get(t, math.inf), order.get(strategies[t], len(order)), t),
+        )
         baseline = BASELINE if BASELINE in strategies else None
         seeds = sorted({r.seed for r in exp_runs})
         study_setting = matches_study_setting(exp_runs)
