@@ -780,6 +780,43 @@ def test_a_job_that_leaves_the_queue_without_a_result_is_a_failed_run(tmp_path, 
     assert load_plan(path).cells[0].state == "failed"
 
 
+def test_the_eta_counts_runs_that_go_side_by_side(tmp_path, monkeypatch):
+    """6 runs, 2 at a time, on a fake clock. The first run ends at 100 s while the second (started with it) is
+    also 100 s in: 4 runs wait, the running one has nothing left of the mean, 2 workers: (4·100 + 0) / 2 = 200 s
+    (elapsed / finished · remaining said 100 · 5 = 500 s). Then a third starts at 100 s and the second ends at
+    120 s: mean 110, the third has 110 − 20 = 90 s left, 3 wait: (3·110 + 90) / 2 = 210 s. Without starts (a
+    scheduler placed the runs) the overall rate stays: 100 / 1 · 5 = 500 s."""
+    import io
+
+    import clue_adv.sweep.outcome as outcome
+
+    cells = load_plan(write_sweep(tmp_path, {"strategies": [{"name": "none"}], "seeds": 6})).cells
+    clock = [0.0]
+    monkeypatch.setattr(outcome.time, "perf_counter", lambda: clock[0])
+    screen = io.StringIO()
+    progress = outcome.SweepProgress(6, 0, Console(file=screen, width=200), show=False)
+    with progress:
+        progress.started(cells[0])
+        progress.started(cells[1])
+        clock[0] = 100.0
+        progress.finished(outcome.CellResult(cells[0], "completed", 100.0))
+        assert progress.eta() == "3m20s"
+        progress.started(cells[2])
+        clock[0] = 120.0
+        progress.finished(outcome.CellResult(cells[1], "completed", 120.0))
+        assert progress.eta() == "3m30s"
+    assert [line.rsplit("ETA ", 1)[1] for line in screen.getvalue().splitlines() if "ETA" in line] == [
+        "3m20s",
+        "3m30s",
+    ]
+    clock[0] = 0.0
+    scheduled = outcome.SweepProgress(6, 0, quiet(), show=False)
+    with scheduled:
+        clock[0] = 100.0
+        scheduled.finished(outcome.CellResult(cells[0], "completed", 100.0))
+        assert scheduled.eta() == "8m20s"
+
+
 def test_progress_bars_on_a_terminal_nest_a_runs_bar_inside_the_sweeps(tmp_path):
     """On a terminal a one-job sweep shows its own bar with each run's bar inside it (a second live display:
     rich < 14.1 raised LiveError for every run here, which the plain-text path never exercised)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from clue_adv.config import dump_config
 from clue_adv.errors import ClueAdvError, RunFailed
@@ -182,6 +182,9 @@ class SweepProgress:
         self._t0 = time.perf_counter()
         self._progress: Any = None
         self._task: Any = None
+        self._running: dict[str, float] = {}  # cell name -> when it started (local executors report starts)
+        self._most_at_once = 0
+        self._run_seconds: list[float] = []  # durations of the runs completed by this invocation
 
     def __enter__(self) -> SweepProgress:
         self._t0 = time.perf_counter()
@@ -192,12 +195,12 @@ class SweepProgress:
                 MofNCompleteColumn(),
                 TextColumn("runs"),
                 TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
+                # Ours, not rich's TimeRemainingColumn: its rate has the bias `eta` corrects for parallel runs.
+                TextColumn("ETA {task.fields[eta]}"),
                 console=self.console,
             )
             self._progress.start()
-            self._task = self._progress.add_task("sweep", total=self.total, completed=self.done)
+            self._task = self._progress.add_task("sweep", total=self.total, completed=self.done, eta="?")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -208,15 +211,30 @@ class SweepProgress:
         finished = self.done - self._started_with
         if finished <= 0:
             return "?"
-        seconds = (time.perf_counter() - self._t0) / finished * (self.total - self.done)
-        return short_duration(seconds)
+        now = time.perf_counter()
+        if not self._run_seconds or not self._most_at_once:
+            # No starts seen (a scheduler places the runs) or nothing completed yet: the overall rate.
+            return short_duration((now - self._t0) / finished * (self.total - self.done))
+        # Runs go `_most_at_once` at a time: the first runs end together, so elapsed / finished would count each
+        # run's time once per worker (a 20-minute run at --jobs 2 first said 6 h for 3 h of work). Instead: the
+        # runs not started take the mean completed run's time, the running ones what is left of it, shared
+        # among the workers.
+        mean = sum(self._run_seconds) / len(self._run_seconds)
+        queued = max(self.total - self.done - len(self._running), 0)
+        left = sum(max(mean - (now - t), 0.0) for t in self._running.values())
+        return short_duration((queued * mean + left) / self._most_at_once)
 
     def started(self, cell: Cell, where: str = "") -> None:
+        self._running[cell.name] = time.perf_counter()
+        self._most_at_once = max(self._most_at_once, len(self._running))
         if not self.bar:
             self.console.print(f"[{self.done}/{self.total}] start {cell.name}{where}", highlight=False, soft_wrap=True)
 
     def finished(self, result: CellResult) -> None:
         self.done += 1
+        self._running.pop(result.cell.name, None)
+        if result.status == "completed":
+            self._run_seconds.append(result.seconds)
         acc = result.summary.get("best_dev_accuracy")
         split = result.cell.config.data.eval_split  # a selection sweep's number is a holdout number
         detail = f" best {split} {100 * acc:.2f}" if result.status == "completed" and acc is not None else ""
@@ -225,7 +243,7 @@ class SweepProgress:
         duration = short_duration(result.seconds)
         line = f"[{self.done}/{self.total}] {result.status} {result.cell.name}{detail} in {duration}"
         if self._progress is not None:
-            self._progress.update(self._task, completed=self.done)
+            self._progress.update(self._task, completed=self.done, eta=self.eta())
             style = {"completed": "green", "failed": "red", "interrupted": "yellow"}.get(result.status, "")
             self._progress.console.print(f"[{style}]{line}[/]" if style else line, highlight=False, soft_wrap=True)
         else:
