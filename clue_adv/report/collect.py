@@ -134,12 +134,12 @@ def collect_runs(root: Path, skipped: list[str] | None = None) -> list[RunRecord
                 summary=summary,
             )
         )
+    found = {r.directory.resolve(): r for r in runs}
     planned = planned_runs(root, set())
-    position = {r.directory: r.plan_index for r in planned}
-    for r in runs:
-        r.plan_index = position.get(r.directory.resolve())
-    existing = {r.directory.resolve() for r in runs}
-    return runs + [r for r in planned if r.directory not in existing]
+    for cell in planned:
+        if cell.directory in found:
+            found[cell.directory].plan_index = cell.plan_index
+    return runs + [cell for cell in planned if cell.directory not in found]
 
 
 def _manifests(root: Path) -> list[Path]:
