@@ -321,17 +321,24 @@ def test_diagnostics_plots_draw_the_runs_data(results, saved_figures):
             out.append((float(change), float(gain)))
         return out
 
+    def points_of(ax, task: str) -> list[tuple[float, float]]:
+        """A point per strategy, named in the legend "<strategy>, <TASK> (n=<paired seeds>)", in strategy order."""
+        drawn = drawn_lines(ax)
+        return [xy for name in ("fgm", "gaussian_noise") for label, [xy] in drawn.items()
+                if label.startswith(f"{name}, {task.upper()} (n=")]  # fmt: skip
+
     grad_ax, scale_free_ax, curv_ax = figures["diag-gain-mechanism.png"].axes
     for ax, key in ((grad_ax, GRAD), (curv_ax, CURV)):
-        drawn = drawn_lines(ax)
-        assert set(drawn) == {"TNEWS", "IFLYTEK"}
-        for task, label in (("tnews", "TNEWS"), ("iflytek", "IFLYTEK")):
-            np.testing.assert_allclose(drawn[label], expected_points(key, task))
+        assert set(drawn_lines(ax)) == {
+            "fgm, TNEWS (n=3)", "gaussian_noise, TNEWS (n=2)", "fgm, IFLYTEK (n=2)"
+        }  # fmt: skip
+        for task in ("tnews", "iflytek"):
+            np.testing.assert_allclose(points_of(ax, task), expected_points(key, task))
     assert expected_points(GRAD, "tnews")[1] == pytest.approx((-0.025, 0.5))
     # The scale-free panel: Δ of ‖x‖·‖∇ₓℓ‖ with ‖x‖ = 1 + 0.1·seed in every run (diagnostics_of), so the change per
     # seed is (1 + 0.1·seed)·(grad − grad of none), by hand here.
     assert "‖x‖·‖∇ₓℓ‖" in scale_free_ax.get_xlabel()
-    for task, label in (("tnews", "TNEWS"), ("iflytek", "IFLYTEK")):
+    for task in ("tnews", "iflytek"):
         expected = []
         for name in ("fgm", "gaussian_noise"):
             if (task, name) not in DIAG:
@@ -341,7 +348,7 @@ def test_diagnostics_plots_draw_the_runs_data(results, saved_figures):
             change = np.mean([(1 + 0.1 * s) * (grads[s - 1] - base[s - 1]) for s in seeds])
             gain = np.mean([ACCURACY[(task, name)][s] - ACCURACY[(task, "none")][s] for s in seeds])
             expected.append((change, gain))
-        np.testing.assert_allclose(drawn_lines(scale_free_ax)[label], expected)
+        np.testing.assert_allclose(points_of(scale_free_ax, task), expected)
 
     # One look per strategy across the plots: a strategy's attack curves have its dev-curve colour and line style.
     def looks(ax) -> dict[str, tuple]:
@@ -355,6 +362,24 @@ def test_diagnostics_plots_draw_the_runs_data(results, saved_figures):
     for ax in figures["diag-robustness.png"].axes:
         drawn = looks(ax)
         assert drawn and all(drawn[tag] == curves[tag] for tag in drawn), ax.get_title()
+
+    # The scatter plots name each point in the legend, in its strategy's look (colour and marker of its dev curve;
+    # one fill per task), and write no label beside it: at a dozen strategies (both
+    # tiers of the proxy study) labels beside points of similar gain overlapped and could not be read.
+    scatter = [*figures["diag-gain-mechanism.png"].axes, *figures["diag-gain-cost.png"].axes]
+    for ax in scatter:
+        assert not ax.texts
+        legend = sorted(t.get_text() for t in ax.get_legend().get_texts())
+        points = [c.lines[0] for c in ax.containers] or [ln for ln in ax.lines if not ln.get_label().startswith("_")]
+        labels = [c.get_label() for c in ax.containers] or [ln.get_label() for ln in points]
+        assert legend == sorted(labels) and len(labels) == 3
+        fills: dict[str, set] = {"TNEWS": set(), "IFLYTEK": set()}
+        for label, point in zip(labels, points, strict=True):
+            tag, task = label.split(" (n=")[0].split(", ")
+            color, _, marker = curves[tag]
+            assert (point.get_color(), point.get_marker()) == (color, marker), label
+            fills[task].add(point.get_fillstyle())
+        assert {len(f) for f in fills.values()} == {1} and fills["TNEWS"] != fills["IFLYTEK"]
 
 
 def test_a_dozen_strategies_look_different():

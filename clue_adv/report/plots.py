@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,26 @@ def strategy_styles(tags: list[str]) -> dict[str, dict[str, Any]]:
 def _width(base: float, entries: int) -> float:
     """Room for a legend beside the axes (_legend) when it has many entries."""
     return base + (2.2 if entries > _LEGEND_INSIDE else 0.0)
+
+
+# Where an experiment has several tasks, a strategy's points differ by their fill, task by task.
+_TASK_FILLS = ("full", "none", "left", "bottom")
+
+
+def _strategy_points(tags: list[str], tasks: list[str]) -> Callable[[str, str, int], dict[str, Any]]:
+    """The look and legend label of one strategy's point on one task, for the scatter plots. Each point is named in
+    the legend, not by a label written beside it: at a dozen strategies (both tiers of a study) labels beside
+    points of similar gain overlap and become unreadable."""
+    styles = strategy_styles(tags)
+
+    def look(task: str, tag: str, n: int) -> dict[str, Any]:
+        name = tag if len(tasks) == 1 else f"{tag}, {_task_name(task)}"
+        fill = _TASK_FILLS[tasks.index(task) % len(_TASK_FILLS)] if task in tasks else "full"
+        style = styles[tag]
+        return {"color": style["color"], "marker": style["marker"], "fillstyle": fill, "linestyle": "none",
+                "markersize": 7, "label": f"{name} (n={n})"}  # fmt: skip
+
+    return look
 
 
 def _legend(ax: Any, fontsize: int = 8) -> None:
@@ -173,28 +194,23 @@ def dev_curves(table: ExperimentTable, path: Path) -> Path:
 
 
 def gain_vs_cost(table: ExperimentTable, path: Path, metric: str = "best") -> Path:
-    """Δ accuracy vs the baseline (95% CI bars) against the step-time ratio, one marker per task."""
-    fig, axes = _figure(1, width=6.0, height=4.5)
+    """Δ accuracy vs the baseline (95% CI bars) against the step-time ratio: a point per strategy and task, in the
+    strategy's look (_strategy_points)."""
+    fig, axes = _figure(1, width=_width(6.0, len(table.tags) * len(table.tasks)), height=4.5)
     ax = axes[0]
-    markers = ["o", "s", "^", "D"]
-    for k, task in enumerate(table.tasks):
-        xs, ys, lo, hi, names = [], [], [], [], []
+    looks = _strategy_points(table.tags, table.tasks)
+    for task in table.tasks:
         for tag in table.tags:
             cell = table.cell(task, tag)
             test = cell.delta.get(metric) if cell is not None else None
             if test is None or not math.isfinite(test.mean_difference) or not math.isfinite(cell.step_time_ratio):
                 continue
-            xs.append(cell.step_time_ratio)
-            ys.append(test.mean_difference)
             ci_ok = math.isfinite(test.ci_low)
-            lo.append(test.mean_difference - test.ci_low if ci_ok else 0.0)
-            hi.append(test.ci_high - test.mean_difference if ci_ok else 0.0)
-            names.append(tag)
-        if not xs:
-            continue
-        ax.errorbar(xs, ys, yerr=[lo, hi], fmt=markers[k % len(markers)], capsize=3, label=_task_name(task))
-        for x, y, name in zip(xs, ys, names, strict=True):
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+            err = [
+                [test.mean_difference - test.ci_low if ci_ok else 0.0],
+                [test.ci_high - test.mean_difference if ci_ok else 0.0],
+            ]
+            ax.errorbar([cell.step_time_ratio], [test.mean_difference], yerr=err, capsize=3, **looks(task, tag, test.n))
     ax.axhline(0, color="grey", lw=0.8)
     ax.axvline(1, color="grey", lw=0.8, ls=":")
     ax.set_xlabel(f"step time × {table.baseline or 'baseline'}")
@@ -239,19 +255,11 @@ def gain_vs_mechanism(table: ExperimentTable, dt: DiagnosticsTable, path: Path) 
     panels = [(GRAD_NORM, "Δ ‖∇ₓℓ‖ (dev)"), (SCALE_FREE_GRAD_NORM, "Δ ‖x‖·‖∇ₓℓ‖ (dev)"), (CURVATURE, "Δ tr ∇ₓ²ℓ (dev)")]
     recorded = {q.key for q in dt.quantities}
     panels = [(key, what) for key, what in panels if key != SCALE_FREE_GRAD_NORM or key in recorded]
-    fig, axes = _figure(len(panels), width=5.5, height=4.5)
-    markers = ["o", "s", "^", "D"]
+    fig, axes = _figure(len(panels), width=_width(5.5, len(dt.tags) * len(dt.tasks)), height=4.5)
+    looks = _strategy_points(table.tags, dt.tasks)
     for ax, (key, what) in zip(axes, panels, strict=True):
-        points = mechanism_points(table, dt, key)
-        for k, task in enumerate(dt.tasks):
-            here = [p for p in points if p.task == task]
-            if not here:
-                continue
-            xs, ys = [p.change for p in here], [p.gain for p in here]
-            ax.plot(xs, ys, markers[k % len(markers)], linestyle="none", label=_task_name(task))
-            for p in here:
-                ax.annotate(f"{p.tag} (n={len(p.seeds)})", (p.change, p.gain), textcoords="offset points",
-                            xytext=(5, 4), fontsize=7)  # fmt: skip
+        for p in mechanism_points(table, dt, key):
+            ax.plot([p.change], [p.gain], **looks(p.task, p.tag, len(p.seeds)))
         ax.axhline(0, color="grey", lw=0.8)
         ax.axvline(0, color="grey", lw=0.8)
         ax.set_xlabel(f"{what} vs {dt.baseline or 'baseline'}, {dt.model} model")
