@@ -73,7 +73,7 @@ def _strategy_points(tags: list[str], tasks: list[str]) -> Callable[[str, str, i
 
     def look(task: str, tag: str, n: int) -> dict[str, Any]:
         name = tag if len(tasks) == 1 else f"{tag}, {_task_name(task)}"
-        fill = _TASK_FILLS[tasks.index(task) % len(_TASK_FILLS)] if task in tasks else "full"
+        fill = _TASK_FILLS[tasks.index(task) % len(_TASK_FILLS)]
         style = styles[tag]
         return {"color": style["color"], "marker": style["marker"], "fillstyle": fill, "linestyle": "none",
                 "markersize": 7, "label": f"{name} (n={n})"}  # fmt: skip
